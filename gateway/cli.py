@@ -1,0 +1,45 @@
+"""Command-line entry point: ``python -m gateway <command> ...``.
+
+Each command lives in its own module that exposes ``add_arguments(parser)`` and
+``run(args) -> int``; this file only lists them, so that adding a command is one line in
+:data:`COMMANDS` and imports stay lazy (``--help`` does not import the data plane).
+
+Exit codes: 0 success, 1 failure of the operation (for ``attest``: evidence rejected),
+2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+# (command, module, one-line help)
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("config", "gateway.commands.config_cmd", "check a configuration file and print it resolved"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gateway",
+        description="Attested TLS gateway for confidential VMs (dstack-compatible).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, module, help_text in COMMANDS:
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(cmd)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help(sys.stderr)
+        return 2
+    module = importlib.import_module(args._module)
+    result: int = module.run(args)
+    return result
