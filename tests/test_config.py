@@ -45,3 +45,8 @@ def test_values_are_decoded(tmp_path: Path) -> None:
     cfg = load_config(f)
     assert cfg.core.data_dir == Path("/srv/gw")
     assert cfg.core.log_format == "json"
+
+
+def test_example_config_is_valid_and_matches_defaults() -> None:
+    example = Path(__file__).parents[1] / "config" / "gateway.example.toml"
+    assert load_config(example) == Config()
