@@ -24,6 +24,9 @@ done
 
 if ! command -v uv >/dev/null 2>&1; then
   echo "setup: installing uv"
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends python3-pip >/dev/null
+  fi
   python3 -m pip install --quiet uv 2>/dev/null || python3 -m pip install --quiet --break-system-packages uv
   export PATH="$HOME/.local/bin:$PATH"
 fi
