@@ -183,7 +183,8 @@ def decode(cls: type[T], data: Any, path: str = "") -> T:
 # --- the top-level model -------------------------------------------------------------------
 # Sections are imported from their packages; each package owns its settings module.
 
-from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
+from gateway.control.settings import AdminSettings  # noqa: E402  (after the generic decoder)
+from gateway.settings import CoreSettings  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -191,6 +192,7 @@ class Config:
     """The whole gateway configuration. Every section has defaults: an empty file is valid."""
 
     core: CoreSettings = dataclasses.field(default_factory=CoreSettings)
+    admin: AdminSettings = dataclasses.field(default_factory=AdminSettings)
 
 
 def parse_config(text: str, source: str = "<string>") -> Config:

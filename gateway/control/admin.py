@@ -1,0 +1,117 @@
+"""The admin API application: authentication, problem documents, OpenAPI and resources.
+
+Resources are contributed as :class:`~gateway.control.routes.Endpoint` lists by the parts
+that own the data (instances from the registry, certificates from the certbot, ...), so
+this module knows none of them: it adds the cross-cutting layers and the few endpoints
+every gateway has (health, readiness, status, the API description).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from aiohttp import web
+
+from gateway.control.auth import Authenticator, Credentials, auth_middleware
+from gateway.control.errors import ApiError, error_middleware
+from gateway.control.ratelimit import RateLimiter
+from gateway.control.routes import Endpoint, add_endpoints, openapi_document
+
+API_TITLE = "gateway admin API"
+API_VERSION = "1"
+
+StatusFn = Callable[[], Mapping[str, Any]]
+ReadyFn = Callable[[], bool]
+
+_STATUS_SCHEMA = {"type": "object", "additionalProperties": True}
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, text=json.dumps(data, default=str), content_type="application/json"
+    )
+
+
+async def read_json(request: web.Request, max_bytes: int = 1 << 20) -> Any:
+    """The request body as JSON, or a 4xx :class:`ApiError` saying what is wrong."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ApiError(413, "body_too_large", f"request body over {max_bytes} bytes")
+    raw = await request.content.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ApiError(413, "body_too_large", f"request body over {max_bytes} bytes")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from None
+
+
+def create_admin_app(
+    creds: Credentials,
+    *,
+    status: StatusFn,
+    ready: ReadyFn = lambda: True,
+    resources: Sequence[Endpoint] = (),
+    failures_per_minute: int = 10,
+    dashboard: Endpoint | None = None,
+) -> web.Application:
+    """Build the admin app. ``resources`` are the endpoints other parts contribute."""
+
+    async def health(_: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readiness(_: web.Request) -> web.Response:
+        if ready():
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready\n")
+
+    async def get_status(_: web.Request) -> web.Response:
+        return json_response(dict(status()))
+
+    async def get_openapi(_: web.Request) -> web.Response:
+        return json_response(document)
+
+    endpoints: list[Endpoint] = [
+        Endpoint("GET", "/health", health, "Liveness probe (public)", "meta", public=True),
+        Endpoint(
+            "GET",
+            "/ready",
+            readiness,
+            "Readiness probe (public)",
+            "meta",
+            public=True,
+            extra_statuses=(503,),
+        ),
+        Endpoint(
+            "GET",
+            "/api/v1/openapi.json",
+            get_openapi,
+            "This API description",
+            "meta",
+            response={"type": "object"},
+        ),
+        Endpoint(
+            "GET",
+            "/api/v1/status",
+            get_status,
+            "Node status and counters",
+            "status",
+            response=_STATUS_SCHEMA,
+        ),
+        *resources,
+    ]
+    if dashboard is not None:
+        endpoints.append(dashboard)
+    document = openapi_document(API_TITLE, API_VERSION, endpoints)
+    public = frozenset(e.path for e in endpoints if e.public)
+    auth = Authenticator(creds, RateLimiter(failures_per_minute, 60.0))
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware(auth, public)], client_max_size=1 << 20
+    )
+    add_endpoints(app, endpoints)
+    app[ENDPOINTS_KEY] = tuple(endpoints)
+    return app
+
+
+ENDPOINTS_KEY = web.AppKey("endpoints", tuple)
