@@ -1,12 +1,9 @@
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
 
 import pytest
 from aiohttp import web
@@ -15,6 +12,7 @@ from gateway.control.admin import create_admin_app, json_response
 from gateway.control.auth import Credentials
 from gateway.control.ctl import render
 from gateway.control.routes import Endpoint
+from tests.control.conftest import ServeApp
 
 TOKEN = "ctl-token-" + "z" * 22
 
@@ -28,9 +26,7 @@ async def _get(request: web.Request) -> web.Response:
 
 
 @pytest.fixture
-def admin_url() -> Iterator[str]:
-    """A real admin API on a background loop, for the CLI (a separate process) to call."""
-    loop = asyncio.new_event_loop()
+def admin_url(serve_app: ServeApp) -> str:
     creds = Credentials(token_digest=hashlib.sha256(TOKEN.encode()).digest())
     app = create_admin_app(
         creds,
@@ -40,20 +36,7 @@ def admin_url() -> Iterator[str]:
             Endpoint("GET", "/api/v1/instances/{id}", _get, "one instance", "instances"),
         ],
     )
-    runner = web.AppRunner(app)
-    loop.run_until_complete(runner.setup())
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    loop.run_until_complete(site.start())
-    port = runner.addresses[0][1]
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        loop.close()
+    return serve_app(app)
 
 
 def ctl(url: str, *words: str, token: str | None = TOKEN) -> subprocess.CompletedProcess[str]:
