@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.control.auth import Authenticator, Credentials, auth_middleware
-from gateway.control.errors import ApiError, error_middleware
+from gateway.control.errors import ApiError, error_middleware, request_id_middleware
 from gateway.control.ratelimit import RateLimiter
 from gateway.control.routes import Endpoint, add_endpoints, openapi_document
 
@@ -107,7 +107,8 @@ def create_admin_app(
     public = frozenset(e.path for e in endpoints if e.public)
     auth = Authenticator(creds, RateLimiter(failures_per_minute, 60.0))
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware(auth, public)], client_max_size=1 << 20
+        middlewares=[request_id_middleware, error_middleware, auth_middleware(auth, public)],
+        client_max_size=1 << 20,
     )
     add_endpoints(app, endpoints)
     app[ENDPOINTS_KEY] = tuple(endpoints)

@@ -6,14 +6,21 @@ Handlers raise :class:`ApiError`; one middleware renders it. Unexpected exceptio
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import re
+import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
 logger = logging.getLogger(__name__)
+access = logging.getLogger("gateway.admin.access")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+REQUEST_ID = web.RequestKey("request_id", str)
 
 PROBLEM_TYPE = "application/problem+json"
 
@@ -45,6 +52,39 @@ def problem_response(
     )
 
 
+_ids = itertools.count(1)
+_PREFIX = secrets.token_hex(3)
+
+
+@web.middleware
+async def request_id_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Give every request an id (echoed as ``X-Request-Id``) and log one line when it ends.
+
+    A caller-supplied id is kept only if it is short and plain, so logs cannot be forged.
+    """
+    supplied = request.headers.get("X-Request-Id", "")
+    rid = supplied if _SAFE_ID.match(supplied) else f"{_PREFIX}-{next(_ids)}"
+    request[REQUEST_ID] = rid
+    start = time.monotonic()
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        response.headers["X-Request-Id"] = rid
+        return response
+    finally:
+        access.info(
+            "%s %s %s %.1fms",
+            request.method,
+            request.path,
+            status,
+            (time.monotonic() - start) * 1000,
+            extra={"request_id": rid, "remote": request.remote or "unix"},
+        )
+
+
 @web.middleware
 async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -59,5 +99,10 @@ async def error_middleware(
         code = exc.reason.lower().replace(" ", "_")
         return problem_response(exc.status, code, exc.text or exc.reason)
     except Exception:
-        logger.exception("admin API: unhandled error on %s %s", request.method, request.path)
+        logger.exception(
+            "admin API: unhandled error on %s %s (request %s)",
+            request.method,
+            request.path,
+            request.get(REQUEST_ID, "-"),
+        )
         return problem_response(500, "internal_error", "internal error; see the gateway log")

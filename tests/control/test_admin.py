@@ -206,3 +206,20 @@ def test_openapi_lists_exactly_the_served_routes() -> None:
         if r.resource is not None and r.method != "HEAD"
     }
     assert served == {(e.method, e.path) for e in app[ENDPOINTS_KEY]}
+
+
+def test_request_ids_are_echoed_and_sanitised(caplog: pytest.LogCaptureFixture) -> None:
+    async def check(client: httpx.AsyncClient) -> None:
+        h = {"X-Admin-Token": TOKEN}
+        r = await client.get("/api/v1/status", headers={**h, "X-Request-Id": "abc-123"})
+        assert r.headers["x-request-id"] == "abc-123"
+        r = await client.get("/api/v1/status", headers={**h, "X-Request-Id": "bad id\r\nx"})
+        assert r.headers["x-request-id"] != "bad id" and " " not in r.headers["x-request-id"]
+        r = await client.get("/api/v1/status")
+        assert r.status_code == 401 and r.headers["x-request-id"]
+
+    with caplog.at_level(logging.INFO, logger="gateway.admin.access"):
+        run(check)
+    lines = [r for r in caplog.records if r.name == "gateway.admin.access"]
+    assert [r.getMessage().split()[2] for r in lines] == ["200", "200", "401"]
+    assert lines[0].request_id == "abc-123"
