@@ -213,7 +213,7 @@ def test_request_ids_are_echoed_and_sanitised(caplog: pytest.LogCaptureFixture) 
         h = {"X-Admin-Token": TOKEN}
         r = await client.get("/api/v1/status", headers={**h, "X-Request-Id": "abc-123"})
         assert r.headers["x-request-id"] == "abc-123"
-        r = await client.get("/api/v1/status", headers={**h, "X-Request-Id": "bad id\r\nx"})
+        r = await client.get("/api/v1/status", headers={**h, "X-Request-Id": "bad id <script>"})
         assert r.headers["x-request-id"] != "bad id" and " " not in r.headers["x-request-id"]
         r = await client.get("/api/v1/status")
         assert r.status_code == 401 and r.headers["x-request-id"]
