@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.protocol.address import Address, Mode, parse_address, split_sni
-from gateway.protocol.errors import AddressError, TlsAlert
+from gateway.protocol.address import Address, Mode, parse_address
 
 T, P, H = Mode.TERMINATE, Mode.PASSTHROUGH, Mode.H2
 
