@@ -131,6 +131,89 @@ def curl_argv(*extra: str) -> Callable[[int], list[str]]:
     ]
 
 
+HAPROXY_CONFIG = """\
+global
+    maxconn 16
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 5s
+    timeout server 5s
+    unique-id-format gwa-%ci-%cp
+frontend gwa_fe
+    bind 127.0.0.1:{front}
+    default_backend gwa_be
+backend gwa_be
+    server origin 127.0.0.1:{back} {send}
+"""
+HAPROXY_SEND = {
+    "v1": "send-proxy",
+    "v2": "send-proxy-v2",
+    "v2_tlvs": "send-proxy-v2 proxy-v2-options crc32c,unique-id",
+}
+
+
+@dataclass(frozen=True)
+class HaproxyCapture:
+    """What haproxy sent upstream for one client connection, and that connection's ends."""
+
+    data: bytes  # PROXY header followed by the client's payload
+    payload: bytes
+    client: tuple[str, int]
+    frontend: tuple[str, int]
+
+
+def capture_haproxy(send: str, *, timeout: float = 10.0) -> HaproxyCapture:
+    """Run haproxy with ``server ... <send>`` in front of a loopback listener; connect through it.
+
+    ``send`` is a key of :data:`HAPROXY_SEND`. Readiness probes may reach the listener too
+    (haproxy connects upstream for them as well), so the connection carrying our payload is
+    the one kept.
+    """
+    payload = b"gwa-payload-" + send.encode()
+    with (
+        socket.create_server(("127.0.0.1", 0)) as server,
+        tempfile.TemporaryDirectory(prefix="gwa-haproxy-") as tmp,
+    ):
+        server.settimeout(timeout)
+        back = server.getsockname()[1]
+        with socket.create_server(("127.0.0.1", 0)) as probe:
+            front = probe.getsockname()[1]  # released just before haproxy binds it
+        config = Path(tmp) / "haproxy.cfg"
+        config.write_text(HAPROXY_CONFIG.format(front=front, back=back, send=HAPROXY_SEND[send]))
+        log = Path(tmp) / "haproxy.log"
+        proc = start(["haproxy", "-db", "-f", str(config)], log)
+        try:
+            client = _connect_retrying(("127.0.0.1", front), proc, timeout)
+            with client:
+                client.sendall(payload)
+                ends = (client.getsockname()[:2], client.getpeername()[:2])
+                while True:
+                    conn, _ = server.accept()
+                    with conn:
+                        conn.settimeout(timeout)
+                        data = b""
+                        while payload not in data and (chunk := conn.recv(4096)):
+                            data += chunk
+                    if payload in data:
+                        return HaproxyCapture(data, payload, ends[0], ends[1])
+        finally:
+            stop_by_pid(proc, grace=2)
+
+
+def _connect_retrying(
+    addr: tuple[str, int], proc: subprocess.Popen[bytes], timeout: float
+) -> socket.socket:
+    for _ in range(int(timeout / 0.05)):
+        if proc.poll() is not None:
+            raise RuntimeError(f"haproxy exited with {proc.returncode}")
+        try:
+            return socket.create_connection(addr, timeout=timeout)
+        except ConnectionRefusedError:
+            threading.Event().wait(0.05)
+    raise TimeoutError(f"haproxy did not listen on {addr}")
+
+
 def _version(argv: list[str]) -> str:
     out = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=10).stdout
     return out.splitlines()[0] if out else "?"
@@ -196,11 +279,29 @@ def read_hex(name: str) -> bytes:
     return bytes.fromhex("".join(line for line in text.splitlines() if not line.startswith("#")))
 
 
+def write_haproxy_vectors() -> None:
+    """Store haproxy's PROXY headers (v1, v2, v2 with TLVs) with the addresses they describe."""
+    version = _version(["haproxy", "-v"])
+    for name in HAPROXY_SEND:
+        cap = capture_haproxy(name)
+        header = cap.data[: cap.data.index(cap.payload)]
+        lines = [
+            f"# {version}: tcp frontend 127.0.0.1:PORT -> server 127.0.0.1:PORT "
+            f"{HAPROXY_SEND[name]} (tests/protocol/capture.py HAPROXY_CONFIG)",
+            f"# client {cap.client[0]}:{cap.client[1]} -> {cap.frontend[0]}:{cap.frontend[1]}",
+            f"# captured {datetime.date.today().isoformat()}; {len(header)} header bytes",
+            header.hex(),
+        ]
+        (DATA / f"haproxy_{name}.hex").write_text("\n".join(lines) + "\n")
+        print(f"haproxy_{name}: {len(header)} bytes")
+
+
 def main() -> int:
     DATA.mkdir(exist_ok=True)
     for capture in capture_all():
         write_hex(DATA / f"{capture.name}.hex", capture.data, capture.how)
         print(f"{capture.name}: {len(capture.data)} bytes")
+    write_haproxy_vectors()
     return 0
 
 
