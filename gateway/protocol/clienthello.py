@@ -210,6 +210,23 @@ class HelloSniffer:
         """The ClientHello once complete, else ``None``."""
         return self._result
 
+    @property
+    def wanted(self) -> int:
+        """How many stream bytes must be buffered before :meth:`feed` can make progress.
+
+        While incomplete: the end of the next record header, or of the record whose header is
+        already in (never past ``limit``). A peeking caller can set ``SO_RCVLOWAT`` to this so
+        that it re-parses once per record rather than once per segment. After a result (or an
+        error): the bytes buffered so far.
+        """
+        size = len(self._buf)
+        if self._result is not None or self._error is not None:
+            return size
+        pos = self._pos
+        if size - pos < _RECORD_HEADER:
+            return pos + _RECORD_HEADER
+        return pos + _RECORD_HEADER + (self._buf[pos + 3] << 8 | self._buf[pos + 4])
+
     def feed(self, data: bytes) -> ClientHello | None:
         """Add ``data``; return the ClientHello once complete, ``None`` while incomplete.
 

@@ -292,11 +292,9 @@ def _parse_v2(data: bytes) -> tuple[ProxyHeader, int] | None:
     if fam not in _V2_DECODED:
         # A valid combination we do not route (UDP, ...): the spec says to fall back to UNSPEC,
         # i.e. use the real endpoints; the block's layout is unknown, so it is skipped whole.
-        return (
-            (ProxyHeader(2, command, Family.UNSPEC, None, None), total)
-            if (len(data) >= total)
-            else None
-        )
+        if len(data) < total:
+            return None
+        return ProxyHeader(2, command, Family.UNSPEC, None, None), total
     family = Family(fam >> 4)
     block = _ADDRESS_BLOCK[family]
     if length < block:

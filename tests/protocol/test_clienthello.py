@@ -588,3 +588,22 @@ def test_random_bytes_raise_only_our_error(data: bytes) -> None:
 
 def test_default_limit_is_64k() -> None:
     assert DEFAULT_LIMIT == 65536 and HelloSniffer().limit == DEFAULT_LIMIT
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=generated_hellos())
+@example(case=(VECTORS["openssl_s_client_frag512"], SNI, [], None))
+def test_feeding_exactly_what_is_wanted_takes_two_feeds_per_record(
+    case: tuple[bytes, str | None, list[bytes], list[int] | None],
+) -> None:
+    """A peeking caller that waits for ``wanted`` bytes parses once per header and record."""
+    data = case[0]
+    sniffer = HelloSniffer()
+    feeds, have, result = 0, 0, None
+    while result is None:
+        want = sniffer.wanted
+        assert have < want <= len(data)
+        result = sniffer.feed(data[have:want])
+        have, feeds = want, feeds + 1
+    assert result == parse_client_hello(data)
+    assert feeds == 2 * count_records(data) and sniffer.wanted == len(data)
