@@ -61,9 +61,8 @@ _MAX_BODY = 2 + 32 + 1 + 32 + 2 + 0xFFFE + 1 + 0xFF + 2 + 0xFFFF
 _RECORD_HEADER = 5
 _HANDSHAKE_HEADER = 4
 
-_HOST_RE = re.compile(
-    r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-)
+# one label; names are checked label by label, which keeps the match linear in the name
+_LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 _HTTP_METHOD_STARTS = frozenset(b"GPHDOCT")
 
 
@@ -126,8 +125,10 @@ def check_host_name(name: str) -> str:
     Raises :class:`ClientHelloError` with alert ``UNRECOGNIZED_NAME`` naming what is wrong.
     """
     lower = name.lower()
-    if len(lower) <= 253 and lower.isascii() and _HOST_RE.fullmatch(lower):
-        return lower
+    if len(lower) <= 253 and lower.isascii():
+        match = _LABEL_RE.fullmatch
+        if all(match(label) for label in lower.split(".")):
+            return lower
     raise ClientHelloError(
         f"server_name host_name {name[:80]!r}: {_explain_bad_host(lower)}",
         alert=TlsAlert.UNRECOGNIZED_NAME,
