@@ -32,7 +32,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.helpers.processes import stop_by_pid, wait_until
+from tests.helpers.processes import start, stop_by_pid, wait_until
 
 TSIG_NAME = "gwg-acme-key"
 
@@ -123,10 +123,18 @@ def _soa_answers(port: int, zone: str) -> bool:
 class LocalStack:
     """knotd (zones ``zones``) + pebble resolving through it; start() then stop() (by PID)."""
 
-    def __init__(self, workdir: Path, zones: Sequence[str], *, cert_validity: int = 3600) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        zones: Sequence[str],
+        *,
+        cert_validity: int = 3600,
+        pebble_env: dict[str, str] | None = None,
+    ) -> None:
         self.workdir = workdir.resolve()
         self.zones = tuple(zones)
         self.cert_validity = cert_validity
+        self.pebble_env = dict(pebble_env or {})
         self.tsig_name = TSIG_NAME
         self.tsig_secret = base64.b64encode(secrets.token_bytes(32)).decode()
         self.dns_port = 0
@@ -173,13 +181,7 @@ class LocalStack:
         for _attempt in range(3):
             self.dns_port = _free_tcp_udp_port()
             conf = self._write_knot()
-            proc = subprocess.Popen(
-                ["knotd", "-c", str(conf)],
-                stdout=log.open("ab"),
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            proc = start(["knotd", "-c", str(conf)], log)
             try:
                 wait_until(
                     lambda: _soa_answers(self.dns_port, self.zones[0]), proc, 10, "knotd SOA", log
@@ -234,22 +236,9 @@ class LocalStack:
         )
         env = dict(os.environ)
         env.update(PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0", PEBBLE_AUTHZREUSE="0")
-        proc = subprocess.Popen(
-            [
-                "pebble",
-                "-config",
-                str(cfg),
-                "-dnsserver",
-                f"127.0.0.1:{self.dns_port}",
-                "-strict=false",
-            ],
-            stdout=log.open("ab"),
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,
-            env=env,
-            cwd=self.workdir,
-        )
+        env.update(self.pebble_env)
+        cmd = ["pebble", "-config", str(cfg), "-dnsserver", f"127.0.0.1:{self.dns_port}"]
+        proc = start([*cmd, "-strict=false"], log, env=env, cwd=self.workdir)
         try:
             wait_until(self._dir_answers, proc, 20, "pebble /dir", log)
         except Exception:
@@ -288,8 +277,14 @@ class LocalStack:
 
 
 @contextlib.contextmanager
-def local_stack(workdir: Path, zones: Sequence[str], **kw: int) -> Iterator[LocalStack]:
-    stack = LocalStack(workdir, zones, **kw)
+def local_stack(
+    workdir: Path,
+    zones: Sequence[str],
+    *,
+    cert_validity: int = 3600,
+    pebble_env: dict[str, str] | None = None,
+) -> Iterator[LocalStack]:
+    stack = LocalStack(workdir, zones, cert_validity=cert_validity, pebble_env=pebble_env)
     stack.start()
     try:
         yield stack
