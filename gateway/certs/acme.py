@@ -343,8 +343,10 @@ class AcmeClient:
         published: list[tuple[str, str]] = []
         try:
             for _, _, name, value in todo:
-                await provider.add_txt(name, value)
+                # recorded first: if we are cancelled while the server applies the update,
+                # the cleanup below still removes it (removing an absent value is harmless)
                 published.append((name, value))
+                await provider.add_txt(name, value)
             by_name: dict[str, set[str]] = {}
             for name, value in published:
                 by_name.setdefault(name, set()).add(value)

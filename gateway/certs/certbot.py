@@ -234,7 +234,7 @@ class Certbot:
         due_at = not_after - s.renew_before
         # never sooner than backoff_initial (a CA whose certificates live shorter than
         # renew_before must not be asked in a tight loop), never later than check_interval
-        at = min(max(due_at, now + s.backoff_initial), now + s.check_interval)
+        at = max(min(due_at, now + s.check_interval), now + s.backoff_initial)
         self._state[domain].next_check = at + self._rng.uniform(0, s.jitter)
 
     async def _issue(self, domain: str) -> IssuedCertificate:
@@ -243,9 +243,10 @@ class Certbot:
         if self._settings.caa:
             uri = await self._acme.account_uri(deadline)
             await provider.set_caa(domain, caa_records(self._settings.caa_issuer, uri))
-            if self._tee is not None:
-                await self._quote_account(uri)
         issued = await self._acme.issue(domain, provider, deadline, propagation=self._propagation)
+        account_uri = self._acme.stored_account_uri() or ""
+        if self._tee is not None and account_uri:
+            await self._quote_account(account_uri)
         extra = {
             "meta.json": disk.write_meta(
                 {
@@ -255,7 +256,7 @@ class Certbot:
                     "not_before": issued.not_before,
                     "not_after": issued.not_after,
                     "directory_url": self._acme.directory_url,
-                    "account_uri": self._acme.stored_account_uri() or "",
+                    "account_uri": account_uri,
                     "issued_at": self._clock(),
                 }
             )
