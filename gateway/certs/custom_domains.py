@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import dns.asyncresolver
 import dns.exception
-import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.resolver
@@ -40,6 +39,7 @@ __all__ = ["AddressMiss", "AppAddress", "AppAddressResolver", "MissReason", "par
 PREFIX = "_dstack-app-address"
 LEGACY_PREFIX = "_tapp-address"
 WILDCARD_PREFIX = "_dstack-app-address-wildcard"
+_HOSTNAME = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,62})(?:\.[a-z0-9_](?:[a-z0-9_-]{0,62}))*$")
 _APP_ID = re.compile(r"^[0-9A-Za-z][0-9A-Za-z_-]{0,127}$")
 
 
@@ -119,12 +119,8 @@ class AppAddressResolver:
     async def resolve(self, domain: str) -> Lookup:
         """The app for ``domain`` (an SNI name), from cache or DNS; never raises for bad input."""
         name = domain.strip().lower().rstrip(".")
-        try:
-            if not name or len(name) > 200:
-                raise ValueError(name)
-            dns.name.from_text(name)
-        except (ValueError, dns.exception.DNSException):
-            return AddressMiss(domain[:255], MissReason.MALFORMED, "not a DNS name")
+        if len(name) > 200 or not _HOSTNAME.match(name):  # room for the longest prefix
+            return AddressMiss(domain[:255], MissReason.MALFORMED, "not a host name")
         now = self._clock()
         hit = self._cache.get(name)
         if hit is not None:

@@ -171,7 +171,7 @@ def current(certs_dir: Path, name: str) -> StoredCert | None:
 
 
 def history(certs_dir: Path, name: str) -> list[StoredCert]:
-    """Every stored certificate for ``name``, oldest first (by notBefore)."""
+    """Every stored certificate for ``name``, oldest first (by notBefore, then install time)."""
     _check_name(name)
     hist = certs_dir / HISTORY_DIR / name
     if not hist.is_dir():
@@ -179,7 +179,10 @@ def history(certs_dir: Path, name: str) -> list[StoredCert]:
     found = [
         _describe(name, p) for p in hist.iterdir() if p.is_dir() and not p.name.startswith(".")
     ]
-    return sorted((c for c in found if c is not None), key=lambda c: (c.not_before, c.serial))
+    # notBefore has one-second resolution; the rename time orders installs within a second
+    return sorted(
+        (c for c in found if c is not None), key=lambda c: (c.not_before, c.path.stat().st_ctime_ns)
+    )
 
 
 def prune(certs_dir: Path, name: str, keep: int) -> list[Path]:

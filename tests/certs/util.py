@@ -45,3 +45,26 @@ def verify_chain(fullchain_pem: bytes, root_pem: bytes, hostnames: list[str]) ->
         [OpenSSL.crypto.X509.from_cryptography(c) for c in chain[1:]],
     )
     ctx.verify_certificate()
+
+
+def dns_update(
+    port: int,
+    key: tuple[str, str],
+    zone: str,
+    *,
+    add: list[tuple[str, int, str, str]] | None = None,
+    delete: list[tuple[str, str]] | None = None,
+) -> None:
+    """Change records in knotd with plain dnspython (independent of the code under test)."""
+    import dns.tsig
+    import dns.update
+
+    update = dns.update.UpdateMessage(
+        zone, keyring=dns.tsig.Key(key[0], key[1], dns.tsig.HMAC_SHA256)
+    )
+    for name, rdtype in delete or []:
+        update.delete(name, rdtype)
+    for name, ttl, rdtype, text in add or []:
+        update.add(name, ttl, rdtype, text)
+    response = dns.query.tcp(update, "127.0.0.1", port=port, timeout=3)
+    assert response.rcode() == 0, response.rcode()
