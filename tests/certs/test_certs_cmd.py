@@ -1,7 +1,8 @@
 """The operator walkthrough, for real: a config file, a secret in the environment, the CLI.
 
 Runs ``python -m gateway certs`` as a child process against pebble + knotd: the first
-certificate, its status, a forced renewal, ``acme-info`` and a custom-domain lookup.
+certificate, a forced renewal, ``acme-info``, a failing renewal that keeps the served
+certificate (``status``) and a custom-domain lookup. Each call is a new process (~1 s).
 """
 
 from __future__ import annotations
@@ -88,14 +89,8 @@ def test_walkthrough(stack: LocalStack, tmp_path: Path) -> None:
     verify_chain((served / "fullchain.pem").read_bytes(), stack.pebble_root_pem(), [ZONE])
     assert stack.tsig_secret not in first.stdout + first.stderr
 
-    again = gateway(cfg, "renew", secret=stack.tsig_secret)
-    assert json.loads(again.stdout)[0]["renewed"] is False  # not due
-
     forced = gateway(cfg, "renew", "--force", "--domain", ZONE, secret=stack.tsig_secret)
     assert json.loads(forced.stdout)[0]["serial"] != result["serial"]
-
-    status = json.loads(gateway(cfg, "status", secret=stack.tsig_secret).stdout)
-    assert status[0]["domain"] == ZONE and status[0]["not_after"] > 0
 
     info = json.loads(gateway(cfg, "acme-info", secret=stack.tsig_secret).stdout)
     assert info["account_uri"].startswith("https://127.0.0.1:")
@@ -104,7 +99,8 @@ def test_walkthrough(stack: LocalStack, tmp_path: Path) -> None:
     wrong = gateway(cfg, "renew", "--force", secret="A" * 43 + "=")
     assert wrong.returncode == 1
     assert json.loads(wrong.stdout)[0]["rcode"] == "BADSIG"
-    assert (served / "fullchain.pem").exists()
+    status = json.loads(gateway(cfg, "status", secret=stack.tsig_secret).stdout)
+    assert status[0]["serial"] == json.loads(forced.stdout)[0]["serial"]  # still served
 
     dns_update(
         stack.dns_port,
@@ -120,5 +116,3 @@ def test_walkthrough(stack: LocalStack, tmp_path: Path) -> None:
         "port": 443,
         "record": f"_dstack-app-address.cli.{CUSTOMER_ZONE}",
     }
-    nothing = gateway(cfg, "resolve", f"nothing.{CUSTOMER_ZONE}", secret=None)
-    assert nothing.returncode == 1 and json.loads(nothing.stdout)["reason"] == "not-found"
