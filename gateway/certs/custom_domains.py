@@ -32,6 +32,7 @@ import dns.rdatatype
 import dns.resolver
 
 from gateway.certs.dns.base import parse_server
+from gateway.certs.errors import CertError
 from gateway.certs.settings import ResolverSettings
 
 __all__ = ["AddressMiss", "AppAddress", "AppAddressResolver", "MissReason", "parse_app_address"]
@@ -101,7 +102,12 @@ class AppAddressResolver:
     ) -> None:
         self._settings = settings
         self._clock = clock
-        self._resolver = dns.asyncresolver.Resolver(configure=not settings.nameservers)
+        try:
+            self._resolver = dns.asyncresolver.Resolver(configure=not settings.nameservers)
+        except dns.resolver.NoResolverConfiguration:
+            raise CertError(
+                "no system resolver configuration (/etc/resolv.conf): set dns.resolver.nameservers"
+            ) from None
         if settings.nameservers:
             self._resolver.nameservers = [
                 dns.nameserver.Do53Nameserver(ns.host, ns.port)
