@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import datetime
 import email.utils
 import functools
 import hashlib
@@ -467,6 +466,3 @@ def _write_private(path: Path, data: bytes) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
-
-
-_ = datetime  # datetime is used by the library's deadlines; ours are monotonic floats
