@@ -203,10 +203,11 @@ class LocalStack:
         except OSError:
             return False
 
-    def start_pebble(self) -> None:
-        """(Re)start pebble on new ports; a restart means a new root, a new CA."""
+    def start_pebble(self, *, same_ports: bool = False) -> None:
+        """(Re)start pebble; a restart means a new root and a CA that forgot every account."""
         log = self.workdir / "pebble.log"
-        self.acme_port, self.mgmt_port = _free_tcp_udp_port(), _free_tcp_udp_port()
+        if not (same_ports and self.acme_port):
+            self.acme_port, self.mgmt_port = _free_tcp_udp_port(), _free_tcp_udp_port()
         _, cert, key = (
             _mini_ca(self.workdir)
             if not self.listener_ca.exists()

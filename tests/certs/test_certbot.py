@@ -236,6 +236,29 @@ def test_ca_down_keeps_old_cert(env: Env) -> None:
     assert env.changes == 1
 
 
+def test_ca_stopped_then_restarted(env: Env) -> None:
+    """The real CA process goes away: typed error, old cert kept; when it is back (a new CA
+    that forgot our account, same URL), the account is re-created and issuance resumes."""
+    bot = env.certbot()
+    first = run(bot.renew_now(ZONE))
+    old_uri = bot.account_uri()
+    before = env.snapshot()
+    env.stack.stop_pebble()
+    try:
+        with pytest.raises(IssuanceError) as err:
+            run(bot.renew_now(ZONE))
+        assert err.value.problem == PROBLEM_CA_UNREACHABLE
+        assert env.snapshot() == before
+    finally:
+        env.stack.start_pebble(same_ports=True)
+    again = run(bot.renew_now(ZONE))
+    assert again.serial != first.serial
+    assert bot.account_uri() != old_uri  # the new CA gave the same key a new account
+    verify_chain(env.snapshot()[1], env.stack.pebble_root_pem(), [ZONE])
+    (st,) = bot.status()
+    assert st.failures == 0 and st.last_error is None
+
+
 def test_invalid_challenge_keeps_old_cert(env: Env) -> None:
     run(env.certbot().renew_now(ZONE))
     before = env.snapshot()
