@@ -27,6 +27,7 @@ from gateway.certs.dns.propagation import wait_for_txt
 from gateway.certs.errors import PROBLEM_CA_UNREACHABLE, CertError, DnsProviderError, IssuanceError
 from gateway.certs.settings import AcmeDomain, AcmeSettings
 from gateway.tee.base import RuntimeEvent, TeeError
+from gateway.util.tasks import spawn
 from tests.certs.conftest import ZONE, rfc2136_provider
 from tests.certs.localstack import LocalStack
 from tests.certs.util import records_at, run, verify_chain
@@ -63,7 +64,7 @@ class RecordingTee:
         return ()
 
     def rtmrs(self) -> tuple[bytes, bytes, bytes, bytes]:
-        return (bytes(48),) * 4  # type: ignore[return-value]
+        return (bytes(48), bytes(48), bytes(48), bytes(48))
 
     def mrtd(self) -> bytes:
         return bytes(48)
@@ -187,7 +188,7 @@ def test_run_loop_renews_a_short_lived_certificate(env: Env) -> None:
     bot = env.certbot(renew_before=200, check_interval=0.5, backoff_initial=2)
 
     async def loop_until_renewed() -> None:
-        task = asyncio.get_running_loop().create_task(bot.run())
+        task = spawn(bot.run(), name="certbot-under-test")
         try:
             deadline = time.monotonic() + 10
             while env.changes < 2 and time.monotonic() < deadline:
