@@ -283,9 +283,9 @@ class AcmeClient:
             logger.info("ACME account %s recorded", uri)
         return _Session(net, acme, uri)
 
-    async def account_uri(self, deadline: float) -> str:
-        """The account URL (registering the account if needed)."""
-        session = await self._thread("account", self._open, deadline)
+    async def account_uri(self, deadline: float, domain: str = "") -> str:
+        """The account URL (registering the account if needed); ``domain`` labels errors."""
+        session = await self._thread(domain or self.directory_url, self._open, deadline)
         return session.account_uri
 
     # --- issuance ------------------------------------------------------------------------

@@ -241,7 +241,7 @@ class Certbot:
         deadline = self._monotonic() + self._settings.issue_timeout
         provider = self._providers[domain]
         if self._settings.caa:
-            uri = await self._acme.account_uri(deadline)
+            uri = await self._acme.account_uri(deadline, domain)
             await provider.set_caa(domain, caa_records(self._settings.caa_issuer, uri))
         issued = await self._acme.issue(domain, provider, deadline, propagation=self._propagation)
         account_uri = self._acme.stored_account_uri() or ""

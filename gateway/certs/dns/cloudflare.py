@@ -21,10 +21,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
-import dns.asyncresolver
-import dns.exception
 
 from gateway.certs.dns.base import CaaRecord, DnsProvider, NameServer
+from gateway.certs.dns.propagation import resolve_addresses
 from gateway.certs.errors import DnsProviderError
 
 __all__ = ["CloudflareProvider"]
@@ -166,15 +165,9 @@ class CloudflareProvider(DnsProvider):
         if self._check_servers:
             return self._check_servers
         _, zone, ns_names = await self._zone(name)
-        resolver = dns.asyncresolver.Resolver()
         servers: set[NameServer] = set()
         for ns in ns_names:
-            for rdtype in ("A", "AAAA"):
-                try:
-                    answer = await resolver.resolve(ns, rdtype, lifetime=5.0)
-                except dns.exception.DNSException:
-                    continue
-                servers.update(NameServer(rd.address) for rd in answer)
+            servers.update(NameServer(a) for a in await resolve_addresses(ns, 5.0))
         if not servers:
             raise DnsProviderError(zone, None, "cannot resolve the zone's Cloudflare name servers")
         return tuple(sorted(servers))

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Collection, Iterable
 
 import dns.asyncquery
+import dns.asyncresolver
 import dns.exception
 import dns.message
 import dns.rcode
@@ -21,7 +22,7 @@ import dns.rdatatype
 
 from gateway.certs.dns.base import NameServer
 
-__all__ = ["lagging_servers", "query_txt", "wait_for_txt"]
+__all__ = ["lagging_servers", "query_txt", "resolve_addresses", "wait_for_txt"]
 
 
 async def query_txt(name: str, server: NameServer, timeout: float) -> set[str] | None:
@@ -79,3 +80,17 @@ async def wait_for_txt(
             return []
         await asyncio.sleep(max(0.0, min(delay, deadline - clock())))
         delay = min(delay * 2, poll_interval)
+
+
+async def resolve_addresses(name: str, timeout: float) -> list[str]:
+    """A (else AAAA) addresses of ``name`` through the system resolver; [] if none."""
+    resolver = dns.asyncresolver.Resolver()
+    for rdtype in ("A", "AAAA"):
+        try:
+            answer = await resolver.resolve(name, rdtype, lifetime=timeout)
+        except dns.exception.DNSException:
+            continue
+        found = [rd.address for rd in answer]
+        if found:
+            return found
+    return []

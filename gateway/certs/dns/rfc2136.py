@@ -30,6 +30,7 @@ import dns.tsig
 import dns.update
 
 from gateway.certs.dns.base import CaaRecord, DnsProvider, NameServer
+from gateway.certs.dns.propagation import resolve_addresses
 from gateway.certs.errors import DnsProviderError
 
 __all__ = ["Rfc2136Provider"]
@@ -176,20 +177,17 @@ class Rfc2136Provider(DnsProvider):
         return tuple(sorted(servers))
 
     async def _addresses(self, target: dns.name.Name) -> list[str]:
+        """IPv4 addresses of a name server, or IPv6 only if it has no IPv4 one.
+
+        One address family per server is enough to see what it serves, and hosts without
+        IPv6 connectivity would otherwise wait for servers they cannot reach.
+        """
         if target.is_subdomain(self._zone):
-            found = await asyncio.gather(
+            v4, v6 = await asyncio.gather(
                 self._query(target, dns.rdatatype.A), self._query(target, dns.rdatatype.AAAA)
             )
-            return [rd.address for rds in found for rd in rds]  # type: ignore[attr-defined]
-        resolver = dns.asyncresolver.Resolver()
-        out: list[str] = []
-        for rdtype in ("A", "AAAA"):
-            try:
-                answer = await resolver.resolve(target, rdtype, lifetime=self._timeout)
-            except dns.exception.DNSException:
-                continue
-            out.extend(rd.address for rd in answer)
-        return out
+            return [rd.address for rd in (v4 or v6)]  # type: ignore[attr-defined]
+        return await resolve_addresses(str(target), self._timeout)
 
 
 def _txt(value: str) -> dns.rdata.Rdata:
