@@ -42,6 +42,7 @@ __all__ = [
     "install",
     "prune",
     "read_current",
+    "served_names",
 ]
 
 CHAIN_FILE = "fullchain.pem"
@@ -128,6 +129,15 @@ def install(
     os.replace(tmp_link, link)
     _fsync_dir(certs_dir)
     return final
+
+
+def served_names(certs_dir: Path) -> list[str]:
+    """The certificate names under ``certs_dir`` (entries not starting with a dot), sorted."""
+    try:
+        entries = list(certs_dir.iterdir())
+    except FileNotFoundError:
+        return []
+    return sorted(p.name for p in entries if not p.name.startswith(".") and p.is_dir())
 
 
 def read_current(certs_dir: Path, name: str) -> tuple[Path, bytes, bytes] | None:

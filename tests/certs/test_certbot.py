@@ -28,7 +28,7 @@ from gateway.certs.errors import PROBLEM_CA_UNREACHABLE, CertError, DnsProviderE
 from gateway.certs.settings import AcmeDomain, AcmeSettings
 from gateway.tee.base import RuntimeEvent, TeeError
 from gateway.util.tasks import spawn
-from tests.certs.conftest import ZONE, rfc2136_provider
+from tests.certs.conftest import CUSTOMER_ZONE, ZONE, rfc2136_provider
 from tests.certs.localstack import LocalStack
 from tests.certs.util import records_at, run, verify_chain
 from tests.helpers.processes import free_port
@@ -356,6 +356,26 @@ def test_on_change_failure_does_not_undo_install(env: Env) -> None:
     result = run(bot.renew_now(ZONE))
     served = disk.current(env.certs, ZONE)
     assert served is not None and served.serial == result.serial
+
+
+def test_two_base_domains_with_their_own_credentials(env: Env) -> None:
+    bot = Certbot(
+        settings(domains=(AcmeDomain(ZONE, "knot"), AcmeDomain(CUSTOMER_ZONE, "customer"))),
+        acme=env.acme(),
+        providers={
+            "knot": rfc2136_provider(env.stack),
+            "customer": rfc2136_provider(env.stack, zone=CUSTOMER_ZONE),
+        },
+        certs_dir=env.certs,
+        on_change=env.on_change,
+    )
+    results = run(bot.check_all())
+    assert sorted(r.domain for r in results if r.renewed) == sorted([ZONE, CUSTOMER_ZONE])
+    assert env.changes == 2
+    assert disk.served_names(env.certs) == sorted([ZONE, CUSTOMER_ZONE])
+    for name in (ZONE, CUSTOMER_ZONE):
+        served = disk.current(env.certs, name)
+        assert served is not None and sorted(served.names) == sorted([f"*.{name}", name])
 
 
 def test_unknown_domain_and_credential_are_rejected(env: Env) -> None:

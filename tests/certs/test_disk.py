@@ -61,6 +61,8 @@ def test_install_swaps_symlink_and_keeps_history(tmp_path: Path) -> None:
     assert cur.names == ("*.d.test", "d.test")
     assert [h.serial for h in disk.history(tmp_path, "d.test")] == [0x1111, 0x2222]
     assert p1.is_dir()  # history kept
+    assert disk.served_names(tmp_path) == ["d.test"]
+    assert disk.served_names(tmp_path / "nope") == []
     # no temp files or links left behind
     assert sorted(p.name for p in tmp_path.iterdir()) == [".history", "d.test"]
     assert not list((tmp_path / ".history" / "d.test").glob(".tmp-*"))

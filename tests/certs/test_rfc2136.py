@@ -104,6 +104,13 @@ def test_wrong_key_unknown_key_outside_zone_and_dead_server(stack: LocalStack) -
         run(unknown.add_txt(f"_acme-challenge.{ZONE}", "x"))
     assert err.value.rcode in ("BADKEY", "NOTAUTH")
 
+    # a zone this server is not authoritative for
+    other = rfc2136_provider(stack, zone="not-served.test")
+    with pytest.raises(DnsProviderError) as err:
+        run(other.add_txt("_acme-challenge.not-served.test", "x"))
+    assert err.value.zone == "not-served.test"
+    assert err.value.rcode == "NOTAUTH"  # knot answers unsigned; reported, never trusted
+
     with pytest.raises(DnsProviderError, match="outside the zone"):
         run(rfc2136_provider(stack).add_txt("_acme-challenge.example.org", "x"))
 

@@ -14,9 +14,9 @@ the server rejects the signature. Note that knot reports an update its ACL denie
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 
-import dns.asyncquery
 import dns.asyncresolver
 import dns.exception
 import dns.message
@@ -95,26 +95,43 @@ class Rfc2136Provider(DnsProvider):
         return dns.update.UpdateMessage(self._zone, keyring=self._key)
 
     async def _send(self, message: dns.message.Message) -> dns.message.Message:
-        """Send one query or update to the primary over TCP; map every failure to our error."""
+        """Send one query or update to the primary over TCP; map every failure to our error.
+
+        The answer must carry a valid TSIG. An unsigned error answer (a server that does not
+        know the zone or the key answers so) is reported with its rcode, never trusted.
+        """
         try:
-            response = await dns.asyncquery.tcp(
-                message, self._primary.host, timeout=self._timeout, port=self._primary.port
-            )
+            wire = await asyncio.wait_for(self._exchange(message.to_wire()), self._timeout)
+        except TimeoutError:
+            raise DnsProviderError(
+                self._zone_text, None, f"no answer from {self._primary} within {self._timeout}s"
+            ) from None
+        except (OSError, asyncio.IncompleteReadError) as exc:
+            raise DnsProviderError(
+                self._zone_text, None, f"cannot reach {self._primary}: {exc!r}"
+            ) from None
+        try:
+            response = dns.message.from_wire(wire, keyring=message.keyring, request_mac=message.mac)
         except dns.tsig.PeerError as exc:
             code = next((c for t, c in _TSIG_ERRORS if isinstance(exc, t)), "TSIG")
             raise DnsProviderError(
                 self._zone_text,
                 code,
-                "the server rejected our TSIG key (wrong secret or "
-                "key name, or the update ACL denies this record)",
+                "the server rejected our TSIG key (wrong secret or key name, or the update "
+                "ACL denies this record)",
             ) from None
-        except dns.exception.Timeout:
+        except dns.exception.DNSException as exc:
+            try:
+                unsigned = dns.message.from_wire(wire, keyring=False)
+            except dns.exception.DNSException:
+                raise DnsProviderError(
+                    self._zone_text, None, f"unusable answer from {self._primary}: {exc}"
+                ) from None
             raise DnsProviderError(
-                self._zone_text, None, f"no answer from {self._primary} within {self._timeout}s"
-            ) from None
-        except (dns.exception.DNSException, OSError) as exc:
-            raise DnsProviderError(
-                self._zone_text, None, f"cannot reach {self._primary}: {exc}"
+                self._zone_text,
+                dns.rcode.to_text(unsigned.rcode()),
+                f"unsigned answer from {self._primary}: it does not serve this zone "
+                "or does not know the key",
             ) from None
         rcode = response.rcode()
         if rcode != dns.rcode.NOERROR:
@@ -122,6 +139,19 @@ class Rfc2136Provider(DnsProvider):
                 self._zone_text, dns.rcode.to_text(rcode), f"from {self._primary}"
             )
         return response
+
+    async def _exchange(self, wire: bytes) -> bytes:
+        """One DNS-over-TCP exchange (RFC 1035 4.2.2 length prefix); the raw answer."""
+        reader, writer = await asyncio.open_connection(self._primary.host, self._primary.port)
+        try:
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            await writer.drain()
+            size = int.from_bytes(await reader.readexactly(2), "big")
+            return await reader.readexactly(size)
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
 
     async def add_txt(self, name: str, value: str) -> None:
         update = self._update()
