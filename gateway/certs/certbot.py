@@ -271,15 +271,18 @@ class Certbot:
                 )
             except TeeError as exc:
                 raise CertError(f"quote for the new {domain} key failed: {exc}") from exc
-        await asyncio.to_thread(
-            disk.install,
-            self._certs_dir,
-            domain,
-            issued.fullchain_pem,
-            issued.key_pem,
-            serial=issued.serial,
-            extra=extra,
-        )
+        try:
+            await asyncio.to_thread(
+                disk.install,
+                self._certs_dir,
+                domain,
+                issued.fullchain_pem,
+                issued.key_pem,
+                serial=issued.serial,
+                extra=extra,
+            )
+        except OSError as exc:  # disk full, read-only, permissions: the old link is untouched
+            raise CertError(f"cannot store the new {domain} certificate: {exc}") from exc
         return issued
 
     async def _quote_account(self, uri: str) -> None:
@@ -332,7 +335,10 @@ class Certbot:
     async def run(self) -> None:
         """Check at start-up, then whenever the earliest domain is due. Cancel to stop."""
         while True:
-            await self.check_all()
+            try:
+                await self.check_all()
+            except Exception:  # a bug must not end renewals for good: log, retry later
+                logger.exception("certificate check failed unexpectedly")
             if not self._state:
                 wait = self._settings.check_interval
             else:

@@ -7,6 +7,7 @@ typed error; renewals must really re-issue (a new serial from the CA).
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import time
@@ -356,6 +357,31 @@ def test_on_change_failure_does_not_undo_install(env: Env) -> None:
     result = run(bot.renew_now(ZONE))
     served = disk.current(env.certs, ZONE)
     assert served is not None and served.serial == result.serial
+
+
+def test_disk_full_while_writing_keeps_old_cert(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fault injection: the second file write fails with ENOSPC (a full disk cannot be made
+    on demand here, and root ignores permission bits)."""
+    bot = env.certbot()
+    run(bot.renew_now(ZONE))
+    before = env.snapshot()
+    real_write = disk._write
+    calls = 0
+
+    def failing_write(path: Path, data: bytes, mode: int) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_write(path, data, mode)
+
+    monkeypatch.setattr(disk, "_write", failing_write)
+    with pytest.raises(CertError, match="cannot store"):
+        run(bot.renew_now(ZONE))
+    assert env.snapshot() == before
+    assert not list((env.certs / disk.HISTORY_DIR / ZONE).glob(".tmp-*"))  # no debris
+    (st,) = bot.status()
+    assert st.failures == 1
 
 
 def test_two_base_domains_with_their_own_credentials(env: Env) -> None:
