@@ -8,11 +8,14 @@ only when the provider is built (see ``gateway.certs.dns.build``). Durations are
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
+
+from gateway.certs.dns.base import parse_server
 
 __all__ = ["AcmeDomain", "AcmeSettings", "DnsCredential", "DnsSettings", "ResolverSettings"]
 
@@ -120,6 +123,12 @@ class DnsCredential:
         if self.kind == "rfc2136":
             if not (self.server and self.zone and self.tsig_key_name):
                 raise ValueError("an rfc2136 credential needs server, zone and tsig_key_name")
+            try:
+                ipaddress.ip_address(self.server)
+            except ValueError:
+                raise ValueError(
+                    f"server must be the primary's IP address, got {self.server!r}"
+                ) from None
             if bool(self.tsig_secret_env) == bool(self.tsig_secret_file):
                 raise ValueError("set exactly one of tsig_secret_env or tsig_secret_file")
             object.__setattr__(self, "zone", normalize_domain(self.zone))
@@ -127,6 +136,8 @@ class DnsCredential:
             raise ValueError("a cloudflare credential needs exactly one of token_env or token_file")
         if not 0 < self.port < 65536 or not 0 < self.check_port < 65536:
             raise ValueError("ports must be in 1..65535")
+        for server in self.check_servers:
+            parse_server(server, self.check_port)  # raises ValueError naming the entry
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,6 +159,8 @@ class ResolverSettings:
     def __post_init__(self) -> None:
         if self.timeout <= 0 or self.cache_size < 1 or self.negative_ttl < 0 or self.max_ttl < 0:
             raise ValueError("need timeout > 0, cache_size >= 1 and non-negative TTL caps")
+        for server in self.nameservers:
+            parse_server(server)
 
 
 def _no_credentials() -> Mapping[str, DnsCredential]:

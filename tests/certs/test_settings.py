@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.certs.certbot import Certbot, certs_dir_of
+from gateway.certs.dns.base import NameServer, parse_server
 from gateway.certs.dns.cloudflare import CloudflareProvider
 from gateway.certs.dns.factory import build_provider, read_secret
 from gateway.certs.dns.rfc2136 import Rfc2136Provider
@@ -108,6 +109,20 @@ def test_certbot_from_config_reads_secrets(tmp_path: Path, monkeypatch: pytest.M
             "unknown",
         ),
         ("[dns.resolver]\ncache_size = 0\n", "dns.resolver", "cache_size"),
+        (
+            "[dns.credentials.x]\nkind = 'rfc2136'\nserver = 'ns1.example.com'\nzone = 'a.test'\n"
+            "tsig_key_name = 'k'\ntsig_secret_env = 'A'\n",
+            "dns.credentials.x",
+            "IP address",
+        ),
+        (
+            "[dns.credentials.x]\nkind = 'cloudflare'\ntoken_env = 'T'\n"
+            "check_servers = ['ns.example.com']\n",
+            "dns.credentials.x",
+            "bad name server",
+        ),
+        ("[dns.resolver]\nnameservers = ['1.2.3.4:99999']\n", "dns.resolver", "port"),
+        ("[dns.resolver]\nnameservers = ['[::1]:x']\n", "dns.resolver", "bad name server"),
     ],
 )
 def test_bad_settings_name_the_key(snippet: str, path: str, message: str) -> None:
@@ -146,6 +161,14 @@ def test_secrets_from_env_or_file_never_in_repr(tmp_path: Path) -> None:
     cf = DnsCredential(kind="cloudflare", token_file=str(tmp_path / "tok"))
     cfp = build_provider("cf", cf, env.get)
     assert isinstance(cfp, CloudflareProvider) and "tok-123" not in repr(cfp)
+
+
+def test_parse_server() -> None:
+    assert parse_server("192.0.2.1") == NameServer("192.0.2.1", 53)
+    assert parse_server("192.0.2.1:5353") == NameServer("192.0.2.1", 5353)
+    assert parse_server("[2001:db8::1]:53") == NameServer("2001:db8::1", 53)
+    assert parse_server("2001:db8::1", 5300) == NameServer("2001:db8::1", 5300)
+    assert str(NameServer("2001:db8::1", 53)) == "[2001:db8::1]:53"
 
 
 def test_normalize_domain() -> None:

@@ -10,6 +10,7 @@ default ``set_caa``, which raises.
 from __future__ import annotations
 
 import abc
+import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -32,16 +33,23 @@ class NameServer:
 def parse_server(text: str, default_port: int = 53) -> NameServer:
     """``"192.0.2.1"``, ``"192.0.2.1:5353"``, ``"[2001:db8::1]:53"`` or ``"2001:db8::1"``."""
     text = text.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") else default_port
-    elif text.count(":") == 1:
-        host, _, p = text.partition(":")
-        port = int(p)
-    else:
-        host, port = text, default_port
-    if not host or not 0 < port < 65536:
-        raise ValueError(f"bad name server {text!r} (expected ip or ip:port)")
+    try:
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            port = int(rest[1:]) if rest.startswith(":") else default_port
+        elif text.count(":") == 1:
+            host, _, p = text.partition(":")
+            port = int(p)
+        else:
+            host, port = text, default_port
+    except ValueError:
+        raise ValueError(f"bad name server {text!r} (expected ip or ip:port)") from None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(f"bad name server {text!r} (expected an IP address, ip:port)") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"bad name server {text!r}: port out of range")
     return NameServer(host, port)
 
 
