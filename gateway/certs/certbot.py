@@ -207,7 +207,7 @@ class Certbot:
                 st.failures += 1
                 st.last_error = str(exc)
                 backoff = min(
-                    self._settings.backoff_initial * 2 ** (st.failures - 1),
+                    self._settings.backoff_initial * 2 ** min(st.failures - 1, 32),
                     self._settings.backoff_max,
                 )
                 st.next_check = (
