@@ -185,6 +185,8 @@ def decode(cls: type[T], data: Any, path: str = "") -> T:
 
 from gateway.control.settings import AdminSettings  # noqa: E402  (after the generic decoder)
 from gateway.settings import CoreSettings  # noqa: E402
+from gateway.certs.settings import AcmeSettings, DnsSettings  # noqa: E402
+from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -193,6 +195,8 @@ class Config:
 
     core: CoreSettings = dataclasses.field(default_factory=CoreSettings)
     admin: AdminSettings = dataclasses.field(default_factory=AdminSettings)
+    acme: AcmeSettings = dataclasses.field(default_factory=AcmeSettings)
+    dns: DnsSettings = dataclasses.field(default_factory=DnsSettings)
 
 
 def parse_config(text: str, source: str = "<string>") -> Config:

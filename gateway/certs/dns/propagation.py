@@ -1,0 +1,96 @@
+"""Wait until every authoritative server shows the challenge TXT values.
+
+A CA validates once: pebble (and Let's Encrypt) mark the authorization invalid at the first
+lookup that misses the value, and the CA may ask any of the zone's servers. So before we ask
+for validation, each authoritative server is queried directly (no recursive resolver, whose
+negative cache would hide a fresh record) until all of them return every expected value, or
+the one deadline handed down passes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Collection, Iterable
+
+import dns.asyncquery
+import dns.asyncresolver
+import dns.exception
+import dns.message
+import dns.rcode
+import dns.rdatatype
+
+from gateway.certs.dns.base import NameServer
+
+__all__ = ["lagging_servers", "query_txt", "resolve_addresses", "wait_for_txt"]
+
+
+async def query_txt(name: str, server: NameServer, timeout: float) -> set[str] | None:
+    """The TXT values at ``name`` on ``server`` (empty if none); None if it did not answer."""
+    query = dns.message.make_query(name, dns.rdatatype.TXT)
+    try:
+        response, _ = await dns.asyncquery.udp_with_fallback(
+            query, server.host, timeout=timeout, port=server.port
+        )
+    except (dns.exception.DNSException, OSError):
+        return None
+    if response.rcode() not in (dns.rcode.NOERROR, dns.rcode.NXDOMAIN):
+        return None
+    values: set[str] = set()
+    for rrset in response.answer:
+        if rrset.rdtype == dns.rdatatype.TXT:
+            for rdata in rrset:
+                values.add(b"".join(rdata.strings).decode("utf-8", "replace"))
+    return values
+
+
+async def lagging_servers(
+    name: str, expected: Collection[str], servers: Iterable[NameServer], timeout: float
+) -> list[NameServer]:
+    """The servers that do not (yet) return all of ``expected`` at ``name``."""
+    servers = list(servers)
+    answers = await asyncio.gather(*(query_txt(name, s, timeout) for s in servers))
+    want = set(expected)
+    return [s for s, got in zip(servers, answers, strict=True) if got is None or not want <= got]
+
+
+async def wait_for_txt(
+    name: str,
+    expected: Collection[str],
+    servers: Iterable[NameServer],
+    deadline: float,
+    *,
+    poll_interval: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[NameServer]:
+    """Poll until all ``servers`` show ``expected``; return the laggards ([] = propagated).
+
+    ``deadline`` is absolute on ``clock``. Polls start at 50 ms and double up to
+    ``poll_interval`` because a primary usually answers at once while secondaries need a
+    NOTIFY round trip.
+    """
+    pending = sorted(set(servers))
+    delay = min(0.05, poll_interval)
+    while True:
+        remaining = deadline - clock()
+        if remaining <= 0:
+            return pending
+        pending = await lagging_servers(name, expected, pending, min(2.0, max(remaining, 0.05)))
+        if not pending:
+            return []
+        await asyncio.sleep(max(0.0, min(delay, deadline - clock())))
+        delay = min(delay * 2, poll_interval)
+
+
+async def resolve_addresses(name: str, timeout: float) -> list[str]:
+    """A (else AAAA) addresses of ``name`` through the system resolver; [] if none."""
+    resolver = dns.asyncresolver.Resolver()
+    for rdtype in ("A", "AAAA"):
+        try:
+            answer = await resolver.resolve(name, rdtype, lifetime=timeout)
+        except dns.exception.DNSException:
+            continue
+        found = [rd.address for rd in answer]
+        if found:
+            return found
+    return []
