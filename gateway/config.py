@@ -184,6 +184,7 @@ def decode(cls: type[T], data: Any, path: str = "") -> T:
 # Sections are imported from their packages; each package owns its settings module.
 
 from gateway.attest.policy_settings import AdmissionPolicy  # noqa: E402
+from gateway.attest.settings import AttestSettings  # noqa: E402
 from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
 
 
@@ -192,6 +193,7 @@ class Config:
     """The whole gateway configuration. Every section has defaults: an empty file is valid."""
 
     core: CoreSettings = dataclasses.field(default_factory=CoreSettings)
+    attest: AttestSettings = dataclasses.field(default_factory=AttestSettings)
     admission: AdmissionPolicy = dataclasses.field(default_factory=AdmissionPolicy)
 
 
