@@ -25,7 +25,7 @@ from gateway.attest.eventlog import (
     explain_rtmr3_mismatch,
     replay_rtmr3,
 )
-from gateway.attest.policy_settings import AdmissionPolicy, PolicyError
+from gateway.attest.policy_settings import TCB_STATUSES, AdmissionPolicy, PolicyError
 from gateway.attest.verifier import TrustAnchors, verify_evidence
 from gateway.protocol.attestation import (
     AttestedEvent,
@@ -63,10 +63,14 @@ def _emit(doc: dict[str, Any]) -> None:
 # --- verify ----------------------------------------------------------------------------------
 
 
-def add_verify_evidence_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options that ``attest verify`` gains for certificates and attestations."""
-    parser.add_argument("--cert", metavar="FILE", help="RA-TLS or KMS-signed certificate (PEM/DER)")
-    parser.add_argument(
+def add_verify_evidence_arguments(
+    parser: argparse.ArgumentParser, sources: argparse._MutuallyExclusiveGroup
+) -> None:
+    """Options that ``attest verify`` gains; ``sources`` is its group of evidence inputs."""
+    sources.add_argument(
+        "--cert", metavar="FILE", help="RA-TLS or KMS-signed certificate (PEM/DER)"
+    )
+    sources.add_argument(
         "--attestation", metavar="FILE", help="dstack attestation (V0 SCALE or V1 msgpack)"
     )
     parser.add_argument(
@@ -83,9 +87,10 @@ def add_verify_evidence_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_policy(path: str | None) -> AdmissionPolicy:
-    """The policy file, or (for inspection from a shell) one that admits any app."""
+    """The policy file, or (for inspection from a shell) one that admits any app and leaves
+    TCB statuses to the quote verifier's ``--allow-status``."""
     if path is None:
-        return AdmissionPolicy(allow_any_app=True)
+        return AdmissionPolicy(allow_any_app=True, allowed_tcb_statuses=TCB_STATUSES)
     try:
         return AdmissionPolicy.from_json(_read(path, "policy"))
     except PolicyError as exc:

@@ -68,7 +68,7 @@ from gateway.protocol.attestation import (
     strip_attestation,
 )
 from gateway.protocol.errors import CodecError
-from gateway.protocol.tdx_quote import TdxQuote, parse_tdx_quote
+from gateway.protocol.tdx_quote import parse_tdx_quote
 from gateway.tee.base import TeeBackend
 
 __all__ = [
@@ -102,7 +102,9 @@ RATLS_TAG = b"ratls-cert:"
 #: which statuses are acceptable is the admission policy's decision, changeable at runtime.
 PERMISSIVE_TCB = TcbPolicy(frozenset(s for s in TcbStatus if s is not TcbStatus.REVOKED))
 
-CollateralSource: TypeAlias = "Collateral | Callable[[TdxQuote], Collateral]"
+#: The collateral itself, or a function of the raw quote returning it (a PCCS lookup by FMSPC).
+#: Errors it raises (``CollateralError``) propagate: they are not the evidence's fault.
+CollateralSource: TypeAlias = "Collateral | Callable[[bytes], Collateral]"
 
 
 def ratls_report_data(spki_der: bytes) -> bytes:
@@ -395,7 +397,7 @@ def verify_attestation(
     if rtmr3 != parsed.report.rt_mr3:
         err = explain_rtmr3_mismatch(att.runtime_events, parsed.report.rt_mr3, att.event_log)
         raise EvidenceError(RejectReason.RTMR_MISMATCH, str(err))
-    col = collateral(parsed) if callable(collateral) else collateral
+    col = collateral(att.quote) if callable(collateral) else collateral
     try:
         vq = verify_quote(att.quote, col, root_ca_der=root_ca_der, now=now, policy=tcb_policy)
     except QuoteVerificationError as exc:

@@ -39,7 +39,7 @@ class TrustAnchors:
 
     ``root_ca_der`` is the DCAP root (``None``: Intel's SGX Root CA; the simulator's root
     only when configuration names it); ``collateral`` is the collateral object (or a
-    function of the parsed quote returning it); ``kms_root`` enables KMS-signed certificates.
+    function of the raw quote returning it); ``kms_root`` enables KMS-signed certificates.
     ``tcb_policy`` is the static floor from ``[attest] allowed_tcb_statuses``: a status must
     be allowed there *and* by the (runtime-replaceable) admission policy.
     """

@@ -192,3 +192,18 @@ def test_cost_besides_dcap_is_small(cert_der: bytes, sim_pki: SimPki, sim_now: i
         dcap_qvl.verify_with_root_ca(quote, a.collateral, sim_pki.root_ca_der, sim_now)
     dcap = (time.perf_counter() - t0) / n
     assert total - dcap < 0.002, f"total {total * 1e3:.2f} ms, dcap {dcap * 1e3:.2f} ms"
+
+
+def test_collateral_can_be_looked_up_per_quote(
+    cert_der: bytes, sim_pki: SimPki, sim_now: int
+) -> None:
+    seen: list[bytes] = []
+    col = sim_pki.collateral(sim_now)
+
+    def lookup(quote: bytes) -> object:
+        seen.append(quote)
+        return col
+
+    a = TrustAnchors(collateral=lookup, root_ca_der=sim_pki.root_ca_der)
+    assert verify_evidence(anchors=a, policy=ALLOW, now=sim_now, cert=cert_der).verdict.accepted
+    assert len(seen) == 1 and seen[0][:2] == b"\x04\x00"
