@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -113,7 +114,12 @@ def ratls_report_data(spki_der: bytes) -> bytes:
 
 
 def _spki(cert: x509.Certificate) -> bytes:
-    return cert.public_key().public_bytes(
+    """The certificate's SubjectPublicKeyInfo, re-encoded (DER) as dstack hashes it."""
+    try:
+        key = cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise EvidenceError(RejectReason.MALFORMED, f"unusable public key: {exc}") from None
+    return key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
 
@@ -156,7 +162,7 @@ def read_extension(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> bytes 
         ext = cert.extensions.get_extension_for_oid(oid)
     except x509.ExtensionNotFound:
         return None
-    except ValueError as exc:  # duplicate or malformed extensions
+    except (ValueError, x509.DuplicateExtension) as exc:  # malformed or repeated extensions
         raise CodecError(f"certificate extensions: {exc}") from None
     value = ext.value
     if not isinstance(value, x509.UnrecognizedExtension):

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.attest import ratls
 from gateway.attest.evidence import RejectReason
@@ -207,3 +209,24 @@ def test_collateral_can_be_looked_up_per_quote(
     a = TrustAnchors(collateral=lookup, root_ca_der=sim_pki.root_ca_der)
     assert verify_evidence(anchors=a, policy=ALLOW, now=sim_now, cert=cert_der).verdict.accepted
     assert len(seen) == 1 and seen[0][:2] == b"\x04\x00"
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data())
+def test_mutated_certificates_never_raise(
+    data: st.DataObject, cert_der: bytes, sim_pki: SimPki, sim_now: int
+) -> None:
+    """Whatever bytes arrive, the verifier answers with a verdict (fail closed)."""
+    wire = bytearray(cert_der)
+    for _ in range(data.draw(st.integers(1, 6))):
+        wire[data.draw(st.integers(0, len(wire) - 1))] = data.draw(st.integers(0, 255))
+    a = _ANCHORS.get(id(sim_pki)) or _ANCHORS.setdefault(id(sim_pki), anchors(sim_pki, sim_now))
+    r = verify_evidence(anchors=a, policy=ALLOW, now=sim_now, cert=bytes(wire))
+    assert r.verdict.accepted is (r.verdict.reason is None)
+    if r.verdict.accepted:  # only mutations outside what is signed/bound may pass
+        assert r.evidence is not None and r.evidence.identity.app_id.hex() == APP
+
+
+_ANCHORS: dict[int, TrustAnchors] = {}
