@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from gateway.attest.cli import UsageError
 from gateway.attest.eventlog import (
     ReplayError,
     check_boot_rtmrs,
@@ -37,16 +38,11 @@ from gateway.protocol.errors import CodecError
 from gateway.protocol.tdx_quote import parse_tdx_quote
 
 __all__ = [
-    "UsageError",
     "add_replay_arguments",
     "add_verify_evidence_arguments",
     "run_replay",
     "run_verify_evidence",
 ]
-
-
-class UsageError(Exception):
-    """Bad arguments or unreadable inputs: exit status 2."""
 
 
 def _read(path: str, what: str) -> bytes:
@@ -144,12 +140,22 @@ def run_verify_evidence(
         result = verify_evidence(
             anchors=anchors, policy=policy, now=now, attestation=blob, expected_report_data=rd
         )
+    verdict = result.verdict
     doc: dict[str, Any] = {
-        "status": "accepted" if result.verdict.accepted else "rejected",
-        **result.to_json(),
+        "verdict": "accepted" if verdict.accepted else "rejected",
+        "reason": None if verdict.reason is None else verdict.reason.value,
+        "detail": verdict.detail,
     }
+    if verdict.quote_reason is not None:
+        doc["quote_reason"] = verdict.quote_reason
+    if result.evidence is not None:
+        ev = result.evidence.to_json()
+        doc["method"] = ev.pop("method")
+        doc["status"] = ev.pop("tcb_status")
+        doc.update(ev)
+    doc["policy"] = policy.to_json()
     _emit(doc)
-    return 0 if result.verdict.accepted else 1
+    return 0 if verdict.accepted else 1
 
 
 # --- replay ----------------------------------------------------------------------------------
@@ -238,13 +244,3 @@ def run_replay(args: argparse.Namespace) -> int:
         doc["status"] = "replayed"
     _emit(doc)
     return 0 if ok else 1
-
-
-def main_guard(fn: Any, *a: Any, **kw: Any) -> int:
-    """Run ``fn``; a :class:`UsageError` becomes a message on stderr and exit status 2."""
-    try:
-        result: int = fn(*a, **kw)
-        return result
-    except UsageError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
