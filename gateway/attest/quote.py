@@ -130,6 +130,7 @@ _DCAP_REASONS: tuple[tuple[str, RejectReason], ...] = (
     ("No matching TCB level", RejectReason.TCB_LEVEL_NOT_FOUND),
     ("TCB level mismatch", RejectReason.TCB_LEVEL_NOT_FOUND),
     ("TDX module", RejectReason.TCB_LEVEL_NOT_FOUND),
+    ("is below minimum required", RejectReason.TCB_LEVEL_NOT_FOUND),
     ("component count mismatch", RejectReason.BAD_COLLATERAL),
     ("Failed to decode quote", RejectReason.MALFORMED),
     ("Invalid TEE type", RejectReason.MALFORMED),
