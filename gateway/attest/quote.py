@@ -96,6 +96,11 @@ class QuoteVerificationError(Exception):
         self.reason = reason
         self.message = message
 
+    def __reduce__(self) -> tuple[type[QuoteVerificationError], tuple[RejectReason, str]]:
+        # Survives a ProcessPoolExecutor round trip (the default pickling would call
+        # __init__ with the formatted text as the only argument).
+        return (type(self), (self.reason, self.message))
+
 
 # Ordered: the first needle found in dcap-qvl's message (its whole cause chain) wins.
 _DCAP_REASONS: tuple[tuple[str, RejectReason], ...] = (

@@ -4,7 +4,8 @@ import asyncio
 import hashlib
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import dcap_qvl
@@ -447,6 +448,25 @@ def test_async_rejection_propagates(sim_pki: SimPki, sim_now: int, good_quote: b
     with pytest.raises(QuoteVerificationError) as err:
         asyncio.run(main())
     assert err.value.reason is RejectReason.WRONG_ROOT
+
+
+def test_async_verification_in_a_process_pool(
+    sim_pki: SimPki, sim_now: int, good_quote: bytes
+) -> None:
+    """The documented way to scale: a process pool, collateral passed as JSON."""
+    col = sim_pki.collateral(sim_now).to_json()
+
+    async def main() -> None:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            ok = await verify_quote_async(good_quote, col, root_ca_der=sim_pki.root_ca_der,
+                                          now=sim_now, executor=pool)  # fmt: skip
+            assert ok.report_data == hashlib.sha512(b"key").digest()
+            with pytest.raises(QuoteVerificationError) as err:
+                await verify_quote_async(good_quote, col, now=sim_now, executor=pool)
+            assert err.value.reason is RejectReason.WRONG_ROOT
+
+    asyncio.run(main())
 
 
 def test_verifier_fixed_time_and_clock(sim_pki: SimPki, sim_now: int, good_quote: bytes) -> None:
