@@ -190,6 +190,8 @@ def _events_from_log_file(data: bytes) -> tuple[tuple[AttestedEvent, ...], tuple
             obj = json.loads(line)
             name, payload = obj["event"], base64.b64decode(obj.get("payload", ""), validate=True)
             version = obj.get("version", 1)
+            if not isinstance(name, str) or version not in (1, 2):
+                raise ValueError("event must be a string and version 1 or 2")
             events_list.append(AttestedEvent(name, payload, version))
         except (ValueError, KeyError, TypeError, binascii.Error) as exc:
             raise CodecError(f"runtime event log line {number}: {exc}") from None

@@ -171,3 +171,11 @@ def test_replay_garbage_is_invalid(tmp_path: Path) -> None:
     f.write_bytes(b"\x00\x00\xff\xff")
     r = gateway("replay", "--attestation", f)
     assert r.returncode == 1 and json.loads(r.stdout)["status"] == "invalid"
+
+
+def test_replay_bad_runtime_log_line(tmp_path: Path) -> None:
+    f = tmp_path / "runtime_events.log"
+    f.write_text('{"event":"app-id","payload":"AQ=="}\n{"event":7,"payload":""}\n')
+    r = gateway("replay", "--event-log", f)
+    assert r.returncode == 1
+    assert "line 2" in json.loads(r.stdout)["error"]
