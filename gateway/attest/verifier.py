@@ -18,11 +18,12 @@ import asyncio
 import functools
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cryptography import x509
 
 from gateway.attest import ratls
+from gateway.attest.collateral import CollateralSource
 from gateway.attest.evidence import EvidenceError, RejectReason, VerifiedEvidence
 from gateway.attest.policy import Verdict, evaluate
 from gateway.attest.policy_settings import AdmissionPolicy
@@ -30,7 +31,14 @@ from gateway.attest.tcb import TcbPolicy
 from gateway.protocol.attestation import decode_attestation
 from gateway.protocol.errors import CodecError
 
-__all__ = ["EvidenceResult", "TrustAnchors", "verify_evidence", "verify_evidence_async"]
+__all__ = [
+    "EvidenceResult",
+    "TrustAnchors",
+    "presented_quote",
+    "verify_evidence",
+    "verify_evidence_async",
+    "verify_with_source",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,3 +185,59 @@ async def verify_evidence_async(
         expected_report_data=expected_report_data,
     )
     return await asyncio.get_running_loop().run_in_executor(executor, call)
+
+
+def presented_quote(
+    *,
+    cert: bytes | x509.Certificate | Sequence[x509.Certificate] | None = None,
+    attestation: bytes | None = None,
+) -> bytes | None:
+    """The raw quote inside presented evidence (unverified), to look its collateral up.
+
+    ``None`` when there is none or it does not decode: verification then reports why.
+    """
+    try:
+        if attestation is not None and cert is None:
+            return decode_attestation(attestation).quote
+        if cert is None:
+            return None
+        if isinstance(cert, bytes):
+            leaf = ratls.load_chain(cert)[0]
+        elif isinstance(cert, x509.Certificate):
+            leaf = cert
+        else:
+            leaf = list(cert)[0]
+        blob = ratls.read_extension(leaf, ratls.OID_ATTESTATION)
+        if blob is not None:
+            return decode_attestation(blob).quote
+        return ratls.read_extension(leaf, ratls.OID_QUOTE)
+    except (CodecError, EvidenceError, IndexError):
+        return None
+
+
+async def verify_with_source(
+    *,
+    source: CollateralSource,
+    anchors: TrustAnchors,
+    policy: AdmissionPolicy,
+    now: int,
+    cert: bytes | x509.Certificate | Sequence[x509.Certificate] | None = None,
+    attestation: bytes | None = None,
+    expected_report_data: bytes | None = None,
+    executor: Executor | None = None,
+) -> EvidenceResult:
+    """What the registration RPC calls: fetch the quote's collateral from ``source`` (a
+    cache hit normally; ``CollateralError`` propagates, as it is not the evidence's fault),
+    then verify off the event loop. ``anchors.collateral`` is ignored."""
+    quote = presented_quote(cert=cert, attestation=attestation)
+    if quote is not None:
+        anchors = replace(anchors, collateral=await source.get(quote))
+    return await verify_evidence_async(
+        anchors=anchors,
+        policy=policy,
+        now=now,
+        cert=cert,
+        attestation=attestation,
+        expected_report_data=expected_report_data,
+        executor=executor,
+    )

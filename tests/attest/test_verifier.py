@@ -230,3 +230,27 @@ def test_mutated_certificates_never_raise(
 
 
 _ANCHORS: dict[int, TrustAnchors] = {}
+
+
+def test_verify_with_an_async_collateral_source(
+    cert_der: bytes, sim_pki: SimPki, sim_now: int
+) -> None:
+    from gateway.attest.collateral import SimCollateralSource
+    from gateway.attest.verifier import presented_quote, verify_with_source
+
+    source = SimCollateralSource(sim_pki, clock=lambda: sim_now)
+    base = TrustAnchors(collateral=None, root_ca_der=sim_pki.root_ca_der)
+    quote = presented_quote(cert=cert_der)
+    assert quote is not None and quote[:2] == b"\x04\x00"
+    assert presented_quote(cert=b"junk") is None and presented_quote() is None
+
+    async def main() -> tuple[bool, RejectReason | None]:
+        ok = await verify_with_source(
+            source=source, anchors=base, policy=ALLOW, now=sim_now, cert=cert_der
+        )
+        junk = await verify_with_source(
+            source=source, anchors=base, policy=ALLOW, now=sim_now, cert=b"junk"
+        )
+        return ok.verdict.accepted, junk.verdict.reason
+
+    assert asyncio.run(main()) == (True, RejectReason.MALFORMED)
