@@ -10,6 +10,8 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.attest import ratls
 from gateway.attest.evidence import EvidenceError, EvidenceMethod, RejectReason
@@ -362,3 +364,13 @@ def test_kms_cert_refused_under_another_root_or_after_expiry(
         with pytest.raises(EvidenceError) as err:
             ratls.verify_kms_cert(chain, root, now=now)
         assert err.value.reason is RejectReason.CHAIN_INVALID
+
+
+@given(st.binary(max_size=40))
+def test_octet_string_parser_raises_only_codec_error(data: bytes) -> None:
+    from gateway.protocol.errors import CodecError
+
+    try:
+        ratls._parse_der_octet_string(data, "x")
+    except CodecError:
+        pass
