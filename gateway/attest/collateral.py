@@ -34,10 +34,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 from urllib.parse import unquote
 
-import aiohttp
 import dcap_qvl
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -45,6 +44,9 @@ from cryptography.hazmat.primitives import serialization
 from gateway.attest.intel_root import INTEL_ROOT_CA_CRL_URL
 from gateway.attest.quote import QuoteVerificationError, load_collateral_json
 from gateway.attest.settings import AttestSettings
+
+if TYPE_CHECKING:
+    import aiohttp
 
 __all__ = [
     "CollateralError",
@@ -293,6 +295,8 @@ class PccsCollateralSource:
             return col
 
     async def _fetch(self, fmspc: str, ca: str) -> dcap_qvl.QuoteCollateralV3:
+        import aiohttp  # imported on first fetch: keeps `gateway attest` start-up light
+
         self.fetches += 1
         timeout = aiohttp.ClientTimeout(total=self._timeout)
         try:
