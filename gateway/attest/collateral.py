@@ -48,6 +48,8 @@ from gateway.attest.settings import AttestSettings
 if TYPE_CHECKING:
     import aiohttp
 
+    from gateway.tee.sim_pki import SimPki
+
 __all__ = [
     "CollateralError",
     "CollateralSource",
@@ -138,12 +140,8 @@ class SimCollateralSource:
     """The simulated PKI's collateral, regenerated before it expires (the sim's PCCS)."""
 
     def __init__(
-        self, pki: object, *, clock: Callable[[], float] = time.time, margin: int = 3600
+        self, pki: SimPki, *, clock: Callable[[], float] = time.time, margin: int = 3600
     ) -> None:
-        from gateway.tee.sim_pki import SimPki  # the sim is optional at import time
-
-        if not isinstance(pki, SimPki):
-            raise TypeError("SimCollateralSource needs a SimPki")
         self._pki = pki
         self._clock = clock
         self._margin = margin
