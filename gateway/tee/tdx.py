@@ -222,10 +222,17 @@ class TdxTee:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
     def runtime_events(self) -> tuple[RuntimeEvent, ...]:
-        try:
-            data = self._path(EVENT_LOG).read_bytes()
-        except FileNotFoundError:
+        """The logged runtime events, read under a shared lock (never a half-written line)."""
+        log = self._path(EVENT_LOG)
+        if not log.exists():
             return ()
+        try:
+            with open(self._path(EVENT_LOCK), "a+b") as lock:
+                fcntl.flock(lock, fcntl.LOCK_SH)
+                try:
+                    data = log.read_bytes()
+                finally:
+                    fcntl.flock(lock, fcntl.LOCK_UN)
         except OSError as exc:
-            raise TeeError(f"cannot read {self._path(EVENT_LOG)}: {exc.strerror}") from None
+            raise TeeError(f"cannot read {log}: {exc.strerror}") from None
         return read_event_log(data)

@@ -517,3 +517,33 @@ def test_settings_validate() -> None:
         AttestSettings(allowed_tcb_statuses=("Bogus",))
     with pytest.raises(ValueError, match="collateral_file"):
         AttestSettings(collateral_source="file")
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("Verification failed: QE ISVPRODID mismatch: expected 2, got 3",
+         RejectReason.QE_IDENTITY_MISMATCH),
+        ("Verification failed: Unsupported DCAP quote version", RejectReason.MALFORMED),
+        ("Verification failed: Unknown QE vendor ID", RejectReason.MALFORMED),
+        ("Verification failed: Invalid QE auth data length", RejectReason.MALFORMED),
+        ("Verification failed: Failed to verify certificate chain\n\nCaused by:\n"
+         "    UnknownRevocationStatus", RejectReason.UNTRUSTED_CHAIN),
+        ("Verification failed: Failed to verify certificate chain\n\nCaused by:\n"
+         "    CaUsedAsEndEntity", RejectReason.UNTRUSTED_CHAIN),
+        ("Verification failed: TDX quote with non-TDX TCB info in the collateral",
+         RejectReason.COLLATERAL_MISMATCH),
+        ("Verification failed: Failed to parse root CA CRL\n\nCaused by:\n    CrlExpired { }",
+         RejectReason.CRL_EXPIRED),
+        ("Verification failed: Failed to parse root CA CRL\n\nCaused by:\n    BadDer",
+         RejectReason.BAD_COLLATERAL),
+    ],
+)  # fmt: skip
+def test_dcap_messages_map_to_reasons(message: str, reason: RejectReason) -> None:
+    assert classify_dcap_error(message) is reason
+
+
+def test_header_fields_are_signed(sim_pki: SimPki, sim_now: int, good_quote: bytes) -> None:
+    """qe_svn, pce_svn and user_data are unchecked by dcap-qvl but inside the signed region."""
+    for field in ("qe_svn", "pce_svn", "user_data", "qe_vendor_id"):
+        assert _verify(sim_pki, sim_now, _flip(good_quote, QUOTE_OFFSETS[field][0])) is not None
