@@ -24,6 +24,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
         "gateway.commands.certs_cmd",
         "issue/renew ACME certificates, status, custom domains",
     ),
+    ("attest", "gateway.attest.cli", "verify TDX quotes; create simulated TDX PKIs and quotes"),
 )
 
 

@@ -186,6 +186,8 @@ def decode(cls: type[T], data: Any, path: str = "") -> T:
 from gateway.control.settings import AdminSettings  # noqa: E402  (after the generic decoder)
 from gateway.settings import CoreSettings  # noqa: E402
 from gateway.certs.settings import AcmeSettings, DnsSettings  # noqa: E402
+from gateway.attest.policy_settings import AdmissionPolicy  # noqa: E402
+from gateway.attest.settings import AttestSettings  # noqa: E402
 from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
 
 
@@ -197,6 +199,8 @@ class Config:
     admin: AdminSettings = dataclasses.field(default_factory=AdminSettings)
     acme: AcmeSettings = dataclasses.field(default_factory=AcmeSettings)
     dns: DnsSettings = dataclasses.field(default_factory=DnsSettings)
+    attest: AttestSettings = dataclasses.field(default_factory=AttestSettings)
+    admission: AdmissionPolicy = dataclasses.field(default_factory=AdmissionPolicy)
 
 
 def parse_config(text: str, source: str = "<string>") -> Config:
