@@ -183,12 +183,11 @@ def decode(cls: type[T], data: Any, path: str = "") -> T:
 # --- the top-level model -------------------------------------------------------------------
 # Sections are imported from their packages; each package owns its settings module.
 
-from gateway.control.settings import AdminSettings  # noqa: E402  (after the generic decoder)
-from gateway.settings import CoreSettings  # noqa: E402
-from gateway.certs.settings import AcmeSettings, DnsSettings  # noqa: E402
 from gateway.attest.policy_settings import AdmissionPolicy  # noqa: E402
 from gateway.attest.settings import AttestSettings  # noqa: E402
-from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
+from gateway.certs.settings import AcmeSettings, DnsSettings  # noqa: E402
+from gateway.control.settings import AdminSettings  # noqa: E402  (after the generic decoder)
+from gateway.settings import CoreSettings  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

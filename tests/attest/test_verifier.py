@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import time
 from pathlib import Path
 
 import pytest
@@ -173,27 +172,6 @@ def test_async_variant_runs_off_the_loop(cert_der: bytes, sim_pki: SimPki, sim_n
         return [r.verdict.accepted for r in results]
 
     assert asyncio.run(main()) == [True] * 4
-
-
-def test_cost_besides_dcap_is_small(cert_der: bytes, sim_pki: SimPki, sim_now: int) -> None:
-    """Budget: <= 2 ms per verification on top of dcap-qvl (measured ~0.3 ms here)."""
-    import dcap_qvl  # type: ignore[import-untyped]
-
-    from gateway.protocol.attestation import decode_attestation
-
-    a = anchors(sim_pki, sim_now)
-    cert = ratls.load_certificate(cert_der)
-    quote = decode_attestation(ratls.read_extension(cert, ratls.OID_ATTESTATION) or b"").quote
-    totals, dcaps = [], []
-    for _ in range(30):  # interleaved, and the minimum of each: robust to a busy machine
-        t0 = time.perf_counter()
-        assert verify_evidence(anchors=a, policy=ALLOW, now=sim_now, cert=cert_der).verdict.accepted
-        totals.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        dcap_qvl.verify_with_root_ca(quote, a.collateral, sim_pki.root_ca_der, sim_now)
-        dcaps.append(time.perf_counter() - t0)
-    total, dcap = min(totals), min(dcaps)
-    assert total - dcap < 0.002, f"total {total * 1e3:.2f} ms, dcap {dcap * 1e3:.2f} ms"
 
 
 def test_collateral_can_be_looked_up_per_quote(
