@@ -183,7 +183,9 @@ def decode(cls: type[T], data: Any, path: str = "") -> T:
 # --- the top-level model -------------------------------------------------------------------
 # Sections are imported from their packages; each package owns its settings module.
 
+from gateway.registry.settings import RegistrySettings  # noqa: E402
 from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
+from gateway.tunnel.settings import WgSettings  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -191,6 +193,8 @@ class Config:
     """The whole gateway configuration. Every section has defaults: an empty file is valid."""
 
     core: CoreSettings = dataclasses.field(default_factory=CoreSettings)
+    wg: WgSettings = dataclasses.field(default_factory=WgSettings)
+    registry: RegistrySettings = dataclasses.field(default_factory=RegistrySettings)
 
 
 def parse_config(text: str, source: str = "<string>") -> Config:
