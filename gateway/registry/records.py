@@ -73,7 +73,12 @@ class InstanceRecord:
 
 @dataclass(frozen=True, slots=True)
 class HandshakeObservation:
-    """A node saw this instance's latest handshake at ``handshake_at`` (unix seconds)."""
+    """A node saw this instance's latest handshake at ``handshake_at`` (unix seconds).
+
+    ``endpoint`` is where the instance's packets came from: after a restart of a userspace
+    device the gateway re-applies it so that it can start the handshake itself, instead of
+    waiting minutes for the CVM's session to expire.
+    """
 
     instance_id: str
     node_id: str
@@ -81,6 +86,7 @@ class HandshakeObservation:
     observed_at: float
     rx_bytes: int = 0
     tx_bytes: int = 0
+    endpoint: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

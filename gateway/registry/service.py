@@ -139,10 +139,11 @@ class Registry:
         self.attempts = attempts
         self._lock = threading.Lock()
 
-    def peer_for(self, record: InstanceRecord) -> PeerConfig:
+    def peer_for(self, record: InstanceRecord, endpoint: str | None = None) -> PeerConfig:
         return PeerConfig(
             public_key=record.public_key,
             allowed_ips=(ipaddress.IPv4Network(f"{record.ip}/32"),),
+            endpoint=endpoint,
             persistent_keepalive=self.persistent_keepalive,
         )
 
@@ -270,12 +271,24 @@ class Registry:
                     observed_at=now,
                     rx_bytes=peer.rx_bytes,
                     tx_bytes=peer.tx_bytes,
+                    endpoint=peer.endpoint,
                 )
             )
         return self.store.record_handshakes(observations) if observations else 0
 
     def desired_peers(self) -> dict[str, PeerConfig]:
-        return {r.public_key: self.peer_for(r) for r in self.store.list_instances()}
+        """One peer per stored instance, with the endpoint this node last saw it at.
+
+        Upstream never sets peer endpoints (CVMs dial in), which is enough while the kernel
+        device outlives the gateway process. A restarted userspace device has no sessions;
+        a CVM only re-handshakes when it sends data or its session ages out (minutes), so
+        the gateway uses the last endpoint as a hint and starts the handshake itself.
+        """
+        endpoints = self.store.last_endpoints(self.node_id)
+        return {
+            r.public_key: self.peer_for(r, endpoints.get(r.instance_id))
+            for r in self.store.list_instances()
+        }
 
     def restore(self) -> PeerSync:
         """Make the device's peers match the store (start-up, and the periodic reconcile)."""

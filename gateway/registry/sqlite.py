@@ -72,6 +72,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             observed_at REAL NOT NULL,
             rx_bytes INTEGER NOT NULL,
             tx_bytes INTEGER NOT NULL,
+            endpoint TEXT,
             PRIMARY KEY (instance_id, node_id)
         )""",
         """CREATE TABLE kv (
@@ -292,11 +293,12 @@ class SqliteStore:
             for o in observations:
                 cur = db.execute(
                     "INSERT INTO handshakes (instance_id, node_id, handshake_at, observed_at, "
-                    "rx_bytes, tx_bytes) SELECT ?, ?, ?, ?, ?, ? "
+                    "rx_bytes, tx_bytes, endpoint) SELECT ?, ?, ?, ?, ?, ?, ? "
                     "WHERE EXISTS (SELECT 1 FROM instances WHERE instance_id = ?) "
                     "ON CONFLICT (instance_id, node_id) DO UPDATE SET "
                     "handshake_at = excluded.handshake_at, observed_at = excluded.observed_at, "
-                    "rx_bytes = excluded.rx_bytes, tx_bytes = excluded.tx_bytes "
+                    "rx_bytes = excluded.rx_bytes, tx_bytes = excluded.tx_bytes, "
+                    "endpoint = coalesce(excluded.endpoint, handshakes.endpoint) "
                     "WHERE excluded.handshake_at > handshakes.handshake_at",
                     (
                         o.instance_id,
@@ -305,6 +307,7 @@ class SqliteStore:
                         o.observed_at,
                         o.rx_bytes,
                         o.tx_bytes,
+                        o.endpoint,
                         o.instance_id,
                     ),
                 )
@@ -319,11 +322,19 @@ class SqliteStore:
 
     def handshakes(self, instance_id: str) -> list[HandshakeObservation]:
         rows = self._read(
-            "SELECT instance_id, node_id, handshake_at, observed_at, rx_bytes, tx_bytes "
-            "FROM handshakes WHERE instance_id = ? ORDER BY node_id",
+            "SELECT instance_id, node_id, handshake_at, observed_at, rx_bytes, tx_bytes, "
+            "endpoint FROM handshakes WHERE instance_id = ? ORDER BY node_id",
             (instance_id,),
         )
         return [HandshakeObservation(*r) for r in rows]
+
+    def last_endpoints(self, node_id: str) -> dict[str, str]:
+        rows = self._read(
+            "SELECT instance_id, endpoint FROM handshakes "
+            "WHERE node_id = ? AND endpoint IS NOT NULL",
+            (node_id,),
+        )
+        return {iid: ep for iid, ep in rows}
 
     # --- generic tables --------------------------------------------------------------------
 

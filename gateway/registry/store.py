@@ -68,6 +68,10 @@ class Store(Protocol):
 
     def handshakes(self, instance_id: str) -> list[HandshakeObservation]: ...
 
+    def last_endpoints(self, node_id: str) -> dict[str, str]:
+        """instance id -> the endpoint ``node_id`` last saw it at (restart hints)."""
+        ...
+
     # --- generic tables --------------------------------------------------------------------
     def kv_get(self, table: str, key: str) -> KvEntry | None: ...
 

@@ -213,6 +213,25 @@ class WgDevice:
     ) -> None:
         self.close()
 
+    # --- interface changes after open ------------------------------------------------------
+
+    def set_address(
+        self,
+        address: ipaddress.IPv4Interface | ipaddress.IPv6Interface,
+        routes: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+    ) -> None:
+        """Give the interface (another) address and route ``routes`` through it.
+
+        The guest side does this once the gateway has answered with its tunnel address.
+        """
+        _ip(self.spec.netns, "addr", "replace", str(address), "dev", self.spec.name)
+        for net in routes:
+            _ip(self.spec.netns, "route", "replace", str(net), "dev", self.spec.name)
+
+    def set_private_key(self, private_key: str) -> None:
+        """Rotate the device's own key (existing sessions end; peers must learn the new key)."""
+        self.control.configure(private_key=private_key, listen_port=None)
+
     # --- peers ---------------------------------------------------------------------------
 
     def set_peer(self, peer: PeerConfig) -> None:

@@ -167,3 +167,19 @@ def test_garbage_file_is_a_store_error(tmp_path: Path) -> None:
     path.write_bytes(b"not a database" * 100)
     with pytest.raises(StoreError, match="cannot open"):
         SqliteStore(path)
+
+
+def test_last_endpoints_per_node(store: SqliteStore) -> None:
+    store.put_instance(rec(1), expect_revision=0)
+    store.put_instance(rec(2), expect_revision=0)
+    store.record_handshakes(
+        [
+            HandshakeObservation("inst1", "n1", 10.0, 10.0, endpoint="172.30.0.10:9182"),
+            HandshakeObservation("inst1", "n2", 10.0, 10.0, endpoint="192.0.2.1:1"),
+            HandshakeObservation("inst2", "n1", 10.0, 10.0),
+        ]
+    )
+    # a newer handshake without an endpoint keeps the known one
+    store.record_handshakes([HandshakeObservation("inst1", "n1", 20.0, 20.0)])
+    assert store.last_endpoints("n1") == {"inst1": "172.30.0.10:9182"}
+    assert store.last_endpoints("n2") == {"inst1": "192.0.2.1:1"}
