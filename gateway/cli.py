@@ -18,6 +18,11 @@ from collections.abc import Sequence
 # (command, module, one-line help)
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("config", "gateway.commands.config_cmd", "check a configuration file and print it resolved"),
+    (
+        "lab",
+        "gateway.lab.cli",
+        "WireGuard lab: gateway and CVM network namespaces (up/down/status)",
+    ),
 )
 
 

@@ -26,6 +26,7 @@ from gateway.tunnel.commands import run
 from gateway.tunnel.errors import TunnelError
 from gateway.tunnel.keys import WgKeyError, decode_key, public_key
 from gateway.tunnel.uapi import (
+    MAX_RESPONSE,
     DeviceState,
     Network,
     PeerConfig,
@@ -84,16 +85,23 @@ class UapiControl:
                 sock.connect(str(self.path))
                 sock.sendall(request)
                 buf = bytearray()
-                while True:
-                    parsed = parse_response(bytes(buf))
-                    if parsed is not None:
-                        return parsed[0]
+                scanned = 0  # the terminator is searched only in new bytes: no O(n^2) rescans
+                while buf.find(b"\n\n", max(0, scanned - 1)) < 0 and not buf.startswith(b"\n"):
+                    scanned = len(buf)
                     if time.monotonic() > deadline:
                         raise UapiError(f"no complete UAPI answer from {self.path} in time")
-                    chunk = sock.recv(65536)
+                    chunk = sock.recv(262144)
                     if not chunk:
                         raise UapiError(f"{self.path} closed the connection mid-answer")
                     buf += chunk
+                    if len(buf) > MAX_RESPONSE:
+                        raise UapiError(
+                            f"UAPI answer from {self.path} exceeds {MAX_RESPONSE} bytes"
+                        )
+                parsed = parse_response(bytes(buf))
+                if parsed is None:  # unreachable: the terminator is in buf
+                    raise UapiError(f"incomplete UAPI answer from {self.path}")
+                return parsed[0]
         except FileNotFoundError:
             raise TunnelError(
                 f"no WireGuard UAPI socket at {self.path}: is the device running?"
