@@ -37,7 +37,7 @@ from gateway.tunnel.commands import OwnedProcess, in_netns, run
 from gateway.tunnel.control import UAPI_DIR, UapiControl
 from gateway.tunnel.errors import TunnelError
 from gateway.tunnel.keys import generate_private_key, public_key
-from gateway.tunnel.uapi import PeerConfig
+from gateway.tunnel.uapi import PeerConfig, PeerRemoval
 from gateway.tunnel.wg import Backend, DeviceSpec, WgDevice
 
 logger = logging.getLogger(__name__)
@@ -235,14 +235,10 @@ class Lab:
         """What a CVM does with a registration answer: address, route, gateway peer."""
         gw_ip = ipaddress.IPv4Network(f"{self.wg_address.ip}/32")
         node.device.set_address(ipaddress.IPv4Interface(f"{tunnel_ip}/32"), routes=[gw_ip])
-        node.device.set_peer(
-            PeerConfig(
-                public_key=server_public_key or self.gateway_public_key,
-                allowed_ips=(gw_ip,),
-                endpoint=self.endpoint,
-                persistent_keepalive=keepalive,
-            )
-        )
+        key = server_public_key or self.gateway_public_key
+        peer = PeerConfig(key, (gw_ip,), endpoint=self.endpoint, persistent_keepalive=keepalive)
+        # a fresh peer, as after wg-quick down/up: its first keepalive starts the handshake now
+        node.device.apply([PeerRemoval(key), peer])
         node.tunnel_ip = tunnel_ip
 
     # --- probes --------------------------------------------------------------------------

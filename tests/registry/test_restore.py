@@ -72,6 +72,7 @@ def test_register_observe_recycle_and_restart(make_lab: MakeLab, tmp_path: Path)
         public_key(new_private),
         b.public_key,
     }
+    lab.connect(a, again.ip)  # the guest applies the answer: handshake with the new key
     wait_for(lambda: lab.fetch_instance(a, timeout=1) == a.netns, 15, "tunnel after rotation")
 
     # gateway restart: the device goes away, the store is reopened, peers are re-applied

@@ -81,6 +81,7 @@ def test_key_rotation(make_lab: MakeLab) -> None:
     assert lab.fetch_instance(node, timeout=1) is None  # the gateway does not know the new key
     gw.apply([PeerRemoval(old), peer(public_key(new_private), str(ip))])  # one request
     assert [p.public_key for p in gw.state().peers] == [public_key(new_private)]
+    lab.connect(node, ip)  # the guest re-applies its config, which starts a handshake now
     wait_for(lambda: lab.fetch_instance(node, timeout=1) == node.netns, 10, "rotated tunnel")
 
 
