@@ -23,6 +23,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
         "gateway.lab.cli",
         "WireGuard lab: gateway and CVM network namespaces (up/down/status)",
     ),
+    ("attest", "gateway.attest.cli", "verify TDX quotes; create simulated TDX PKIs and quotes"),
 )
 
 
