@@ -184,6 +184,7 @@ def decode(cls: type[T], data: Any, path: str = "") -> T:
 # Sections are imported from their packages; each package owns its settings module.
 
 from gateway.registry.settings import RegistrySettings  # noqa: E402
+from gateway.attest.policy_settings import AdmissionPolicy  # noqa: E402
 from gateway.attest.settings import AttestSettings  # noqa: E402
 from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
 from gateway.tunnel.settings import WgSettings  # noqa: E402
@@ -197,6 +198,7 @@ class Config:
     wg: WgSettings = dataclasses.field(default_factory=WgSettings)
     registry: RegistrySettings = dataclasses.field(default_factory=RegistrySettings)
     attest: AttestSettings = dataclasses.field(default_factory=AttestSettings)
+    admission: AdmissionPolicy = dataclasses.field(default_factory=AdmissionPolicy)
 
 
 def parse_config(text: str, source: str = "<string>") -> Config:
