@@ -183,9 +183,9 @@ def decode(cls: type[T], data: Any, path: str = "") -> T:
 # --- the top-level model -------------------------------------------------------------------
 # Sections are imported from their packages; each package owns its settings module.
 
-from gateway.registry.settings import RegistrySettings  # noqa: E402
 from gateway.attest.policy_settings import AdmissionPolicy  # noqa: E402
 from gateway.attest.settings import AttestSettings  # noqa: E402
+from gateway.registry.settings import RegistrySettings  # noqa: E402
 from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
 from gateway.tunnel.settings import WgSettings  # noqa: E402
 
