@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -82,7 +83,12 @@ def js(out: subprocess.CompletedProcess[str]) -> Any:
 
 
 @pytest.mark.slow
-def test_ctl_drives_every_resource_with_real_acme(stack: LocalStack, tmp_path: Path) -> None:  # noqa: F811
+def test_ctl_drives_every_resource_with_real_acme(
+    stack: LocalStack,  # noqa: F811
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
     port = free_port()
     cfg = Config(
         core=CoreSettings(data_dir=tmp_path / "data"),
@@ -182,6 +188,9 @@ def test_ctl_drives_every_resource_with_real_acme(stack: LocalStack, tmp_path: P
         assert out.returncode == 1 and "HTTP 409" in out.stderr and "already exists" in out.stderr
         out = ctl(url, "dns-credentials", "remove", "knot")
         assert out.returncode == 1 and "used by base domain" in out.stderr
+
+    assert "certbot reconfigured" in caplog.text
+    assert stack.tsig_secret not in caplog.text  # nor in any log line, at any level
 
     # a restart keeps what the operator set (the certificate is on disk, state in the store)
     plane2 = ControlPlane(cfg, creds=CREDS)
