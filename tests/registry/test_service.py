@@ -187,15 +187,12 @@ def test_concurrent_registrations_never_share_an_address(store: SqliteStore) -> 
     assert len(ips) == 60 == len(set(ips))
 
 
-def test_desired_peers_carry_last_endpoint(registry: Registry, clock: Clock) -> None:
+def test_desired_peers_route_every_instance(registry: Registry, clock: Clock) -> None:
     k1, k2 = key(), key()
     r1 = registry.register(Registration("i1", "app", k1))
     registry.register(Registration("i2", "app", k2))
-    registry.observe(
-        DeviceState(None, 0, (PeerState(k1, (), "172.30.0.10:9182", clock.now, 1, 1, 25),))
-    )
     peers = registry.desired_peers()
-    assert peers[k1].endpoint == "172.30.0.10:9182"
+    assert set(peers) == {k1, k2}
     assert peers[k1].allowed_ips == (IPv4Network(f"{r1.ip}/32"),)
-    assert peers[k1].persistent_keepalive == 25
-    assert peers[k2].endpoint is None
+    assert peers[k1].persistent_keepalive == 25 and peers[k1].endpoint is None
+    assert registry.desired_peers(keepalive=False)[k1].persistent_keepalive is None

@@ -183,3 +183,5 @@ def test_last_endpoints_per_node(store: SqliteStore) -> None:
     store.record_handshakes([HandshakeObservation("inst1", "n1", 20.0, 20.0)])
     assert store.last_endpoints("n1") == {"inst1": "172.30.0.10:9182"}
     assert store.last_endpoints("n2") == {"inst1": "192.0.2.1:1"}
+    assert store.last_endpoints("n1", since=15.0) == {"inst1": "172.30.0.10:9182"}
+    assert store.last_endpoints("n2", since=15.0) == {}  # too old to be a useful hint
