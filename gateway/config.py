@@ -185,6 +185,7 @@ def decode(cls: type[T], data: Any, path: str = "") -> T:
 
 from gateway.attest.policy_settings import AdmissionPolicy  # noqa: E402
 from gateway.attest.settings import AttestSettings  # noqa: E402
+from gateway.control.registration_settings import RpcSettings  # noqa: E402
 from gateway.registry.settings import RegistrySettings  # noqa: E402
 from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
 from gateway.tunnel.settings import WgSettings  # noqa: E402
@@ -197,6 +198,7 @@ class Config:
     core: CoreSettings = dataclasses.field(default_factory=CoreSettings)
     wg: WgSettings = dataclasses.field(default_factory=WgSettings)
     registry: RegistrySettings = dataclasses.field(default_factory=RegistrySettings)
+    rpc: RpcSettings = dataclasses.field(default_factory=RpcSettings)
     attest: AttestSettings = dataclasses.field(default_factory=AttestSettings)
     admission: AdmissionPolicy = dataclasses.field(default_factory=AdmissionPolicy)
 
