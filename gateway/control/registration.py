@@ -43,6 +43,7 @@ from gateway.attest.collateral import CollateralError, CollateralSource
 from gateway.attest.evidence import VerifiedEvidence
 from gateway.attest.policy_settings import AdmissionPolicy
 from gateway.attest.verifier import EvidenceResult, TrustAnchors, verify_with_source
+from gateway.config import Config
 from gateway.registry.service import (
     AppMismatch,
     InvalidRegistration,
@@ -59,6 +60,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "MAX_BODY",
     "Advertised",
+    "advertised_from_config",
     "PortAttrs",
     "PortPolicy",
     "RegisterCvmRequest",
@@ -160,6 +162,13 @@ class Advertised:
     agent_port: int = 8090
     app_address_ns_prefix: str = "_dstack-app-address"
     node_id: int = 0
+
+
+def advertised_from_config(cfg: Config, wg_public_key: str) -> Advertised:
+    """What the RPC tells CVMs about this gateway, from ``[wg]`` and ``[rpc]``."""
+    return Advertised(
+        wg_public_key=wg_public_key, wg_ip=cfg.wg.ip, wg_endpoint=cfg.wg.endpoint, url=cfg.rpc.url
+    )
 
 
 def evidence_summary(evidence: VerifiedEvidence, now: float) -> dict[str, Any]:

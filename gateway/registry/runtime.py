@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from gateway.config import Config
-from gateway.control.registration import Advertised
 from gateway.registry.factory import build_registry, open_store
 from gateway.registry.maintenance import Maintenance
 from gateway.registry.service import Registry
@@ -27,7 +26,7 @@ from gateway.util.tasks import spawn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Tunnel", "advertised", "open_tunnel"]
+__all__ = ["Tunnel", "open_tunnel"]
 
 
 @dataclass
@@ -36,16 +35,6 @@ class Tunnel:
     store: Store
     registry: Registry
     public_key: str
-
-
-def advertised(cfg: Config, wg_public_key: str) -> Advertised:
-    """What the registration RPC tells CVMs about this gateway, from configuration."""
-    return Advertised(
-        wg_public_key=wg_public_key,
-        wg_ip=cfg.wg.ip,
-        wg_endpoint=cfg.wg.endpoint,
-        url=cfg.rpc.url,
-    )
 
 
 @contextlib.asynccontextmanager

@@ -10,7 +10,8 @@ import pytest
 
 from gateway.config import parse_config
 from gateway.lab.harness import Lab
-from gateway.registry.runtime import advertised, open_tunnel
+from gateway.control.registration import advertised_from_config
+from gateway.registry.runtime import open_tunnel
 from gateway.registry.service import Registration
 from gateway.tunnel.control import socket_listening, uapi_socket_path
 from gateway.tunnel.wg import Backend
@@ -40,7 +41,7 @@ def test_open_register_close_reopen(make_lab: Callable[..., Lab], tmp_path: Path
             await asyncio.sleep(0.3)  # the maintenance task records the handshake
             seen = tunnel.store.get_instance(node.netns)
             assert seen is not None and seen.last_handshake is not None
-            adv = advertised(cfg, tunnel.public_key)
+            adv = advertised_from_config(cfg, tunnel.public_key)
             assert (adv.wg_ip, adv.wg_endpoint) == ("10.0.0.1/24", lab.endpoint)
             return str(rec.ip)
 
