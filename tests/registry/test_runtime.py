@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from gateway.config import parse_config
-from gateway.lab.harness import Lab
 from gateway.control.registration import advertised_from_config
+from gateway.lab.harness import Lab
 from gateway.registry.runtime import open_tunnel
 from gateway.registry.service import Registration
 from gateway.tunnel.control import socket_listening, uapi_socket_path
