@@ -97,9 +97,11 @@ def test_cleanup_removes_dead_labs_only(make_lab: MakeLab) -> None:
         dead_path = uapi_socket_path(f"gwh{new_tag()}dd")
         with socket.socket(socket.AF_UNIX) as dead:
             dead.bind(str(dead_path))
-        removed = cleanup_leftovers("gwh")
+        cleanup_leftovers("gwh")
         assert busy_path.exists() and not dead_path.exists()
-    assert f"{dead_base}g" in removed and orphan in removed and str(dead_path) in removed
+    # (asserted on the result, not on what this call removed: a concurrent run's cleanup
+    # may have removed the same leftovers first)
+    assert f"{dead_base}g" not in namespaces() and orphan not in namespaces()
     assert not (OWNER_DIR / dead_base).exists()
     assert live.gw_netns in namespaces()  # its owner (this process) is alive
     assert live.gateway is not None and live.gateway.state().listen_port == live.wg_port
