@@ -8,6 +8,8 @@ Rules (upstream ``do_register_cvm`` / ``recycle``, made explicit):
 * An instance keeps its app: re-registering an instance id under another app id is refused.
 * Re-registration keeps the address while it is still assignable under the current plan;
   the first registration allocates one (:func:`gateway.tunnel.ipalloc.choose`).
+* A request without a port policy keeps the stored one only while the compose hash is
+  unchanged: an upgraded app's old policy is dropped (upstream's ``port_policy_hash``).
 * Store first, device second: a device failure leaves the instance stored (the CVM retries
   and :meth:`Registry.restore` / the periodic reconcile re-applies peers); a store failure
   leaves the device untouched.
@@ -202,8 +204,12 @@ class Registry:
             )
             now = self.clock()
             port_policy = reg.port_policy
-            if port_policy is None and existing is not None:
-                port_policy = existing.port_policy
+            if (
+                port_policy is None
+                and existing is not None
+                and existing.evidence.get("compose_hash") == reg.evidence.get("compose_hash")
+            ):
+                port_policy = existing.port_policy  # same app version: keep what it declared
             record = InstanceRecord(
                 instance_id=reg.instance_id,
                 app_id=reg.app_id,

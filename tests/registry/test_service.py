@@ -196,3 +196,13 @@ def test_desired_peers_route_every_instance(registry: Registry, clock: Clock) ->
     assert peers[k1].allowed_ips == (IPv4Network(f"{r1.ip}/32"),)
     assert peers[k1].persistent_keepalive == 25 and peers[k1].endpoint is None
     assert registry.desired_peers(keepalive=False)[k1].persistent_keepalive is None
+
+
+def test_port_policy_dropped_when_the_app_is_upgraded(registry: Registry) -> None:
+    k = key()
+    v1 = {"compose_hash": "aa" * 32}
+    registry.register(Registration("i1", "app", k, {"ports": [{"port": 80}]}, v1))
+    kept = registry.register(Registration("i1", "app", k, None, v1))
+    assert kept.port_policy == {"ports": [{"port": 80}]}
+    upgraded = registry.register(Registration("i1", "app", k, None, {"compose_hash": "bb" * 32}))
+    assert upgraded.port_policy is None  # the new version has not declared its ports
