@@ -54,6 +54,7 @@ from gateway.registry.service import (
     RegistryError,
 )
 from gateway.tunnel.errors import TunnelError
+from gateway.tunnel.keys import WgKeyError, decode_key
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +143,10 @@ class RegisterCvmRequest:
         key = value.get("client_public_key")
         if not isinstance(key, str) or not key:
             raise RpcError(400, "bad_request", "client_public_key (base64 WireGuard key) needed")
+        try:  # before any attestation work: a bad key costs nothing
+            decode_key(key)
+        except WgKeyError as exc:
+            raise RpcError(400, "invalid_registration", f"client_public_key: {exc}") from None
         policy = value.get("port_policy")
         return cls(key, None if policy is None else PortPolicy.from_json(policy))
 
