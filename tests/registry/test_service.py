@@ -206,3 +206,30 @@ def test_port_policy_dropped_when_the_app_is_upgraded(registry: Registry) -> Non
     assert kept.port_policy == {"ports": [{"port": 80}]}
     upgraded = registry.register(Registration("i1", "app", k, None, {"compose_hash": "bb" * 32}))
     assert upgraded.port_policy is None  # the new version has not declared its ports
+
+
+def test_two_connections_racing_never_share_an_address(tmp_path: Path) -> None:
+    """Separate connections to one file (as separate worker processes have): SQLite's write
+    lock plus the CAS keep addresses unique."""
+    path = tmp_path / "shared.sqlite3"
+    stores = [SqliteStore(path) for _ in range(2)]
+    regs = [Registry(s, PLAN, clock=Clock(), rng=random.Random(5), attempts=50) for s in stores]
+    errors: list[BaseException] = []
+
+    def worker(reg: Registry, base: int) -> None:
+        try:
+            for n in range(25):
+                reg.register(Registration(f"c{base}-{n}", "app", key()))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(r, i)) for i, r in enumerate(regs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    ips = [r.ip for r in stores[0].list_instances()]
+    assert len(ips) == 50 == len(set(ips))
+    for s in stores:
+        s.close()
