@@ -55,6 +55,7 @@ from tests.helpers.processes import free_port
 __all__ = ["lab_env", "make_lab", "pytest_runtest_makereport"]
 
 APP = "5bb4ff9a3837357f19dc176407a5709c62eb6c56"
+WG_KEY = public_key(generate_private_key())
 NOW = int(time.time())
 PLAN = AddressPlan(
     ipaddress.IPv4Interface("10.0.0.1/24"),
@@ -327,7 +328,7 @@ def test_policy_refusal_and_runtime_swap(
         (b"\x0a\x2c", "application/x-protobuf", 415, "unsupported_encoding"),
         (b"{nope", "application/json", 400, "bad_request"),
         (
-            {"client_public_key": "x", "port_policy": {"ports": [{"port": 0}]}},
+            {"client_public_key": WG_KEY, "port_policy": {"ports": [{"port": 0}]}},
             "application/json",
             400,
             "bad_request",
