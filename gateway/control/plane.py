@@ -152,8 +152,16 @@ class ControlPlane:
         tee: TeeBackend | None = None,
         propagation: PropagationCheck | None = None,
         creds: Credentials | None = None,
+        store: Store | None = None,
+        registry: Registry | None = None,
     ) -> None:
+        """``store``/``registry``: the tunnel's (``gateway.registry.runtime.open_tunnel``) when
+        it runs in the same process; otherwise the plane opens the store itself (and closes
+        it) and builds a registry without a device (instances listed and removed from the
+        store only)."""
         self.config = config
+        self._given_store = store
+        self._given_registry = registry
         self._counters = counters
         self._accel = accel
         self._on_cert_change = on_cert_change
@@ -198,9 +206,16 @@ class ControlPlane:
     async def _start(self) -> None:
         cfg = self.config
         creds = self._creds or (load_credentials(cfg.admin) if cfg.admin.enabled else None)
-        self.store = await asyncio.to_thread(open_store, cfg.registry, cfg.core.data_dir)
-        self._stack.callback(self.store.close)
-        self.registry = build_registry(self.store, cfg.wg, cfg.registry, self._device)
+        if self._given_registry is not None:
+            self.registry = self._given_registry
+            self.store = self._given_registry.store
+        else:
+            if self._given_store is not None:
+                self.store = self._given_store
+            else:
+                self.store = await asyncio.to_thread(open_store, cfg.registry, cfg.core.data_dir)
+                self._stack.callback(self.store.close)
+            self.registry = build_registry(self.store, cfg.wg, cfg.registry, self._device)
         self.state = OperatorState(
             self.store,
             config_domains={

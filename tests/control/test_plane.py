@@ -30,7 +30,9 @@ from gateway.config import Config
 from gateway.control.auth import Credentials
 from gateway.control.plane import ControlPlane
 from gateway.control.settings import AdminSettings
+from gateway.control.state import OperatorState
 from gateway.registry.service import Registration
+from gateway.registry.sqlite import SqliteStore
 from gateway.settings import CoreSettings
 from gateway.tunnel.keys import generate_private_key, public_key
 from tests.certs.conftest import ZONE, stack  # noqa: F401  (the pebble + knotd fixture)
@@ -207,11 +209,16 @@ def test_plane_serves_on_a_unix_socket(tmp_path: Path) -> None:
         core=CoreSettings(data_dir=tmp_path / "data"),
         admin=AdminSettings(listen=f"unix:{sock}"),
     )
-    with running(ControlPlane(cfg, creds=CREDS)) as plane:
+    store = SqliteStore(tmp_path / "shared.sqlite3")  # as the tunnel would hand it over
+    with running(ControlPlane(cfg, creds=CREDS, store=store)) as plane:
         assert plane.address == sock and sock.stat().st_mode & 0o777 == 0o660
         out = ctl(["--unix", str(sock)], "domains", "list")
         assert ok(out).strip() == "(none)"
         assert js(ctl(["--unix", str(sock)], "--json", "admission", "get"))["source"] == "config"
+        ok(ctl(["--unix", str(sock)], "admission", "set", data={"allow_any_app": True}))
+    # the plane did not close a store it was given, and wrote into it
+    assert OperatorState(store).admission()[1] == "admin"
+    store.close()
 
 
 def test_plane_refuses_to_start_without_admin_credentials(tmp_path: Path) -> None:

@@ -8,8 +8,8 @@ hand here (ACME is off); issuance through the API runs against pebble in test_pl
 from __future__ import annotations
 
 import asyncio
-import functools
 import base64
+import functools
 import hashlib
 import logging
 import secrets
