@@ -38,6 +38,7 @@ from gateway.registry.sqlite import SqliteStore
 from gateway.tunnel.keys import generate_private_key, public_key
 from gateway.tunnel.settings import WgSettings
 from tests.certs.test_disk import make_cert
+from tests.control.schema_check import errors, operation
 
 TOKEN = "res-token-" + "r" * 22
 TSIG_SECRET = base64.b64encode(secrets.token_bytes(32)).decode()
@@ -101,8 +102,13 @@ def admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Admin]:
 
     port = asyncio.run_coroutine_threadsafe(start(), loop).result(10)
     env.app = app
+    base_url = f"http://127.0.0.1:{port}"
+    doc = httpx.get(base_url + "/api/v1/openapi.json", headers={"X-Admin-Token": TOKEN}).json()
     env.client = httpx.Client(
-        base_url=f"http://127.0.0.1:{port}", headers={"X-Admin-Token": TOKEN}, timeout=10
+        base_url=base_url,
+        headers={"X-Admin-Token": TOKEN},
+        timeout=10,
+        event_hooks={"response": [functools.partial(conforms, doc)]},
     )
     try:
         yield env
@@ -113,6 +119,25 @@ def admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Admin]:
         thread.join(10)
         loop.close()
         store.close()
+
+
+def conforms(doc: dict[str, Any], r: httpx.Response) -> None:
+    """Every answer the tests get must match what the OpenAPI document promises."""
+    r.read()
+    op = operation(doc, r.request.method, r.request.url.path)
+    if op is None:
+        assert r.status_code in (404, 405), f"{r.request.method} {r.request.url.path} undocumented"
+        return
+    if r.status_code >= 400:
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert {"status", "code", "detail"} <= set(r.json())
+        return
+    declared = op["responses"].get(str(r.status_code))
+    assert declared is not None, f"{r.status_code} not declared for {r.request.url.path}"
+    content = declared.get("content", {}).get("application/json")
+    if content is not None:
+        found = errors(content["schema"], r.json())
+        assert not found, f"{r.request.method} {r.request.url.path}: {found}"
 
 
 def problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
