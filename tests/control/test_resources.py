@@ -13,6 +13,7 @@ import functools
 import hashlib
 import logging
 import secrets
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -484,3 +485,19 @@ def test_status_metrics_and_prpc_aliases(admin: Admin) -> None:
     zt = admin.client.post("/prpc/ListZtDomains").json()["domains"]
     assert any(z["config"]["domain"] == "cfg.test" for z in zt)
     problem(admin.client.post("/prpc/RenewCert"), 409, "acme_disabled")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("chromium") is None, reason="Debian chromium is installed by scripts/setup.sh"
+)
+def test_dashboard_renders_the_real_status(admin: Admin, tmp_path: Path) -> None:
+    from tests.control.test_dashboard import chromium
+
+    admin.register("inst-dash", "0d" * 20)
+    authed = str(admin.client.base_url).replace("http://", f"http://admin:{TOKEN}@")
+    dom = chromium(authed + "/", tmp_path, "--dump-dom")
+    assert "id: test-node" in dom
+    assert "<span>instances_registered</span>" in dom and "<span>accepted</span>" in dom
+    assert "<td>inst-dash</td><td>" + "0d" * 20 + "</td>" in dom
+    assert "<td>cfg.test</td>" in dom
