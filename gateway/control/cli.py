@@ -1,0 +1,121 @@
+"""``gateway control --config FILE``: run the control plane as a process of its own.
+
+It serves the admin API, the dashboard and ``/metrics``, keeps the certificates renewed and
+holds the operator state (see :mod:`gateway.control.plane`). ``gateway serve`` starts it next
+to the proxy's supervisor: a separate process, so the supervisor's forks never copy an event
+loop, a SQLite connection or a thread, and a crash in one does not take the other down.
+
+``--notify-pid PID`` (the proxy supervisor) gets ``SIGHUP`` after a certificate is installed
+and after custom-domain routes, drains or port-policy overrides change: the supervisor
+forwards it to its workers, which reload. ``--stats-dir DIR`` is where the proxy workers
+write their counters (``worker-<n>.json``); status and ``/metrics`` show their sums.
+SIGTERM or SIGINT stops it cleanly (exit 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from gateway.certs.errors import CertError
+from gateway.config import ConfigError, load_config
+from gateway.control.plane import ControlPlane
+from gateway.registry.store import StoreError
+from gateway.util.logs import setup_logging
+
+logger = logging.getLogger(__name__)
+
+_SUMMED = ("accepted", "open", "closed", "bytes_up", "bytes_down", "terminated", "passthrough")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="TOML configuration file")
+    parser.add_argument(
+        "--notify-pid", type=int, default=None, help="send SIGHUP here after changes to reload"
+    )
+    parser.add_argument(
+        "--stats-dir", type=Path, default=None, help="the proxy workers' counter files"
+    )
+
+
+def signaller(pid: int | None) -> Callable[[], None]:
+    """A hook that sends SIGHUP to ``pid`` (a gone process is logged, not fatal)."""
+
+    def notify() -> None:
+        if pid is None:
+            return
+        try:
+            os.kill(pid, signal.SIGHUP)
+        except ProcessLookupError:
+            logger.warning("cannot notify pid %d of a change: no such process", pid)
+
+    return notify
+
+
+def stats_reader(stats_dir: Path | None) -> Callable[[], Mapping[str, Any]]:
+    """Sum the workers' last counter files (the proxy writes them every few seconds)."""
+
+    def read() -> Mapping[str, Any]:
+        if stats_dir is None:
+            return {}
+        total: dict[str, Any] = dict.fromkeys(_SUMMED, 0)
+        errors: dict[str, int] = {}
+        for path in sorted(stats_dir.glob("worker-*.json")):
+            try:
+                worker = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # replaced while we looked; the next scrape sees it
+            for key in _SUMMED:
+                total[key] += int(worker.get(key, 0))
+            for reason, n in worker.get("errors", {}).items():
+                errors[reason] = errors.get(reason, 0) + int(n)
+        total["errors"] = errors
+        return total
+
+    return read
+
+
+async def serve(plane: ControlPlane) -> None:
+    """Run ``plane`` until SIGTERM or SIGINT."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with plane:
+        logger.info("control plane running (pid %d)", os.getpid())
+        await stop.wait()
+        logger.info("control plane stopping")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.core.log_level, cfg.core.log_format)
+    notify = signaller(args.notify_pid)
+    plane = ControlPlane(
+        cfg,
+        counters=stats_reader(args.stats_dir),
+        on_cert_change=notify,
+        on_routes_change=notify,
+    )
+    try:
+        asyncio.run(serve(plane))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (CertError, StoreError, OSError) as exc:
+        logger.error("control plane failed: %s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
