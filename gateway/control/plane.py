@@ -13,7 +13,8 @@ Hooks for the data plane, all optional:
 * ``accel()``: its acceleration modes (shown as upstream's ``accel``);
 * ``on_cert_change()``: called after a certificate is installed (the proxy's reload);
 * ``on_routes_change()``: called after custom-domain routes, drains or port-policy overrides
-  change (the proxy rebuilds its route snapshot from :attr:`ControlPlane.state`).
+  change, once the routing overlay file (:mod:`gateway.control.overlay`) has been rewritten;
+  the proxy workers re-read it.
 
 The registration RPC takes :meth:`ControlPlane.admission_policy` as its policy getter and
 :meth:`ControlPlane.instrument` around its evidence check, so a policy changed through the
@@ -55,6 +56,7 @@ from gateway.control.collectors import (
 from gateway.control.dashboard import DASHBOARD
 from gateway.control.metrics import metrics_endpoint
 from gateway.control.models import BaseDomain, Topic
+from gateway.control.overlay import Overlay, overlay_path, write_overlay
 from gateway.control.resources.admission import admission_endpoints
 from gateway.control.resources.certificates import certificate_endpoints
 from gateway.control.resources.dns import dns_endpoints
@@ -178,6 +180,7 @@ class ControlPlane:
         self.certs: CertManager
         self.runner: web.AppRunner | None = None
         self.address: tuple[str, int] | Path | None = None
+        self.overlay_file: Path = overlay_path(config.core.data_dir)
 
     def admission_policy(self) -> AdmissionPolicy:
         """The policy in force (pass as the registration RPC's ``policy`` getter)."""
@@ -247,10 +250,19 @@ class ControlPlane:
         self._stack.push_async_callback(self.certs.stop)
         self.state.subscribe(Topic.DOMAINS, self.certs.reconfigure)
         self.state.subscribe(Topic.DNS, self.certs.reconfigure)
+        self._publish_overlay()
         for topic in (Topic.ROUTES, Topic.DRAIN, Topic.PORT_POLICY):
-            self.state.subscribe(topic, self._on_routes_change)
+            self.state.subscribe(topic, self._routes_changed)
         if creds is not None:
             await self._serve_admin(creds)
+
+    def _publish_overlay(self) -> None:
+        write_overlay(self.overlay_file, Overlay.from_state(self.state))
+
+    def _routes_changed(self) -> None:
+        """Routes, drains or port policies changed: publish the overlay, then tell the proxy."""
+        self._publish_overlay()
+        self._on_routes_change()
 
     async def _serve_admin(self, creds: Credentials) -> None:
         cfg = self.config

@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.control.overlay import overlay_path, read_overlay
 from tests.helpers.processes import free_port, start, stop_by_pid, wait_listening, wait_until
 
 TOKEN = "cli-token-" + "c" * 22
@@ -50,16 +51,21 @@ def test_control_process_serves_signals_and_stops(tmp_path: Path) -> None:
     try:
         wait_until(hups.exists, listener, 10, "the stand-in supervisor")
         wait_listening(proc, "127.0.0.1", port, timeout=20, log=log)
-        client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"X-Admin-Token": TOKEN})
-        status = client.get("/api/v1/status").json()
-        assert status["connections"] == 3 and status["counters"]["accepted"] == 12
-        assert 'gateway_connection_errors_total{reason="x"} 1' in client.get("/metrics").text
-        r = client.post(
-            "/api/v1/custom-domains",
-            json={"domain": "shop.example.org", "app_id": "ab" * 20, "port": 443},
-        )
-        assert r.status_code == 201
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"X-Admin-Token": TOKEN}
+        ) as client:
+            status = client.get("/api/v1/status").json()
+            assert status["connections"] == 3 and status["counters"]["accepted"] == 12
+            assert 'gateway_connection_errors_total{reason="x"} 1' in client.get("/metrics").text
+            r = client.post(
+                "/api/v1/custom-domains",
+                json={"domain": "shop.example.org", "app_id": "ab" * 20, "port": 443},
+            )
+            assert r.status_code == 201
         wait_until(lambda: hups.read_text().count("hup") == 1, listener, 5, "SIGHUP")
+        overlay = read_overlay(overlay_path(tmp_path / "data"))  # what the workers re-read
+        route = overlay.custom_route("shop.example.org")
+        assert route is not None and route.port == 443
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0, log.read_text()
         assert "control plane stopping" in log.read_text()

@@ -105,6 +105,7 @@ def admin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Admin]:
     env.app = app
     base_url = f"http://127.0.0.1:{port}"
     doc = httpx.get(base_url + "/api/v1/openapi.json", headers={"X-Admin-Token": TOKEN}).json()
+    env.client.close()  # the placeholder from construction
     env.client = httpx.Client(
         base_url=base_url,
         headers={"X-Admin-Token": TOKEN},

@@ -1,0 +1,130 @@
+"""The routing overlay: what the operator set that the proxy workers must apply.
+
+Custom-domain routes, drained instances and port-policy overrides live in the registry
+store, which the workers (separate processes) do not open. After every change of those the
+control plane writes them as one JSON document, ``<data_dir>/run/control/routing.json``
+(temp file, fsync, rename: a reader sees the old or the new document, never a mix), and
+signals the supervisor; each worker re-reads it on ``SIGHUP`` with :func:`read_overlay`
+into an immutable :class:`Overlay` and swaps it in with its route snapshot.
+
+Lookups for the proxy's decisions: ``custom_route(sni)`` (checked before the TXT lookup),
+``drained`` (skip these candidates for new connections; open ones are untouched) and
+``port_policy(instance_id)`` (an admin override replaces the instance-reported policy).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from gateway.control.registration import PortPolicy
+from gateway.control.state import OperatorState
+
+__all__ = ["Overlay", "RouteTarget", "overlay_path", "read_overlay", "write_overlay"]
+
+VERSION = 1
+
+
+def overlay_path(data_dir: Path) -> Path:
+    return data_dir / "run" / "control" / "routing.json"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteTarget:
+    app_id: str
+    port: int
+
+
+def _empty() -> Mapping[str, Any]:
+    return MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Overlay:
+    """An immutable snapshot of the operator's routing decisions (``revision``: the store's)."""
+
+    revision: int = 0
+    routes: Mapping[str, RouteTarget] = field(default_factory=_empty)
+    drained: frozenset[str] = frozenset()
+    port_policies: Mapping[str, PortPolicy] = field(default_factory=_empty)
+
+    def custom_route(self, sni: str) -> RouteTarget | None:
+        return self.routes.get(sni.lower().rstrip("."))
+
+    def port_policy(self, instance_id: str) -> PortPolicy | None:
+        return self.port_policies.get(instance_id)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "revision": self.revision,
+            "routes": {d: {"app_id": t.app_id, "port": t.port} for d, t in self.routes.items()},
+            "drained": sorted(self.drained),
+            "port_policies": {k: p.to_json() for k, p in self.port_policies.items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: OperatorState) -> Overlay:
+        return cls(
+            revision=state.store.revision(),
+            routes=MappingProxyType(
+                {r.domain: RouteTarget(r.app_id, r.port) for r in state.routes()}
+            ),
+            drained=frozenset(state.drained()),
+            port_policies=MappingProxyType(
+                {o.instance_id: o.policy for o in state.port_policy_overrides()}
+            ),
+        )
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Overlay:
+        """Decode; raises ValueError for anything but a document :meth:`to_json` wrote."""
+        if not isinstance(doc, dict) or doc.get("version") != VERSION:
+            raise ValueError(f"routing overlay: expected version {VERSION}")
+        try:
+            routes = {
+                str(d): RouteTarget(str(t["app_id"]), int(t["port"]))
+                for d, t in doc["routes"].items()
+            }
+            policies = {str(k): PortPolicy.from_json(v) for k, v in doc["port_policies"].items()}
+            return cls(
+                revision=int(doc["revision"]),
+                routes=MappingProxyType(routes),
+                drained=frozenset(str(i) for i in doc["drained"]),
+                port_policies=MappingProxyType(policies),
+            )
+        except Exception as exc:  # noqa: BLE001 - any shape error is one ValueError
+            raise ValueError(f"routing overlay: malformed ({type(exc).__name__}: {exc})") from None
+
+
+def write_overlay(path: Path, overlay: Overlay) -> None:
+    """Atomically replace ``path`` with ``overlay``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    data = json.dumps(overlay.to_json(), sort_keys=True).encode()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def read_overlay(path: Path) -> Overlay:
+    """The overlay at ``path``; an empty one if there is none yet. ValueError if corrupt."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return Overlay()
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise ValueError(f"routing overlay {path}: not JSON ({exc})") from None
+    return Overlay.from_json(doc)

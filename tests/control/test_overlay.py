@@ -1,0 +1,55 @@
+"""The routing overlay file the proxy workers read: round trip, atomic replace, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.control.models import CustomRoute, PortPolicyOverride
+from gateway.control.overlay import Overlay, overlay_path, read_overlay, write_overlay
+from gateway.control.state import OperatorState
+from gateway.registry.sqlite import SqliteStore
+
+APP = "9a" * 20
+
+
+def test_overlay_round_trip_from_state(tmp_path: Path) -> None:
+    path = overlay_path(tmp_path)
+    assert read_overlay(path) == Overlay()  # nothing published yet: nothing overridden
+    with SqliteStore(tmp_path / "r.sqlite3") as store:
+        state = OperatorState(store)
+        state.put_route(CustomRoute("shop.example.org", APP, 8443), create=True)
+        state.set_drain("inst-1", True)
+        state.put_port_policy(
+            PortPolicyOverride.from_json("inst-2", {"ports": [{"port": 80, "pp": True}]})
+        )
+        overlay = Overlay.from_state(state)
+        write_overlay(path, overlay)
+    back = read_overlay(path)
+    assert back == overlay and back.revision > 0
+    route = back.custom_route("SHOP.example.org.")
+    assert route is not None and (route.app_id, route.port) == (APP, 8443)
+    assert back.custom_route("other.example.org") is None
+    assert "inst-1" in back.drained
+    policy = back.port_policy("inst-2")
+    assert policy is not None and policy.ports[0].pp is True
+    assert [p.name for p in path.parent.iterdir()] == ["routing.json"]  # no temp debris
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{not json",
+        '{"version": 99}',
+        '{"version": 1, "revision": 1, "routes": {"a": {"port": 1}}, "drained": [], '
+        '"port_policies": {}}',
+        '{"version": 1, "revision": 1, "routes": {}, "drained": [], '
+        '"port_policies": {"i": {"ports": [{"port": 0}]}}}',
+    ],
+)
+def test_corrupt_overlay_is_a_value_error(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "routing.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="routing overlay"):
+        read_overlay(path)
