@@ -23,13 +23,13 @@ import signal
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gateway.certs.errors import CertError
 from gateway.config import ConfigError, load_config
-from gateway.control.plane import ControlPlane
-from gateway.registry.store import StoreError
 from gateway.util.logs import setup_logging
+
+if TYPE_CHECKING:  # the plane pulls in aiohttp, acme, dnspython: only when it runs
+    from gateway.control.plane import ControlPlane
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,10 @@ async def serve(plane: ControlPlane) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gateway.certs.errors import CertError
+    from gateway.control.plane import ControlPlane
+    from gateway.registry.store import StoreError
+
     try:
         cfg = load_config(args.config)
     except (ConfigError, ValueError) as exc:
