@@ -65,7 +65,7 @@ from gateway.control.resources.instances import instance_endpoints
 from gateway.control.resources.routes import route_endpoints
 from gateway.control.resources.status import prpc_endpoints, status_document
 from gateway.control.state import OperatorState
-from gateway.registry.factory import build_registry, open_store
+from gateway.registry.factory import build_registry, open_store, store_path
 from gateway.registry.service import PeerDevice, Registry
 from gateway.registry.store import Store
 from gateway.tee.base import TeeBackend
@@ -137,6 +137,22 @@ def build_admin_app(
     )
     app.middlewares.insert(0, admin_stats_middleware(admin_stats))
     return app
+
+
+def restrict_store_files(path: Path) -> None:
+    """Make the registry database owner-only: it holds the DNS credentials' secrets.
+
+    SQLite creates the ``-wal`` and ``-shm`` files with the database file's mode, so fixing
+    the main file (and any that exist already) covers them.
+    """
+    for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            if p.stat().st_mode & 0o077:
+                os.chmod(p, 0o600)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning("cannot make %s owner-only (it holds DNS secrets): %s", p, exc)
 
 
 class ControlPlane:
@@ -219,6 +235,7 @@ class ControlPlane:
                 self.store = await asyncio.to_thread(open_store, cfg.registry, cfg.core.data_dir)
                 self._stack.callback(self.store.close)
             self.registry = build_registry(self.store, cfg.wg, cfg.registry, self._device)
+        restrict_store_files(store_path(cfg.registry, cfg.core.data_dir))
         self.state = OperatorState(
             self.store,
             config_domains={

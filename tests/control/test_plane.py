@@ -201,6 +201,11 @@ def test_ctl_drives_every_resource_with_real_acme(
         assert [d.domain for d in plane2.state.domains()] == [ZONE]
         assert plane2.certs.status(ZONE)["serial"] == forced["serial"]
         assert set(plane2.state.drained()) == {"inst-ctl"}
+    db = cfg.core.data_dir / "registry.sqlite3"  # holds the TSIG secret: owner-only
+    assert db.stat().st_mode & 0o777 == 0o600
+    assert stack.tsig_secret.encode() in b"".join(
+        p.read_bytes() for p in db.parent.glob("registry.sqlite3*")
+    )
 
 
 def test_plane_serves_on_a_unix_socket(tmp_path: Path) -> None:
