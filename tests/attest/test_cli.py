@@ -117,7 +117,7 @@ def test_usage_errors_exit_2(argv: list[str]) -> None:
 
 
 def test_sim_quote_usage_errors(sim: Path, tmp_path: Path) -> None:
-    base = ["sim-quote", "--pki-dir", sim / "pki", "--out", tmp_path / "x"]
+    base: list[str | Path] = ["sim-quote", "--pki-dir", sim / "pki", "--out", tmp_path / "x"]
     assert gateway(*base, "--report-data", "zz").returncode == 2
     assert gateway(*base, "--report-data", "00" * 65).returncode == 2
     assert gateway(*base, "--report-data", "00", "--rtmr3", "00").returncode == 2
