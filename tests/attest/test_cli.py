@@ -83,11 +83,12 @@ def test_debug_td_rejected_and_allow_status(sim: Path, tmp_path: Path) -> None:
                 "--debug-td", "--out", tmp_path / "dq")  # fmt: skip
     assert r.returncode == 0
     r = gateway("verify", "--quote", tmp_path / "dq", "--collateral", sim / "c.json",
-                "--root-ca", sim / "pki" / "root.der", "--allow-status", "OutOfDate")  # fmt: skip
+                "--root-ca", sim / "pki" / "root.der", "--allow-status", "OutOfDate",
+                "SWHardeningNeeded")  # fmt: skip
     assert r.returncode == 1
     report = json.loads(r.stdout)
     assert report["reason"] == "debug_td"
-    assert report["allowed_statuses"] == ["OutOfDate", "UpToDate"]
+    assert report["allowed_statuses"] == ["OutOfDate", "SWHardeningNeeded", "UpToDate"]
 
 
 @pytest.mark.parametrize(
