@@ -18,11 +18,8 @@ from collections.abc import Sequence
 # (command, module, one-line help)
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("config", "gateway.commands.config_cmd", "check a configuration file and print it resolved"),
-    (
-        "lab",
-        "gateway.lab.cli",
-        "WireGuard lab: gateway and CVM network namespaces (up/down/status)",
-    ),
+    ("lab", "gateway.lab.cli", "WireGuard lab: gateway and CVM namespaces (up/down/status)"),
+    ("rpc", "gateway.control.rpc_cmd", "serve the registration RPC and the WireGuard tunnel"),
     ("attest", "gateway.attest.cli", "verify TDX quotes; create simulated TDX PKIs and quotes"),
 )
 
