@@ -24,6 +24,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
         "gateway.commands.certs_cmd",
         "issue/renew ACME certificates, status, custom domains",
     ),
+    ("lab", "gateway.lab.cli", "WireGuard lab: gateway and CVM namespaces (up/down/status)"),
+    ("rpc", "gateway.control.rpc_cmd", "serve the registration RPC and the WireGuard tunnel"),
     ("attest", "gateway.attest.cli", "verify TDX quotes; create simulated TDX PKIs and quotes"),
 )
 

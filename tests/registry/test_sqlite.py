@@ -1,0 +1,73 @@
+"""SqliteStore: the Store contract plus what only a file-backed store has."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from gateway.registry.records import HandshakeObservation
+from gateway.registry.sqlite import SCHEMA_VERSION, SqliteStore
+from gateway.registry.store import StoreError
+from tests.registry.store_contract import StoreContract, rec
+
+
+class TestSqliteStore(StoreContract):
+    @pytest.fixture
+    def store(self, tmp_path: Path) -> Iterator[SqliteStore]:
+        with SqliteStore(tmp_path / "reg.sqlite3") as s:
+            yield s
+
+
+def test_change_feed_compaction_is_reported(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "c.sqlite3", feed_keep=10) as s:
+        for i in range(1000):
+            s.kv_put("t", "k", i)
+        with pytest.raises(StoreError, match="re-read"):
+            s.changes_since(0)
+        assert len(s.changes_since(995)) == 5
+
+
+def test_reopen_restores_everything(tmp_path: Path) -> None:
+    path = tmp_path / "r.sqlite3"
+    with SqliteStore(path) as s:
+        for n in range(1, 20):
+            s.put_instance(rec(n), expect_revision=0)
+        s.record_handshakes([HandshakeObservation("inst3", "n1", 1234.5, 1235.0, 1, 2)])
+        s.kv_put("policies", "p", {"allow": ["app1"]})
+        before = (s.list_instances(), s.allocations(), s.kv_list("policies"), s.revision())
+    with SqliteStore(path) as s:
+        after = (s.list_instances(), s.allocations(), s.kv_list("policies"), s.revision())
+        assert s.handshakes("inst3")[0].handshake_at == 1234.5
+    assert after == before
+
+
+def test_uncommitted_transaction_leaves_no_trace(tmp_path: Path) -> None:
+    path = tmp_path / "t.sqlite3"
+    with SqliteStore(path) as s:
+        s.put_instance(rec(1), expect_revision=0)
+        with pytest.raises(RuntimeError), s._tx() as db:
+            db.execute("DELETE FROM instances")
+            raise RuntimeError("crash mid-write")
+        assert s.get_instance("inst1") is not None
+
+
+def test_schema_version_and_newer_db_refused(tmp_path: Path) -> None:
+    path = tmp_path / "v.sqlite3"
+    SqliteStore(path).close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    db.close()
+    with pytest.raises(StoreError, match="newer gateway"):
+        SqliteStore(path)
+
+
+def test_garbage_file_is_a_store_error(tmp_path: Path) -> None:
+    path = tmp_path / "g.sqlite3"
+    path.write_bytes(b"not a database" * 100)
+    with pytest.raises(StoreError, match="cannot open"):
+        SqliteStore(path)
