@@ -1,0 +1,159 @@
+"""Fixtures for the guest tests: a TEE backend, a booted guest state, an agent on a socket."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from gateway.guest import identity, kdf
+from gateway.guest.identity import AppCompose, InstanceInfo, KeyProviderKind
+from gateway.guest.keys import AppKeys, app_keys_from_seed
+from gateway.guest.service import AgentService, GuestState
+from gateway.tee.base import RuntimeEvent, extend
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+VECTORS = json.loads((DATA / "guest" / "signature_chain.json").read_text())
+KMS_ROOT_SCALAR = b"KMS-root-test-key-do-not-use!!!\x01"
+
+
+class MemoryTee:
+    """A TeeBackend in memory with TDX v4 quote layout but no signature.
+
+    Stand-in until the simulated TDX (gateway.tee.sim) is merged; the agent only relies on
+    the TeeBackend protocol.
+    """
+
+    def __init__(self) -> None:
+        self._events: list[RuntimeEvent] = []
+        self._rtmr3 = bytes(48)
+        self._lock = threading.Lock()
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    def get_quote(self, report_data: bytes) -> bytes:
+        assert len(report_data) == 64
+        body = bytearray(584)
+        body[136:184] = self.mrtd()
+        for i, rtmr in enumerate(self.rtmrs()):
+            body[328 + 48 * i : 376 + 48 * i] = rtmr
+        body[520:584] = report_data
+        return bytes(48) + bytes(body)
+
+    def emit_event(self, event: RuntimeEvent) -> None:
+        with self._lock:
+            self._rtmr3 = extend(self._rtmr3, event.digest())
+            self._events.append(event)
+
+    def runtime_events(self) -> tuple[RuntimeEvent, ...]:
+        return tuple(self._events)
+
+    def rtmrs(self) -> tuple[bytes, bytes, bytes, bytes]:
+        return (b"\x01" * 48, b"\x02" * 48, b"\x03" * 48, self._rtmr3)
+
+    def mrtd(self) -> bytes:
+        return b"\x11" * 48
+
+
+def quote_report_data(quote: bytes) -> bytes:
+    return quote[568:632]
+
+
+def quote_rtmr3(quote: bytes) -> bytes:
+    return quote[520:568]
+
+
+COMPOSE = json.dumps(
+    {
+        "manifest_version": 2,
+        "name": "sdk-test-app",
+        "runner": "docker-compose",
+        "docker_compose_file": "services: {}",
+        "key_provider": "kms",
+        "allowed_envs": ["API_KEY"],
+        "public_tcbinfo": False,
+    }
+).encode()
+
+
+def kms_like_keys() -> AppKeys:
+    """App keys as the KMS of the upstream vectors would issue for their app id."""
+    app_id = bytes.fromhex(VECTORS["app_id"])
+    root = kdf.k256_key(KMS_ROOT_SCALAR)
+    app_scalar = kdf.derive_key(KMS_ROOT_SCALAR, [app_id, b"app-key"])
+    base = app_keys_from_seed(hashlib.sha256(b"test seed").digest(), KeyProviderKind.KMS)
+    sig = kdf.kms_issued_signature(root, app_id, kdf.compressed_k256_pub(kdf.k256_key(app_scalar)))
+    return AppKeys(
+        disk_crypt_key=base.disk_crypt_key,
+        env_crypt_key=b"\x07" * 32,
+        k256_key=app_scalar,
+        k256_signature=sig,
+        gateway_app_id="any",
+        ca_cert=base.ca_cert,
+        ca_key=base.ca_key,
+        provider=KeyProviderKind.KMS,
+        provider_id=b"\x30\x59",
+    )
+
+
+@pytest.fixture
+def tee() -> MemoryTee:
+    return MemoryTee()
+
+
+@pytest.fixture
+def service(tee: MemoryTee) -> AgentService:
+    compose = AppCompose.parse(COMPOSE)
+    app_id = bytes.fromhex(VECTORS["app_id"])
+    info = InstanceInfo(instance_id_seed=b"\x05" * 20, app_id=app_id)
+    _, instance_id = identity.instance_id_for(compose, info, b"\x00" * 20)
+    for ev in identity.boot_events_measure(app_id, compose.hash, instance_id):
+        tee.emit_event(ev)
+    keys = kms_like_keys()
+    tee.emit_event(
+        RuntimeEvent("key-provider", identity.key_provider_payload(keys.provider, keys.provider_id))
+    )
+    tee.emit_event(RuntimeEvent("storage-fs", b"ext4"))
+    tee.emit_event(RuntimeEvent("system-ready", b""))
+    state = GuestState(
+        compose=compose,
+        keys=keys,
+        vm_config='{"os_image_hash":"aa","cpu_count":1}',
+        os_image_hash=b"\xaa",
+    )
+    return AgentService(state, tee)
+
+
+@contextmanager
+def serve_unix(app: web.Application, path: Path) -> Iterator[None]:
+    """Run ``app`` on a unix socket in a thread with its own event loop."""
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    runner = web.AppRunner(app)
+
+    def run() -> None:
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.UnixSite(runner, str(path)).start())
+        ready.set()
+        loop.run_forever()
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+    thread = threading.Thread(target=run, name=f"serve {path.name}", daemon=True)
+    thread.start()
+    assert ready.wait(10), "server did not start"
+    try:
+        yield
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
