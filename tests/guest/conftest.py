@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,63 +14,30 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
+from gateway.attest.quote import VerifiedQuote, verify_quote
 from gateway.guest import identity, kdf
 from gateway.guest.identity import AppCompose, InstanceInfo, KeyProviderKind
 from gateway.guest.keys import AppKeys, app_keys_from_seed
 from gateway.guest.service import AgentService, GuestState
-from gateway.tee.base import RuntimeEvent, extend
+from gateway.tee.base import RuntimeEvent
+from gateway.tee.sim import SimTee
+from gateway.tee.sim_pki import SimPki
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 VECTORS = json.loads((DATA / "guest" / "signature_chain.json").read_text())
 KMS_ROOT_SCALAR = b"KMS-root-test-key-do-not-use!!!\x01"
 
 
-class MemoryTee:
-    """A TeeBackend in memory with TDX v4 quote layout but no signature.
-
-    Stand-in until the simulated TDX (gateway.tee.sim) is merged; the agent only relies on
-    the TeeBackend protocol.
-    """
-
-    def __init__(self) -> None:
-        self._events: list[RuntimeEvent] = []
-        self._rtmr3 = bytes(48)
-        self._lock = threading.Lock()
-
-    @property
-    def name(self) -> str:
-        return "memory"
-
-    def get_quote(self, report_data: bytes) -> bytes:
-        assert len(report_data) == 64
-        body = bytearray(584)
-        body[136:184] = self.mrtd()
-        for i, rtmr in enumerate(self.rtmrs()):
-            body[328 + 48 * i : 376 + 48 * i] = rtmr
-        body[520:584] = report_data
-        return bytes(48) + bytes(body)
-
-    def emit_event(self, event: RuntimeEvent) -> None:
-        with self._lock:
-            self._rtmr3 = extend(self._rtmr3, event.digest())
-            self._events.append(event)
-
-    def runtime_events(self) -> tuple[RuntimeEvent, ...]:
-        return tuple(self._events)
-
-    def rtmrs(self) -> tuple[bytes, bytes, bytes, bytes]:
-        return (b"\x01" * 48, b"\x02" * 48, b"\x03" * 48, self._rtmr3)
-
-    def mrtd(self) -> bytes:
-        return b"\x11" * 48
+@pytest.fixture(scope="session")
+def sim_pki(tmp_path_factory: pytest.TempPathFactory) -> SimPki:
+    """One simulated-TDX PKI for the session (its root is what verifiers trust)."""
+    return SimPki.load_or_create(tmp_path_factory.mktemp("sim-pki"))
 
 
-def quote_report_data(quote: bytes) -> bytes:
-    return quote[568:632]
-
-
-def quote_rtmr3(quote: bytes) -> bytes:
-    return quote[520:568]
+def verify(quote: bytes, pki: SimPki) -> VerifiedQuote:
+    """Verify a quote with dcap-qvl under the simulator's root (as a relying party would)."""
+    now = int(time.time())
+    return verify_quote(quote, pki.collateral(now), root_ca_der=pki.root_ca_der, now=now)
 
 
 COMPOSE = json.dumps(
@@ -106,12 +74,12 @@ def kms_like_keys() -> AppKeys:
 
 
 @pytest.fixture
-def tee() -> MemoryTee:
-    return MemoryTee()
+def tee(sim_pki: SimPki, tmp_path: Path) -> SimTee:
+    return SimTee(sim_pki, tmp_path / "tee")
 
 
 @pytest.fixture
-def service(tee: MemoryTee) -> AgentService:
+def service(tee: SimTee) -> AgentService:
     compose = AppCompose.parse(COMPOSE)
     app_id = bytes.fromhex(VECTORS["app_id"])
     info = InstanceInfo(instance_id_seed=b"\x05" * 20, app_id=app_id)

@@ -20,9 +20,11 @@ from gateway.guest.agent import create_agent_app, create_tappd_app
 from gateway.guest.keccak import keccak256
 from gateway.guest.service import AgentService
 from gateway.protocol.attestation import decode_attestation
-from gateway.tee.base import replay
+from gateway.tee.base import RuntimeEvent, replay
+from gateway.tee.sim import SimTee
+from gateway.tee.sim_pki import SimPki
 
-from .conftest import VECTORS, MemoryTee, quote_report_data, quote_rtmr3, serve_unix
+from .conftest import VECTORS, serve_unix, verify
 
 
 @pytest.fixture
@@ -68,13 +70,15 @@ def test_get_key_ed25519_and_default_path(client: DstackClient) -> None:
     assert client.get_key("a").key != client.get_key("b").key
 
 
-def test_get_quote_binds_report_data_and_replays(client: DstackClient, tee: MemoryTee) -> None:
+def test_get_quote_binds_report_data_and_replays(
+    client: DstackClient, tee: SimTee, sim_pki: SimPki
+) -> None:
     got = client.get_quote("hello")
-    quote = got.decode_quote()
-    assert quote_report_data(quote) == b"hello".ljust(64, b"\0")
+    quote = verify(got.decode_quote(), sim_pki)  # dcap-qvl under the simulator root
+    assert quote.report_data == b"hello".ljust(64, b"\0")
     assert got.report_data == b"hello".ljust(64, b"\0").hex()
     # SDK 0.5.4's own replay reaches the quote's RTMR3 (we keep imr-3 digests)
-    assert got.replay_rtmrs()[3] == quote_rtmr3(quote).hex()
+    assert got.replay_rtmrs()[3] == quote.rt_mr3.hex()
     names = [e.event for e in got.decode_event_log()]
     assert names[:3] == ["system-preparing", "app-id", "compose-hash"]
     assert json.loads(got.vm_config)["cpu_count"] == 1
@@ -82,11 +86,13 @@ def test_get_quote_binds_report_data_and_replays(client: DstackClient, tee: Memo
         client.get_quote(b"x" * 65)
 
 
-def test_attest_decodes_and_replays(client: DstackClient, tee: MemoryTee) -> None:
+def test_attest_decodes_and_replays(client: DstackClient, sim_pki: SimPki) -> None:
     att = decode_attestation(client.attest(b"\x01" * 64).decode_attestation())
     assert att.report_data == b"\x01" * 64
-    assert quote_report_data(att.quote) == att.report_data
-    assert replay(list(tee.runtime_events())) == quote_rtmr3(att.quote)
+    quote = verify(att.quote, sim_pki)
+    assert quote.report_data == att.report_data
+    events = [RuntimeEvent(e.name, e.payload) for e in att.runtime_events]
+    assert replay(events) == quote.rt_mr3
     assert [e.name for e in att.runtime_events][-1] == "system-ready"
 
 
@@ -104,18 +110,20 @@ def test_info_parses_with_the_sdk_models(client: DstackClient, service: AgentSer
     assert client.is_reachable()
 
 
-def test_emit_event_extends_rtmr3_and_log(client: DstackClient, tee: MemoryTee) -> None:
+def test_emit_event_extends_rtmr3_and_log(
+    client: DstackClient, tee: SimTee, sim_pki: SimPki
+) -> None:
     before = tee.rtmrs()[3]
     client.emit_event("app-ready", b"v1")
     assert tee.rtmrs()[3] != before
     assert tee.runtime_events()[-1].name == "app-ready"
     quote = client.get_quote(b"q")
-    assert quote.replay_rtmrs()[3] == quote_rtmr3(quote.decode_quote()).hex()
+    assert quote.replay_rtmrs()[3] == verify(quote.decode_quote(), sim_pki).rt_mr3.hex()
     with pytest.raises(ValueError, match="empty"):
         client.emit_event("", b"x")
 
 
-def test_get_tls_key_ra_tls(client: DstackClient, service: AgentService) -> None:
+def test_get_tls_key_ra_tls(client: DstackClient, sim_pki: SimPki) -> None:
     got = client.get_tls_key(
         subject="app.example",
         alt_names=["app.example", "127.0.0.1"],
@@ -135,7 +143,7 @@ def test_get_tls_key_ra_tls(client: DstackClient, service: AgentService) -> None
     assert isinstance(ext, x509.UnrecognizedExtension)
     att = decode_attestation(ext.value[2:] if ext.value[1] < 0x80 else ext.value[4:])
     want = hashlib.sha512(b"ratls-cert:" + certs.spki_der(key)).digest()
-    assert att.report_data == want == quote_report_data(att.quote)
+    assert att.report_data == want == verify(att.quote, sim_pki).report_data
     assert leaf.extensions.get_extension_for_oid(certs.OID_APP_INFO)
     assert client.get_tls_key().key != client.get_tls_key().key
 
@@ -187,7 +195,7 @@ def test_transport_rules(sock: Path) -> None:
 
 
 def test_tappd_client(
-    tmp_path: Path, service: AgentService, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, service: AgentService, monkeypatch: pytest.MonkeyPatch, sim_pki: SimPki
 ) -> None:
     path = tmp_path / "tappd.sock"
     with serve_unix(create_tappd_app(service), path):
@@ -195,18 +203,18 @@ def test_tappd_client(
         client = TappdClient()
         client.__enter__()
         try:
-            _check_tappd(client)
+            _check_tappd(client, sim_pki)
         finally:
             client.__exit__(None, None, None)
 
 
-def _check_tappd(client: TappdClient) -> None:
+def _check_tappd(client: TappdClient, pki: SimPki) -> None:
     if True:
         raw = client.tdx_quote(b"\x02" * 64, "raw")
-        assert quote_report_data(raw.decode_quote()) == b"\x02" * 64
+        assert verify(raw.decode_quote(), pki).report_data == b"\x02" * 64
         hashed = client.tdx_quote(b"data", "sha512")
         want = hashlib.sha512(b"app-data:data").digest()
-        assert quote_report_data(hashed.decode_quote()) == want
+        assert verify(hashed.decode_quote(), pki).report_data == want
         derived = client.derive_key("path", "subject")
         assert derived.certificate_chain and "PRIVATE KEY" in derived.key
         assert client.derive_key("path").key == derived.key  # deterministic per path
