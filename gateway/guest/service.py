@@ -23,7 +23,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.attest import eventlog
-from gateway.guest import certs, kdf
+from gateway.guest import certs, evidence, kdf
 from gateway.guest.identity import AppCompose
 from gateway.guest.keccak import keccak256
 from gateway.guest.keys import AppKeys, KeyProviderError
@@ -85,13 +85,8 @@ class AgentService:
 
     # --- evidence -------------------------------------------------------------------------
 
-    def boot_event_log(self) -> tuple[TdxEvent, ...]:
-        """CCEL boot events (imr 0-2) if the backend has them."""
-        fn = getattr(self.tee, "boot_event_log", None)
-        return tuple(fn()) if callable(fn) else ()
-
     def runtime_events(self) -> tuple[AttestedEvent, ...]:
-        return tuple(AttestedEvent(e.name, e.payload) for e in self.tee.runtime_events())
+        return evidence.runtime_events(self.tee)
 
     def event_log(self) -> tuple[TdxEvent, ...]:
         """The full log: boot events, then runtime events with their true digests.
@@ -99,7 +94,7 @@ class AgentService:
         Upstream empties imr-3 digests in GetQuote, which breaks SDK 0.5.4's
         ``replay_rtmrs``; verifiers recompute runtime digests anyway, so we keep them.
         """
-        return self.boot_event_log() + tuple(TdxEvent.runtime(e) for e in self.runtime_events())
+        return evidence.event_log(self.tee)
 
     async def _quote(self, report_data: bytes) -> bytes:
         try:
@@ -109,14 +104,12 @@ class AgentService:
 
     async def attestation(self, report_data: bytes) -> Attestation:
         """A fresh ``VersionedAttestation`` (full event log) for 64-byte ``report_data``."""
-        quote = await self._quote(report_data)
-        return Attestation(
-            quote=quote,
-            event_log=self.event_log(),
-            runtime_events=self.runtime_events(),
-            report_data=report_data,
-            config=self.state.vm_config,
-        )
+        try:
+            return await asyncio.to_thread(
+                evidence.make_attestation, self.tee, report_data, self.state.vm_config
+            )
+        except TeeError as exc:
+            raise RpcError(f"failed to get quote: {exc}") from None
 
     def identity(self) -> eventlog.AppIdentity:
         return eventlog.decode_app_identity(self.runtime_events())
