@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import signal
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,6 +98,7 @@ class LocalProcessRunner:
     def __init__(self, *, pre_launch_timeout: float = 600.0) -> None:
         self._timeout = pre_launch_timeout
         self._pid: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
         self._name = ""
 
     async def pre_launch(self, compose: AppCompose, env: Mapping[str, str], work_dir: Path) -> None:
@@ -129,21 +131,18 @@ class LocalProcessRunner:
                     logger.info("app already running as pid %d; not starting it again", pid)
                     self._pid = pid
                     return
-        log = (work_dir / "app.log").open("ab")
-        try:
-            proc = await asyncio.create_subprocess_exec(
-                "bash",
-                "-c",
-                script,
+        with (work_dir / "app.log").open("ab") as log:
+            # a plain Popen: the app outlives this event loop (and a retried boot's)
+            proc = subprocess.Popen(
+                ["bash", "-c", script],
                 cwd=work_dir,
                 env=_child_env(env, work_dir),
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL,
                 stdout=log,
-                stderr=asyncio.subprocess.STDOUT,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        finally:
-            log.close()
+        self._proc = proc
         self._pid = proc.pid
         tmp = pid_file.with_suffix(".tmp")
         tmp.write_text(str(proc.pid))
@@ -165,9 +164,17 @@ class LocalProcessRunner:
         ]
 
     async def stop(self) -> None:
+        """SIGTERM the app's process group (the PID we started), then reap it."""
         if self._pid is not None:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(self._pid, signal.SIGTERM)
+        if self._proc is not None:
+            try:
+                await asyncio.to_thread(self._proc.wait, 5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self._proc.pid, signal.SIGKILL)
+                await asyncio.to_thread(self._proc.wait, 5)
 
 
 class DockerComposeRunner:

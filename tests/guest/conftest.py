@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import ssl
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -104,6 +105,19 @@ def service(tee: SimTee) -> AgentService:
 @contextmanager
 def serve_unix(app: web.Application, path: Path) -> Iterator[None]:
     """Run ``app`` on a unix socket in a thread with its own event loop."""
+    with _serve(app, lambda runner: web.UnixSite(runner, str(path))):
+        yield
+
+
+@contextmanager
+def serve_tcp(app: web.Application, port: int, ssl_context: ssl.SSLContext) -> Iterator[None]:
+    """Run ``app`` on 127.0.0.1:``port`` with TLS in a thread with its own event loop."""
+    with _serve(app, lambda r: web.TCPSite(r, "127.0.0.1", port, ssl_context=ssl_context)):
+        yield
+
+
+@contextmanager
+def _serve(app: web.Application, site: Callable[[web.AppRunner], web.BaseSite]) -> Iterator[None]:
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     runner = web.AppRunner(app)
@@ -111,13 +125,13 @@ def serve_unix(app: web.Application, path: Path) -> Iterator[None]:
     def run() -> None:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(runner.setup())
-        loop.run_until_complete(web.UnixSite(runner, str(path)).start())
+        loop.run_until_complete(site(runner).start())
         ready.set()
         loop.run_forever()
         loop.run_until_complete(runner.cleanup())
         loop.close()
 
-    thread = threading.Thread(target=run, name=f"serve {path.name}", daemon=True)
+    thread = threading.Thread(target=run, name="test server", daemon=True)
     thread.start()
     assert ready.wait(10), "server did not start"
     try:
