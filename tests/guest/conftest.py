@@ -110,8 +110,10 @@ def serve_unix(app: web.Application, path: Path) -> Iterator[None]:
 
 
 @contextmanager
-def serve_tcp(app: web.Application, port: int, ssl_context: ssl.SSLContext) -> Iterator[None]:
-    """Run ``app`` on 127.0.0.1:``port`` with TLS in a thread with its own event loop."""
+def serve_tcp(
+    app: web.Application, port: int, ssl_context: ssl.SSLContext | None = None
+) -> Iterator[None]:
+    """Run ``app`` on 127.0.0.1:``port`` (TLS if a context is given) in a thread."""
     with _serve(app, lambda r: web.TCPSite(r, "127.0.0.1", port, ssl_context=ssl_context)):
         yield
 

@@ -127,3 +127,31 @@ def test_boot_event_order_and_digest() -> None:
     assert identity.key_provider_payload(KeyProviderKind.LOCAL, b"\xab") == (
         b'{"name":"local-sgx","id":"ab"}'
     )
+
+
+def test_our_events_reproduce_the_fixture_attestation() -> None:
+    """dstack's simulator fixture: our event builders give its payloads and digests, and the
+    replay reaches the RTMR3 in its quote (guest-formats §3.5)."""
+    from gateway.protocol.attestation import decode_attestation
+    from gateway.protocol.tdx_quote import parse_tdx_quote
+    from gateway.tee.base import replay
+
+    att = decode_attestation((FIXTURE.parent / "attestation.bin").read_bytes())
+    theirs = [RuntimeEvent(e.name, e.payload) for e in att.runtime_events]
+    by_name = {e.name: e.payload for e in theirs}
+    kp = json.loads(by_name["key-provider"])
+    ours = identity.boot_events_measure(
+        by_name["app-id"], by_name["compose-hash"], by_name["instance-id"]
+    ) + [
+        RuntimeEvent("os-image-hash", by_name["os-image-hash"]),
+        RuntimeEvent(
+            "key-provider",
+            identity.key_provider_payload(KeyProviderKind.KMS, bytes.fromhex(kp["id"])),
+        ),
+        RuntimeEvent("storage-fs", b"zfs"),
+        RuntimeEvent("system-ready", b""),
+    ]
+    assert ours == theirs
+    rtmr3 = replay(ours)
+    assert rtmr3.hex().startswith("f28a1490ee924e93")
+    assert parse_tdx_quote(att.quote).report.rt_mr3 == rtmr3
