@@ -110,29 +110,63 @@ def compressed_k256_pub(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublic
     return pub.public_bytes(serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint)
 
 
-def _point_add(a: tuple[int, int] | None, b: tuple[int, int] | None) -> tuple[int, int] | None:
-    if a is None:
-        return b
-    if b is None:
-        return a
-    if a[0] == b[0]:
-        if (a[1] + b[1]) % _P == 0:
-            return None
-        lam = 3 * a[0] * a[0] * pow(2 * a[1], -1, _P) % _P
-    else:
-        lam = (b[1] - a[1]) * pow(b[0] - a[0], -1, _P) % _P
-    x = (lam * lam - a[0] - b[0]) % _P
-    return x, (lam * (a[0] - x) - a[1]) % _P
+_Jac = tuple[int, int, int]  # Jacobian coordinates (X, Y, Z); Z == 0 is infinity
+_INF: _Jac = (0, 1, 0)
 
 
-def _point_mul(k: int, pt: tuple[int, int] | None) -> tuple[int, int] | None:
-    out: tuple[int, int] | None = None
-    while k:
-        if k & 1:
-            out = _point_add(out, pt)
-        pt = _point_add(pt, pt)
-        k >>= 1
-    return out
+def _jdouble(p: _Jac) -> _Jac:
+    x, y, z = p
+    if z == 0 or y == 0:
+        return _INF
+    yy = y * y % _P
+    s = 4 * x * yy % _P
+    m = 3 * x * x % _P  # a = 0 for secp256k1
+    x3 = (m * m - 2 * s) % _P
+    return x3, (m * (s - x3) - 8 * yy * yy) % _P, 2 * y * z % _P
+
+
+def _jadd(p: _Jac, q: _Jac) -> _Jac:
+    if p[2] == 0:
+        return q
+    if q[2] == 0:
+        return p
+    z1z1, z2z2 = p[2] * p[2] % _P, q[2] * q[2] % _P
+    u1, u2 = p[0] * z2z2 % _P, q[0] * z1z1 % _P
+    s1, s2 = p[1] * q[2] * z2z2 % _P, q[1] * p[2] * z1z1 % _P
+    if u1 == u2:
+        return _jdouble(p) if s1 == s2 else _INF
+    h, r = (u2 - u1) % _P, (s2 - s1) % _P
+    hh = h * h % _P
+    hhh = h * hh % _P
+    v = u1 * hh % _P
+    x3 = (r * r - hhh - 2 * v) % _P
+    return x3, (r * (v - x3) - s1 * hhh) % _P, h * p[2] * q[2] % _P
+
+
+def _affine(p: _Jac) -> tuple[int, int] | None:
+    if p[2] == 0:
+        return None
+    zi = pow(p[2], -1, _P)
+    zi2 = zi * zi % _P
+    return p[0] * zi2 % _P, p[1] * zi2 * zi % _P
+
+
+def _mul2(a: int, pa: tuple[int, int], b: int, pb: tuple[int, int]) -> tuple[int, int] | None:
+    """``a*pa + b*pb`` with one shared doubling chain (Shamir's trick)."""
+    ja: _Jac = (pa[0], pa[1], 1)
+    jb: _Jac = (pb[0], pb[1], 1)
+    both = _jadd(ja, jb)
+    acc = _INF
+    for i in range(max(a.bit_length(), b.bit_length()) - 1, -1, -1):
+        acc = _jdouble(acc)
+        bits = ((a >> i) & 1, (b >> i) & 1)
+        if bits == (1, 1):
+            acc = _jadd(acc, both)
+        elif bits == (1, 0):
+            acc = _jadd(acc, ja)
+        elif bits == (0, 1):
+            acc = _jadd(acc, jb)
+    return _affine(acc)
 
 
 def recover_k256_pub(digest: bytes, signature: bytes) -> bytes:
@@ -157,7 +191,7 @@ def recover_k256_pub(digest: bytes, signature: bytes) -> bytes:
         y = _P - y
     z = int.from_bytes(digest, "big") % _N
     r_inv = pow(r, -1, _N)
-    q = _point_add(_point_mul(s * r_inv % _N, (x, y)), _point_mul((-z * r_inv) % _N, _G))
+    q = _mul2(s * r_inv % _N, (x, y), (-z * r_inv) % _N, _G)
     if q is None:
         raise KdfError("signature recovers the point at infinity")
     return bytes([2 + (q[1] & 1)]) + q[0].to_bytes(32, "big")
