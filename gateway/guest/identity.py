@@ -121,7 +121,7 @@ class AppCompose:
         if not isinstance(doc, dict):
             raise ComposeError("app-compose.json must be a JSON object")
         mv = doc.get("manifest_version")
-        if isinstance(mv, str) and mv.isdigit() and not mv.startswith("0"):
+        if isinstance(mv, str) and mv.isascii() and mv.isdigit() and not mv.startswith("0"):
             mv = int(mv)
         if isinstance(mv, bool) or not isinstance(mv, int) or mv < 1:
             raise ComposeError("app-compose.json: manifest_version must be a positive integer")
