@@ -19,6 +19,7 @@ from collections.abc import Sequence
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("config", "gateway.commands.config_cmd", "check a configuration file and print it resolved"),
     ("guest", "gateway.guest.cli", "the CVM side: boot, guest agent, dstack simulator"),
+    ("attest", "gateway.attest.cli", "verify TDX quotes; create simulated TDX PKIs and quotes"),
 )
 
 

@@ -96,6 +96,11 @@ class QuoteVerificationError(Exception):
         self.reason = reason
         self.message = message
 
+    def __reduce__(self) -> tuple[type[QuoteVerificationError], tuple[RejectReason, str]]:
+        # Survives a ProcessPoolExecutor round trip (the default pickling would call
+        # __init__ with the formatted text as the only argument).
+        return (type(self), (self.reason, self.message))
+
 
 # Ordered: the first needle found in dcap-qvl's message (its whole cause chain) wins.
 _DCAP_REASONS: tuple[tuple[str, RejectReason], ...] = (
@@ -130,6 +135,7 @@ _DCAP_REASONS: tuple[tuple[str, RejectReason], ...] = (
     ("No matching TCB level", RejectReason.TCB_LEVEL_NOT_FOUND),
     ("TCB level mismatch", RejectReason.TCB_LEVEL_NOT_FOUND),
     ("TDX module", RejectReason.TCB_LEVEL_NOT_FOUND),
+    ("is below minimum required", RejectReason.TCB_LEVEL_NOT_FOUND),
     ("component count mismatch", RejectReason.BAD_COLLATERAL),
     ("Failed to decode quote", RejectReason.MALFORMED),
     ("Invalid TEE type", RejectReason.MALFORMED),

@@ -21,11 +21,8 @@ State directory layout (one per simulated CVM)::
 
 from __future__ import annotations
 
-import base64
-import binascii
 import fcntl
 import hashlib
-import json
 import os
 import threading
 from collections.abc import Iterator
@@ -34,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.tee.base import REPORT_DATA_SIZE, RTMR_SIZE, RuntimeEvent, TeeError, extend
+from gateway.tee.eventlog import format_event_line, read_event_log
 from gateway.tee.sim_pki import DEFAULT_TD_ATTRIBUTES, SimPki
 
 __all__ = ["SimImage", "SimTee", "read_event_log", "format_event_line"]
@@ -82,30 +80,6 @@ class SimImage:
             rt_mr2=_measure(name, "rtmr2"),
             mr_config_id=mr_config_id,
         )
-
-
-def format_event_line(event: RuntimeEvent) -> bytes:
-    """One log line in dstack's runtime-event format (HEAD / v0.5.8+), newline included."""
-    line = {"event": event.name, "payload": base64.b64encode(event.payload).decode("ascii")}
-    return json.dumps(line, separators=(",", ":")).encode() + b"\n"
-
-
-def read_event_log(data: bytes) -> tuple[RuntimeEvent, ...]:
-    """Parse a runtime event log (JSON lines). Raises :class:`TeeError` naming the line."""
-    events: list[RuntimeEvent] = []
-    for number, raw in enumerate(data.splitlines(), 1):
-        if not raw.strip():
-            continue
-        try:
-            obj = json.loads(raw)
-            name = obj["event"]
-            payload = base64.b64decode(obj.get("payload", ""), validate=True)
-            if not isinstance(name, str):
-                raise TypeError("event name is not a string")
-        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
-            raise TeeError(f"runtime event log line {number} is malformed: {exc}") from None
-        events.append(RuntimeEvent(name, payload))
-    return tuple(events)
 
 
 class SimTee:

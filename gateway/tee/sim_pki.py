@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from gateway.protocol.errors import CodecError
 from gateway.protocol.tdx_quote import (
     CERT_DATA_PCK_CHAIN,
     CERT_DATA_QE_REPORT,
@@ -630,22 +631,42 @@ class SimPki:
             raise ValueError("report_data must be 64 bytes")
         if len(rtmrs) != 4:
             raise ValueError("rtmrs must be RTMR0..RTMR3")
-        report = TdReport(
+        try:
+            report = self._td_report(
+                report_data, mr_td, rtmrs, td_attributes, xfam, mr_config_id, mr_owner,
+                mr_owner_config, mr_seam,
+            )  # fmt: skip
+        except CodecError as exc:
+            raise ValueError(str(exc)) from None
+        return self.sign_report(report, fresh_attestation_key=fresh_attestation_key)
+
+    def _td_report(
+        self,
+        report_data: bytes,
+        mr_td: bytes,
+        rtmrs: Sequence[bytes],
+        td_attributes: bytes,
+        xfam: bytes,
+        mr_config_id: bytes,
+        mr_owner: bytes,
+        mr_owner_config: bytes,
+        mr_seam: bytes,
+    ) -> TdReport:
+        return TdReport(
             tee_tcb_svn=self.platform.tee_tcb_svn,
-            mr_seam=mr_seam,
-            td_attributes=td_attributes,
-            xfam=xfam,
-            mr_td=mr_td,
-            mr_config_id=mr_config_id,
-            mr_owner=mr_owner,
-            mr_owner_config=mr_owner_config,
-            rt_mr0=rtmrs[0],
-            rt_mr1=rtmrs[1],
-            rt_mr2=rtmrs[2],
-            rt_mr3=rtmrs[3],
+            mr_seam=bytes(mr_seam),
+            td_attributes=bytes(td_attributes),
+            xfam=bytes(xfam),
+            mr_td=bytes(mr_td),
+            mr_config_id=bytes(mr_config_id),
+            mr_owner=bytes(mr_owner),
+            mr_owner_config=bytes(mr_owner_config),
+            rt_mr0=bytes(rtmrs[0]),
+            rt_mr1=bytes(rtmrs[1]),
+            rt_mr2=bytes(rtmrs[2]),
+            rt_mr3=bytes(rtmrs[3]),
             report_data=bytes(report_data),
         )
-        return self.sign_report(report, fresh_attestation_key=fresh_attestation_key)
 
     def sign_report(self, report: TdReport, *, fresh_attestation_key: bool = False) -> bytes:
         """Wrap ``report`` in a header and sign it as the simulated QE would."""

@@ -4,7 +4,8 @@ import asyncio
 import hashlib
 import json
 import logging
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import dcap_qvl
@@ -309,6 +310,48 @@ def test_sim_verification_before_pki_exists_rejected(
     assert _verify(sim_pki, early, good_quote, collateral=col) is RejectReason.CERT_EXPIRED
 
 
+def test_sim_reframed_quote_is_malformed(sim_pki: SimPki, sim_now: int, good_quote: bytes) -> None:
+    """dcap-qvl ignores the outer certification data type; our framing check does not."""
+    offset, _ = QUOTE_OFFSETS["cert_data_type"]
+    assert _verify(sim_pki, sim_now, _flip(good_quote, offset)) is RejectReason.MALFORMED
+
+
+def test_sim_qe_not_matching_qe_identity_rejected(sim_pki: SimPki, sim_now: int) -> None:
+    rogue_qe = sim_pki.with_platform(qe_mrsigner=b"\x01" * 32).forge_quote(bytes(64))
+    assert _verify(sim_pki, sim_now, rogue_qe) is RejectReason.QE_IDENTITY_MISMATCH
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"fmspc": b"\x01" * 6}, RejectReason.COLLATERAL_MISMATCH),
+        ({"cpusvn": b"\xff" * 16}, RejectReason.TCB_LEVEL_NOT_FOUND),
+        ({"tee_tcb_svn": bytes.fromhex("09010300" + "00" * 12)}, RejectReason.TCB_LEVEL_NOT_FOUND),
+        ({"tee_tcb_svn": bytes.fromhex("07020300" + "00" * 12)}, RejectReason.TCB_LEVEL_NOT_FOUND),
+        ({"qe_isvsvn": 9}, RejectReason.TCB_LEVEL_NOT_FOUND),
+    ],
+)
+def test_sim_collateral_for_another_platform_rejected(
+    sim_pki: SimPki,
+    sim_now: int,
+    good_quote: bytes,
+    change: dict[str, object],
+    reason: RejectReason,
+) -> None:
+    """Collateral signed by the right key, but describing a platform this quote is not."""
+    col = sim_pki.with_platform(**change).collateral(sim_now)
+    assert _verify(sim_pki, sim_now, good_quote, collateral=col) is reason
+
+
+def test_sim_out_of_date_qe_rejected_by_default(
+    sim_pki: SimPki, sim_now: int, good_quote: bytes
+) -> None:
+    col = sim_pki.collateral(sim_now, qe_tcb_status="OutOfDate")
+    assert (
+        _verify(sim_pki, sim_now, good_quote, collateral=col) is RejectReason.TCB_STATUS_NOT_ALLOWED
+    )
+
+
 @pytest.mark.parametrize(
     "blob", [b"", b"garbage", b"\x04\x00\x02\x00\x81\x00\x00\x00" + bytes(600), b"\x00" * 5000]
 )
@@ -407,6 +450,25 @@ def test_async_rejection_propagates(sim_pki: SimPki, sim_now: int, good_quote: b
     assert err.value.reason is RejectReason.WRONG_ROOT
 
 
+def test_async_verification_in_a_process_pool(
+    sim_pki: SimPki, sim_now: int, good_quote: bytes
+) -> None:
+    """The documented way to scale: a process pool, collateral passed as JSON."""
+    col = sim_pki.collateral(sim_now).to_json()
+
+    async def main() -> None:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+            ok = await verify_quote_async(good_quote, col, root_ca_der=sim_pki.root_ca_der,
+                                          now=sim_now, executor=pool)  # fmt: skip
+            assert ok.report_data == hashlib.sha512(b"key").digest()
+            with pytest.raises(QuoteVerificationError) as err:
+                await verify_quote_async(good_quote, col, now=sim_now, executor=pool)
+            assert err.value.reason is RejectReason.WRONG_ROOT
+
+    asyncio.run(main())
+
+
 def test_verifier_fixed_time_and_clock(sim_pki: SimPki, sim_now: int, good_quote: bytes) -> None:
     col = sim_pki.collateral(sim_now).to_json()
     fixed = QuoteVerifier(root_ca_der=sim_pki.root_ca_der, fixed_time=sim_now, clock=lambda: 0.0)
@@ -455,3 +517,33 @@ def test_settings_validate() -> None:
         AttestSettings(allowed_tcb_statuses=("Bogus",))
     with pytest.raises(ValueError, match="collateral_file"):
         AttestSettings(collateral_source="file")
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("Verification failed: QE ISVPRODID mismatch: expected 2, got 3",
+         RejectReason.QE_IDENTITY_MISMATCH),
+        ("Verification failed: Unsupported DCAP quote version", RejectReason.MALFORMED),
+        ("Verification failed: Unknown QE vendor ID", RejectReason.MALFORMED),
+        ("Verification failed: Invalid QE auth data length", RejectReason.MALFORMED),
+        ("Verification failed: Failed to verify certificate chain\n\nCaused by:\n"
+         "    UnknownRevocationStatus", RejectReason.UNTRUSTED_CHAIN),
+        ("Verification failed: Failed to verify certificate chain\n\nCaused by:\n"
+         "    CaUsedAsEndEntity", RejectReason.UNTRUSTED_CHAIN),
+        ("Verification failed: TDX quote with non-TDX TCB info in the collateral",
+         RejectReason.COLLATERAL_MISMATCH),
+        ("Verification failed: Failed to parse root CA CRL\n\nCaused by:\n    CrlExpired { }",
+         RejectReason.CRL_EXPIRED),
+        ("Verification failed: Failed to parse root CA CRL\n\nCaused by:\n    BadDer",
+         RejectReason.BAD_COLLATERAL),
+    ],
+)  # fmt: skip
+def test_dcap_messages_map_to_reasons(message: str, reason: RejectReason) -> None:
+    assert classify_dcap_error(message) is reason
+
+
+def test_header_fields_are_signed(sim_pki: SimPki, sim_now: int, good_quote: bytes) -> None:
+    """qe_svn, pce_svn and user_data are unchecked by dcap-qvl but inside the signed region."""
+    for field in ("qe_svn", "pce_svn", "user_data", "qe_vendor_id"):
+        assert _verify(sim_pki, sim_now, _flip(good_quote, QUOTE_OFFSETS[field][0])) is not None

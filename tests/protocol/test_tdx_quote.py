@@ -135,3 +135,18 @@ def test_truncation_plus_random_tail_never_raises_anything_but_codec_error(
 def test_non_bytes_input_is_codec_error() -> None:
     with pytest.raises(CodecError):
         parse_tdx_quote("not bytes")  # type: ignore[arg-type]
+
+
+def test_dstack_simulator_quote_parses_with_documented_registers() -> None:
+    # guest-formats.md 3.5: V0 SCALE container, compact length 5010 at offset 2, quote at 4.
+    blob = (
+        Path(__file__).parents[1] / "data" / "dstack-simulator" / "attestation.bin"
+    ).read_bytes()
+    assert blob[:4] == bytes.fromhex("0000494e")
+    q = parse_tdx_quote(blob[4 : 4 + 5010])
+    assert q.report.rt_mr3.hex() == (
+        "f28a1490ee924e9396c2ccf2d93ad536b83cbe159a1d45024d1fd7acdcc10214"
+        "5efcfcd0cfa209416446c70226affadf"
+    )
+    compose_hash = "c143116fef3940e7f776bfc0919c256232ae5338a6e948c96b711e0b2383483a"
+    assert q.report.mr_config_id.hex() == "01" + compose_hash + "00" * 15

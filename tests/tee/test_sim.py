@@ -123,3 +123,15 @@ def test_corrupt_log_is_reported_with_its_line() -> None:
     with pytest.raises(TeeError, match="line 2"):
         read_event_log(b'{"event":"a","payload":""}\nnot json\n')
     assert read_event_log(b'{"event":"a","payload":"AQ=="}\n\n') == (RuntimeEvent("a", b"\x01"),)
+
+
+def test_forge_quote_argument_errors_are_value_errors(pki_dir: Path) -> None:
+    pki = SimPki.load(pki_dir)
+    with pytest.raises(ValueError, match="report_data"):
+        pki.forge_quote(b"x")
+    with pytest.raises(ValueError, match="mr_td must be 48 bytes"):
+        pki.forge_quote(bytes(64), mr_td=b"short")
+    with pytest.raises(ValueError, match="RTMR0..RTMR3"):
+        pki.forge_quote(bytes(64), rtmrs=[bytes(48)])
+    quote = pki.forge_quote(bytearray(64), rtmrs=[bytearray(48)] * 4)  # bytes-likes are fine
+    assert parse_tdx_quote(quote).report.rt_mr0 == bytes(48)
