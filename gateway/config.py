@@ -183,6 +183,7 @@ def decode(cls: type[T], data: Any, path: str = "") -> T:
 # --- the top-level model -------------------------------------------------------------------
 # Sections are imported from their packages; each package owns its settings module.
 
+from gateway.attest.policy_settings import AdmissionPolicy  # noqa: E402
 from gateway.attest.settings import AttestSettings  # noqa: E402
 from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
 
@@ -193,6 +194,7 @@ class Config:
 
     core: CoreSettings = dataclasses.field(default_factory=CoreSettings)
     attest: AttestSettings = dataclasses.field(default_factory=AttestSettings)
+    admission: AdmissionPolicy = dataclasses.field(default_factory=AdmissionPolicy)
 
 
 def parse_config(text: str, source: str = "<string>") -> Config:

@@ -175,11 +175,35 @@ def verification_report(
 
 
 def _verify_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quote", type=Path, required=True, help="TDX quote (raw or hex)")
+    from gateway.attest.evidence_cli import add_verify_evidence_arguments
+
+    sources = p.add_mutually_exclusive_group(required=True)
+    sources.add_argument("--quote", type=Path, help="TDX quote (raw or hex)")
+    add_verify_evidence_arguments(p, sources)
     add_trust_options(p)
 
 
+def _run_verify_evidence(args: argparse.Namespace) -> int:
+    """``verify --cert/--attestation``: the whole evidence path plus the admission policy."""
+    from gateway.attest.evidence_cli import run_verify_evidence
+
+    verifier = verifier_from_args(args)
+
+    def collateral(quote: bytes) -> dcap_qvl.QuoteCollateralV3:
+        return collateral_from_args(args, quote)
+
+    return run_verify_evidence(
+        args,
+        collateral=collateral,
+        root_ca_der=verifier.root_ca_der,
+        now=verifier.now(),
+        anchors_extra={"tcb_policy": verifier.policy},
+    )
+
+
 def _run_verify(args: argparse.Namespace) -> int:
+    if args.quote is None:
+        return _run_verify_evidence(args)
     quote = load_quote_file(args.quote)
     verifier = verifier_from_args(args)
     try:
@@ -296,12 +320,34 @@ def _run_sim_quote(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# --- attest replay (gateway.attest.evidence_cli) ---------------------------------------------
+
+
+def _replay_arguments(p: argparse.ArgumentParser) -> None:
+    from gateway.attest.evidence_cli import add_replay_arguments
+
+    add_replay_arguments(p)
+
+
+def _run_replay(args: argparse.Namespace) -> int:
+    from gateway.attest.evidence_cli import run_replay
+
+    return run_replay(args)
+
+
 SUBCOMMANDS: list[Subcommand] = [
     Subcommand(
         "verify",
-        "verify a TDX quote (JSON report; exit 0 only if accepted)",
+        "verify a TDX quote, RA-TLS certificate or dstack attestation "
+        "(JSON report; exit 0 only if accepted)",
         _verify_arguments,
         _run_verify,
+    ),  # fmt: skip
+    Subcommand(
+        "replay",
+        "replay an event log to RTMR3 and show the app identity",
+        _replay_arguments,
+        _run_replay,
     ),  # fmt: skip
     Subcommand(
         "sim-pki", "create or show a simulated TDX PKI directory", _sim_pki_arguments, _run_sim_pki

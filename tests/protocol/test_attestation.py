@@ -205,3 +205,12 @@ def test_digest_versions() -> None:
     assert runtime_event_digest("system-preparing", b"").hex().startswith("f9974020ef507068")
     with pytest.raises(ValueError):
         runtime_event_digest("x", b"", 3)
+
+
+@given(st.binary(max_size=200))
+def test_legacy_event_log_random_bytes_raise_only_codec_error(data: bytes) -> None:
+    for blob in (data, b"ELGZv1" + data):
+        try:
+            decode_legacy_event_log(blob)
+        except CodecError:
+            pass
