@@ -98,7 +98,7 @@ class KmsKeyProvider:
                 return await self._from(url.rstrip("/"), request)
             except (KeyProviderError, ssl.SSLError, TimeoutError) as exc:
                 logger.warning("KMS %s failed: %s", url, exc)
-                errors.append(f"{url}: {exc}")
+                errors.append(str(exc))
         raise KeyProviderError("no KMS gave keys: " + "; ".join(errors))
 
     async def _post(

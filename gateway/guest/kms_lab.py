@@ -25,6 +25,7 @@ Policy: ``allowed_compose_hashes`` (empty = any) and the quote verifier's TCB po
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
@@ -43,12 +44,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from gateway.attest import eventlog
-from gateway.attest.quote import Collateral, QuoteVerificationError, QuoteVerifier
-from gateway.guest import certs, envcrypt, evidence, kdf, prpc
+from gateway.attest import eventlog, ratls
+from gateway.attest.evidence import EvidenceError
+from gateway.attest.quote import Collateral, QuoteVerifier
+from gateway.guest import certs, envcrypt, kdf, prpc
 from gateway.guest.keccak import keccak256
-from gateway.protocol.attestation import AttestedEvent, decode_attestation
-from gateway.protocol.errors import CodecError
 
 __all__ = ["KmsRoot", "LabKms", "create_kms_app", "kms_ssl_context"]
 
@@ -187,28 +187,27 @@ class LabKms:
         return kdf.derive_dh_secret(self.root.ca_key, [app_id, b"env-encrypt-key"])
 
     async def verify_client(self, cert_der: bytes) -> eventlog.AppIdentity:
-        """Verify an RA-TLS client certificate; returns the attested identity."""
-        cert = x509.load_der_x509_certificate(cert_der)
+        """Verify an RA-TLS client certificate with the attestation core.
+
+        ``verify_ratls_cert`` checks the key binding, the quote's report_data, the RTMR3
+        replay and the quote (dcap-qvl under the configured root and TCB policy). Then the
+        KMS's own policy: an app id and compose hash must be measured, and the compose hash
+        allowed if an allow-list is set.
+        """
         try:
-            raw = evidence.read_attestation_ext(cert)
-            if raw is None:
-                raise web.HTTPForbidden(text="client certificate carries no attestation")
-            att = decode_attestation(raw)
-        except CodecError as exc:
-            raise prpc.RpcError(f"bad attestation in client certificate: {exc}") from None
-        want = certs.ratls_report_data(certs.spki_der(cert.public_key()))  # type: ignore[arg-type]
-        if att.report_data != want:
-            raise prpc.RpcError("attestation is not bound to the client certificate key", 403)
-        try:
-            quote = await self.verifier.verify_async(att.quote, self.collateral(att.quote))
-        except QuoteVerificationError as exc:
-            raise prpc.RpcError(f"quote rejected: {exc}", 403) from None
-        if quote.report_data != att.report_data:
-            raise prpc.RpcError("quote report_data differs from the attestation's", 403)
-        events = [AttestedEvent(e.name, e.payload, e.version) for e in att.runtime_events]
-        ident = eventlog.decode_app_identity(events)
-        if ident.rtmr3 != quote.rt_mr3:
-            raise prpc.RpcError("runtime events do not replay to the quote's RTMR3", 403)
+            verified = await asyncio.to_thread(
+                ratls.verify_ratls_cert,
+                cert_der,
+                collateral=self.collateral,
+                root_ca_der=self.verifier.root_ca_der,
+                now=self.verifier.now(),
+                tcb_policy=self.verifier.policy,
+            )
+        except EvidenceError as exc:
+            raise prpc.RpcError(f"attestation rejected ({exc.reason.value}): {exc}", 403) from None
+        except ValueError as exc:  # an unparsable certificate
+            raise prpc.RpcError(f"bad client certificate: {exc}") from None
+        ident = verified.identity
         if len(ident.app_id) != 20 or len(ident.compose_hash) != 32:
             raise prpc.RpcError("the attested events carry no app-id/compose-hash", 403)
         if self.allowed_compose_hashes and ident.compose_hash not in self.allowed_compose_hashes:

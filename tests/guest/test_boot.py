@@ -230,7 +230,7 @@ def test_kms_refuses_quotes_from_another_root(
     port = free_port()
     with serve_tcp(create_kms_app(kms), port, kms_ssl_context(kms)):
         shared = make_shared(tmp_path, f"https://127.0.0.1:{port}", compose_doc())
-        with pytest.raises(BootError, match="quote rejected"):
+        with pytest.raises(BootError, match=r"attestation rejected \(quote_invalid\)"):
             asyncio.run(boot(shared, tmp_path / "work", tee, None).run())
 
 
