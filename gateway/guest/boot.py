@@ -91,6 +91,7 @@ class Boot:
     key_provider: Callable[[AppCompose], KeyProvider]
     runner: AppRunner | None = None
     host_api: HostApi | None = None
+    host_api_from_sys_config: bool = False  # dstack: notify host_api_url from .sys-config.json
     rng: Callable[[int], bytes] = os.urandom
     _cursor: int = 0
     _done: set[str] = field(default_factory=set)
@@ -167,6 +168,12 @@ class Boot:
             info = InstanceInfo.parse(shared.instance_info)
         except (hostshared.HostSharedError, identity.ComposeError) as exc:
             raise BootError("host-shared", str(exc)) from None
+        if (
+            self.host_api is None
+            and self.host_api_from_sys_config
+            and shared.sys_config.host_api_url
+        ):
+            self.host_api = HostApi(shared.sys_config.host_api_url)
         logger.info(
             "host-shared read: %s; app %r, key provider %s",
             ", ".join(shared.files),

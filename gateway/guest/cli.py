@@ -73,7 +73,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     boot.add_argument("--host-shared", type=Path, required=True)
     boot.add_argument("--work-dir", type=Path, required=True)
     boot.add_argument("--runner", choices=["docker", "local", "none"], default="docker")
-    boot.add_argument("--host-api", help="host API URL (vsock://2:PORT/api, http://..., unix:PATH)")
+    boot.add_argument(
+        "--host-api",
+        help="host API URL (vsock://2:PORT/api, http://..., unix:PATH), or 'sys-config' to use "
+        "host_api_url from .sys-config.json as dstack does (default: no notifications)",
+    )
     tee_args(boot)
 
     agent = sub.add_parser("agent", help="serve the guest agent after a boot")
@@ -83,6 +87,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     agent.add_argument("--public-port", type=int, help="public HTTP port (dstack: 8090)")
     agent.add_argument("--public-host", default="0.0.0.0")
     agent.add_argument("--guest-api-socket", type=Path, help="unix socket when vsock is absent")
+    agent.add_argument(
+        "--runner", choices=["docker", "none"], default="none", help="for ListContainers"
+    )
     tee_args(agent)
 
     sim = sub.add_parser("simulate", help="a simulated CVM serving the guest agent on a socket")
@@ -198,7 +205,10 @@ async def _boot(args: argparse.Namespace) -> int:
         tee=tee,
         key_provider=_provider,
         runner=_runner(args.runner),
-        host_api=HostApi(args.host_api) if args.host_api else None,
+        host_api=HostApi(args.host_api)
+        if args.host_api and args.host_api != "sys-config"
+        else None,
+        host_api_from_sys_config=args.host_api == "sys-config",
     )
     try:
         result = await boot.run()
@@ -219,7 +229,7 @@ async def _agent(args: argparse.Namespace) -> int:
     stop = _stop_event()
     await _serve(
         AgentService(state, tee),
-        None,
+        _runner(args.runner),
         stop,
         socket_path=args.socket,
         tappd_socket=args.tappd_socket,
