@@ -140,7 +140,7 @@ def _san(names: Sequence[str]) -> list[x509.GeneralName]:
 
 def issue_leaf(
     req: LeafRequest,
-    key: ec.EllipticCurvePrivateKey,
+    key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey,
     ca_key: ec.EllipticCurvePrivateKey,
     ca_cert: x509.Certificate,
     now: dt.datetime,
@@ -161,7 +161,7 @@ def issue_leaf(
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, req.subject or "dstack")]))
         .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
+        .public_key(key.public_key() if isinstance(key, ec.EllipticCurvePrivateKey) else key)
         .serial_number(serial)
         .not_valid_before(nb)
         .not_valid_after(na)

@@ -35,7 +35,7 @@ from gateway.guest.guestapi import VsockSite, create_guest_api_app, vsock_socket
 from gateway.guest.hostapi import HostApi
 from gateway.guest.identity import AppCompose, KeyProviderKind
 from gateway.guest.keys import KeyProvider, LocalKeyProvider, NoneKeyProvider
-from gateway.guest.kms_client import KmsKeyProvider
+from gateway.guest.kms_client import KmsKeyProvider, kms_signer_for
 from gateway.guest.public import create_public_app
 from gateway.guest.runner import AppRunner, DockerComposeRunner, LocalProcessRunner
 from gateway.guest.service import AgentService
@@ -228,7 +228,7 @@ async def _agent(args: argparse.Namespace) -> int:
     tee = _tee(args, args.work_dir / "sim")
     stop = _stop_event()
     await _serve(
-        AgentService(state, tee),
+        AgentService(state, tee, kms_signer=kms_signer_for(state.keys, state.vm_config)),
         _runner(args.runner),
         stop,
         socket_path=args.socket,
@@ -324,8 +324,9 @@ async def _simulate(args: argparse.Namespace) -> int:
         sys.stdout.write(f"dstack simulator ready: DSTACK_SIMULATOR_ENDPOINT={args.socket}\n")
         sys.stdout.flush()
 
+    signer = kms_signer_for(result.state.keys, result.state.vm_config)
     await _serve(
-        AgentService(result.state, tee),
+        AgentService(result.state, tee, kms_signer=signer),
         runner,
         _stop_event(),
         socket_path=args.socket,

@@ -31,10 +31,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.guest import certs, evidence
+from gateway.guest.csr import CertSigningRequestV2
 from gateway.guest.identity import KeyProviderKind
 from gateway.guest.keys import AppKeys, KeyProviderError, KeyRequest
+from gateway.guest.service import KmsSigner
 
-__all__ = ["KmsKeyProvider"]
+__all__ = ["KmsKeyProvider", "kms_sign_cert", "kms_signer_for"]
 
 MAX_REPLY = 1024 * 1024
 
@@ -223,3 +225,49 @@ class KmsKeyProvider:
             kms_url=f"{base}/prpc",
             app_ca_cert=str(doc.get("app_ca_cert") or ""),
         )
+
+
+async def kms_sign_cert(
+    kms_url: str,
+    ca_cert_pem: str,
+    csr: CertSigningRequestV2,
+    signature: bytes,
+    vm_config: str,
+    *,
+    timeout: float = 10.0,
+) -> list[str]:
+    """``SignCert`` at the KMS that issued this app's keys; returns the PEM chain.
+
+    The request carries its own attestation (bound to the certificate key), so it goes
+    over TLS trusting only the KMS root CA, without a client certificate.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False  # the KMS is identified by its root CA, not a name
+    ctx.load_verify_locations(cadata=ca_cert_pem)
+    body = {
+        "api_version": 2,
+        "csr": csr.encode().hex(),
+        "signature": signature.hex(),
+        "vm_config": vm_config,
+    }
+    base = kms_url.rstrip("/").removesuffix("/prpc")
+    client = KmsKeyProvider(timeout=timeout)
+    doc, peer = await client._post(f"{base}/prpc/SignCert?json", body, ctx)
+    if peer is None or evidence.special_usage(peer) != "kms:rpc":
+        raise KeyProviderError(f"{base}: the server certificate is not a KMS RPC certificate")
+    chain = doc.get("certificate_chain")
+    if not isinstance(chain, list) or not chain or not all(isinstance(c, str) for c in chain):
+        raise KeyProviderError("SignCert reply has no certificate_chain")
+    return list(chain)
+
+
+def kms_signer_for(keys: AppKeys, vm_config: str) -> KmsSigner | None:
+    """The agent's SignCert hook for keys that came from a KMS (``None`` otherwise)."""
+    if keys.provider is not KeyProviderKind.KMS or not keys.kms_url or keys.ca_key:
+        return None
+    url, root = keys.kms_url, keys.ca_cert
+
+    async def sign(csr: CertSigningRequestV2, signature: bytes) -> list[str]:
+        return await kms_sign_cert(url, root, csr, signature, vm_config)
+
+    return sign

@@ -30,6 +30,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import ssl
 import tempfile
 import time
@@ -47,8 +48,11 @@ from cryptography.x509.oid import NameOID
 from gateway.attest import eventlog, ratls
 from gateway.attest.evidence import EvidenceError
 from gateway.attest.quote import Collateral, QuoteVerifier
-from gateway.guest import certs, envcrypt, kdf, prpc
+from gateway.guest import certs, csr, envcrypt, kdf, prpc
 from gateway.guest.keccak import keccak256
+from gateway.protocol import appinfo
+from gateway.protocol.attestation import decode_attestation
+from gateway.protocol.errors import CodecError
 
 __all__ = ["KmsRoot", "LabKms", "create_kms_app", "kms_ssl_context"]
 
@@ -219,7 +223,6 @@ class LabKms:
         root = self.root
         k256 = kdf.derive_key(root.k256_scalar, [app_id, b"app-key"])
         app_pub = kdf.compressed_k256_pub(kdf.k256_key(k256))
-        ca_key, ca_cert = self.app_ca(app_id)
         os_image_hash = ""
         try:
             vm = json.loads(vm_config) if vm_config else {}
@@ -240,9 +243,72 @@ class LabKms:
             "tproxy_app_id": self.gateway_app_id,
             "gateway_app_id": self.gateway_app_id,
             "os_image_hash": os_image_hash,
-            "app_ca_cert": _pem(ca_cert),
-            "app_ca_key": _key_pem(ca_key),
         }
+
+    async def sign_cert(self, csr_bytes: bytes, signature: bytes) -> list[str]:
+        """``SignCert``: verify the CSR and its attestation, issue from the app's CA."""
+        try:
+            req = csr.decode_csr(csr_bytes)
+            att = decode_attestation(req.attestation)
+        except CodecError as exc:
+            raise prpc.RpcError(f"invalid CSR: {exc}") from None
+        if req.confirm != csr.CONFIRM:
+            raise prpc.RpcError("invalid CSR: wrong confirm word")
+        if not req.verify(signature):
+            raise prpc.RpcError("the CSR signature does not verify with its public key", 403)
+        try:
+            verified = await asyncio.to_thread(
+                ratls.verify_attestation,
+                att,
+                certs.ratls_report_data(req.pubkey),
+                collateral=self.collateral,
+                root_ca_der=self.verifier.root_ca_der,
+                now=self.verifier.now(),
+                tcb_policy=self.verifier.policy,
+            )
+        except EvidenceError as exc:
+            raise prpc.RpcError(f"attestation rejected ({exc.reason.value}): {exc}", 403) from None
+        ident = verified.identity
+        if len(ident.app_id) != 20:
+            raise prpc.RpcError("the attested events carry no app-id", 403)
+        pub = serialization.load_der_public_key(req.pubkey)
+        if not isinstance(pub, ec.EllipticCurvePublicKey):
+            raise prpc.RpcError("only EC keys are signed")
+        c = req.config
+        info = None
+        if c.ext_app_info:
+            info = appinfo.encode_app_info(
+                appinfo.AppInfo(
+                    app_id=ident.app_id,
+                    compose_hash=ident.compose_hash,
+                    instance_id=ident.instance_id,
+                    device_id=hashlib.sha256(b"").digest(),
+                    mr_system=verified.mr_system,
+                    mr_aggregated=verified.mr_aggregated,
+                    os_image_hash=ident.os_image_hash,
+                    key_provider_info=ident.key_provider_payload,
+                )
+            )
+        ca_key, ca_cert = self.app_ca(ident.app_id)
+        leaf = certs.issue_leaf(
+            certs.LeafRequest(
+                subject=c.subject,
+                alt_names=c.subject_alt_names,
+                usage_server_auth=c.usage_server_auth,
+                usage_client_auth=c.usage_client_auth,
+                not_before=c.not_before,
+                not_after=c.not_after,
+                attestation=req.attestation if c.ext_quote else None,
+                app_info=info,
+                app_id=ident.app_id,
+            ),
+            pub,
+            ca_key,
+            ca_cert,
+            dt.datetime.now(dt.UTC),
+            int.from_bytes(os.urandom(15), "big") + 1,
+        )
+        return [_pem(leaf), _pem(ca_cert), _pem(self.root.ca_cert)]
 
     def env_pubkey(self, app_id: bytes, now: int) -> dict[str, Any]:
         pub = envcrypt.env_public_key(self.env_crypt_key(app_id))
@@ -340,7 +406,14 @@ def create_kms_app(kms: LabKms, clock: Callable[[], float] = time.time) -> web.A
             "gateway_app_id": kms.gateway_app_id,
         }
 
+    async def sign_cert(request: web.Request, args: prpc.Args) -> Any:
+        chain = await kms.sign_cert(
+            prpc.get_bytes(args, "csr", 256 * 1024), prpc.get_bytes(args, "signature", 1024)
+        )
+        return {"certificate_chain": chain}
+
     methods = {
+        "SignCert": sign_cert,
         "GetTempCaCert": get_temp_ca_cert,
         "GetAppKey": get_app_key,
         "GetAppEnvEncryptPubKey": get_env_pubkey,

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.attest import eventlog
 from gateway.guest import certs, evidence, kdf
+from gateway.guest.csr import CertConfigV2, CertSigningRequestV2
 from gateway.guest.identity import AppCompose
 from gateway.guest.keccak import keccak256
 from gateway.guest.keys import AppKeys, KeyProviderError
@@ -39,7 +40,10 @@ from gateway.protocol.attestation import (
 )
 from gateway.tee.base import REPORT_DATA_SIZE, RuntimeEvent, TeeBackend, TeeError
 
-__all__ = ["AGENT_VERSION", "AgentService", "GuestState"]
+__all__ = ["AGENT_VERSION", "AgentService", "GuestState", "KmsSigner"]
+
+# (csr, DER signature) -> PEM chain, from the KMS's SignCert
+KmsSigner = Callable[[CertSigningRequestV2, bytes], Awaitable[list[str]]]
 
 AGENT_VERSION = "0.5.8"  # the dstack guest-agent API level this agent implements
 AGENT_REV = "gateway-guest"
@@ -76,9 +80,11 @@ class AgentService:
         *,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         rng: Callable[[int], bytes] = os.urandom,
+        kms_signer: KmsSigner | None = None,
     ) -> None:
         self.state = state
         self.tee = tee
+        self._kms_signer = kms_signer
         self._clock = clock
         self._rng = rng
         self._emit_lock = asyncio.Lock()
@@ -284,27 +290,61 @@ class AgentService:
                 )
             )
         keys = self.state.keys
-        try:
-            ca_key = keys.ca_private_key()
-        except KeyProviderError as exc:
-            raise RpcError(str(exc)) from None
-        from dataclasses import replace
-
-        leaf = certs.issue_leaf(
-            replace(req, attestation=attestation, app_info=info),
-            key,
-            ca_key,
-            keys.signing_ca_cert(),
-            self._clock(),
-            secrets.randbits(127) + 1,
-        )
         key_pem = key.private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         ).decode()
+        if not keys.ca_key:
+            chain = await self._sign_at_kms(req, key, attestation, usage_ra_tls, with_app_info)
+            return {"key": key_pem, "certificate_chain": chain}
+        from dataclasses import replace
+
+        leaf = certs.issue_leaf(
+            replace(req, attestation=attestation, app_info=info),
+            key,
+            keys.ca_private_key(),
+            keys.signing_ca_cert(),
+            self._clock(),
+            secrets.randbits(127) + 1,
+        )
         chain = [leaf.public_bytes(serialization.Encoding.PEM).decode(), *keys.chain_pems()]
         return {"key": key_pem, "certificate_chain": chain}
+
+    async def _sign_at_kms(
+        self,
+        req: certs.LeafRequest,
+        key: ec.EllipticCurvePrivateKey,
+        attestation: bytes | None,
+        usage_ra_tls: bool,
+        with_app_info: bool,
+    ) -> list[str]:
+        """Upstream's path with a KMS: a CSR (with our attestation) to ``SignCert``."""
+        if self._kms_signer is None:
+            raise RpcError(
+                "this app's certificates are issued by its KMS, and no KMS signer is configured"
+            )
+        if attestation is None:
+            rd = certs.ratls_report_data(certs.spki_der(key))
+            attestation = encode_attestation_v0(strip_attestation(await self.attestation(rd)))
+        csr = CertSigningRequestV2(
+            pubkey=certs.spki_der(key),
+            config=CertConfigV2(
+                subject=req.subject,
+                subject_alt_names=req.alt_names,
+                usage_server_auth=req.usage_server_auth,
+                usage_client_auth=req.usage_client_auth,
+                ext_quote=usage_ra_tls,
+                ext_app_info=with_app_info,
+                not_before=req.not_before,
+                not_after=req.not_after,
+            ),
+            attestation=attestation,
+        )
+        try:
+            return await self._kms_signer(csr, csr.sign(key))
+        except KeyProviderError as exc:
+            raise RpcError(f"KMS SignCert failed: {exc}") from None
 
     @staticmethod
     def version() -> dict[str, str]:

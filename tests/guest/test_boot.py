@@ -12,15 +12,18 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from dstack_sdk import EnvVar, encrypt_env_vars_sync
 
+from gateway.attest import ratls
 from gateway.attest.quote import QuoteVerifier
 from gateway.guest import certs, kdf
 from gateway.guest.boot import Boot, BootError, load_state
 from gateway.guest.identity import AppCompose, KeyProviderKind
 from gateway.guest.keccak import keccak256
 from gateway.guest.keys import KeyProvider, LocalKeyProvider, NoneKeyProvider
-from gateway.guest.kms_client import KmsKeyProvider
+from gateway.guest.kms_client import KmsKeyProvider, kms_signer_for
 from gateway.guest.kms_lab import KmsRoot, LabKms, create_kms_app, kms_ssl_context
 from gateway.guest.runner import LocalProcessRunner
 from gateway.guest.service import AgentService
@@ -119,7 +122,11 @@ def boot(shared: Path, work: Path, tee: SimTee, runner: LocalProcessRunner | Non
 
 @pytest.mark.slow
 def test_full_lab_boot(
-    tmp_path: Path, lab_kms: tuple[LabKms, str], tee: SimTee, runner: LocalProcessRunner
+    tmp_path: Path,
+    lab_kms: tuple[LabKms, str],
+    tee: SimTee,
+    runner: LocalProcessRunner,
+    sim_pki: SimPki,
 ) -> None:
     kms, url = lab_kms
     shared = make_shared(tmp_path, url, compose_doc())
@@ -159,14 +166,37 @@ def test_full_lab_boot(
     wait_until(lambda: out.exists() and out.read_text().strip() != "", None, 10, "app output")
     assert out.read_text() == "token=s3cret other=unset\n"
     # the agent serves from the saved state; GetTlsKey chains to the KMS root
-    svc = AgentService(load_state(work), tee)
-    chain = asyncio.run(
-        svc.get_tls_key(certs.LeafRequest(subject="x"), usage_ra_tls=False, with_app_info=False)
-    )["certificate_chain"]
-    leaf, app_ca, root = (x509.load_pem_x509_certificate(p.encode()) for p in chain)
-    leaf.verify_directly_issued_by(app_ca)
+    state = load_state(work)
+    svc = AgentService(state, tee, kms_signer=kms_signer_for(state.keys, state.vm_config))
+    got = asyncio.run(
+        svc.get_tls_key(
+            certs.LeafRequest(subject="app", alt_names=("app.test",), usage_server_auth=True),
+            usage_ra_tls=True,
+            with_app_info=True,
+        )
+    )
+    leaf, app_ca, root = (
+        x509.load_pem_x509_certificate(p.encode()) for p in got["certificate_chain"]
+    )
+    leaf.verify_directly_issued_by(app_ca)  # signed by the KMS through SignCert
     app_ca.verify_directly_issued_by(root)
     assert root == kms.root.ca_cert
+    app_id_ext = leaf.extensions.get_extension_for_oid(certs.OID_APP_ID).value
+    assert isinstance(app_id_ext, x509.UnrecognizedExtension)
+    assert app_id_ext.value == certs.der_octet_string(app_id)
+    key = serialization.load_pem_private_key(got["key"].encode(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    assert leaf.public_key() == key.public_key()
+    # the RA-TLS leaf verifies with the attestation core, as a gateway would check it
+    now = int(time.time())
+    verified = ratls.verify_ratls_cert(
+        leaf, collateral=sim_pki.collateral(now), root_ca_der=sim_pki.root_ca_der, now=now
+    )
+    assert verified.identity.app_id == app_id
+    assert (
+        verified.identity.compose_hash
+        == AppCompose.parse((shared / "app-compose.json").read_bytes()).hash
+    )
 
     # a retry in the same boot is a no-op: same events, app not started twice
     pid = (work / "app.pid").read_text()

@@ -77,6 +77,7 @@ def test_simulator_end_to_end(
             info = client.info()
             quote = client.get_quote(b"nonce-1234")
             key = client.get_key("wallet", "eth")
+            tls = client.get_tls_key(subject="dev", usage_ra_tls=True)
             client.emit_event("dev-event", b"1")
             after = client.get_quote(b"nonce-5678")
         finally:
@@ -107,6 +108,7 @@ def test_simulator_end_to_end(
         )
         assert replay(events) == later.rt_mr3
         assert info.app_name == "dev-app" and len(key.decode_key()) == 32
+        assert len(tls.certificate_chain) == 3  # leaf, app CA, KMS root (KMS SignCert)
         # the public port reveals only what app-compose makes public
         with httpx.Client(base_url=f"http://127.0.0.1:{port}") as http:
             r = http.get("/prpc/Worker.Info")
