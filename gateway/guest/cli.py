@@ -41,6 +41,7 @@ from gateway.guest.runner import AppRunner, DockerComposeRunner, LocalProcessRun
 from gateway.guest.service import AgentService
 from gateway.tee.base import TeeBackend
 from gateway.util.logs import setup_logging
+from gateway.util.tasks import spawn
 
 __all__ = ["add_arguments", "run"]
 
@@ -187,6 +188,7 @@ async def _serve(
             await start(guest_api, lambda r: VsockSite(r, vsock))
         elif guest_api_socket is not None:
             await start(guest_api, unix(guest_api_socket))
+        spawn(svc.refresh_app_cert(), name="guest-app-cert")
         logger.info("guest agent serving on %s", socket_path)
         on_ready()
         await stop.wait()

@@ -13,6 +13,7 @@ import asyncio
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable
@@ -39,6 +40,8 @@ from gateway.protocol.attestation import (
     strip_attestation,
 )
 from gateway.tee.base import REPORT_DATA_SIZE, RuntimeEvent, TeeBackend, TeeError
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["AGENT_VERSION", "AgentService", "GuestState", "KmsSigner"]
 
@@ -85,6 +88,7 @@ class AgentService:
         self.state = state
         self.tee = tee
         self._kms_signer = kms_signer
+        self._app_cert = ""
         self._clock = clock
         self._rng = rng
         self._emit_lock = asyncio.Lock()
@@ -164,7 +168,7 @@ class AgentService:
         return {
             "app_id": ident.app_id.hex(),
             "instance_id": ident.instance_id.hex(),
-            "app_cert": "",
+            "app_cert": self._app_cert,
             "tcb_info": json.dumps(self.tcb_info(), indent=2, sort_keys=True) if public_tcb else "",
             "app_name": self.state.compose.name,
             "device_id": _EMPTY_SHA256.hex(),
@@ -345,6 +349,22 @@ class AgentService:
             return await self._kms_signer(csr, csr.sign(key))
         except KeyProviderError as exc:
             raise RpcError(f"KMS SignCert failed: {exc}") from None
+
+    async def refresh_app_cert(self) -> None:
+        """Info's ``app_cert``: upstream's "demo cert" (client auth, RA-TLS), made once at
+        start in the background so that Info never waits for the KMS."""
+        try:
+            got = await self.get_tls_key(
+                certs.LeafRequest(
+                    subject="demo-cert", usage_server_auth=False, usage_client_auth=True
+                ),
+                usage_ra_tls=True,
+                with_app_info=False,
+            )
+        except RpcError as exc:
+            logger.warning("no app_cert for Info: %s", exc)
+            return
+        self._app_cert = got["certificate_chain"][0]
 
     @staticmethod
     def version() -> dict[str, str]:

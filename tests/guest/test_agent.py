@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Iterator
@@ -97,7 +98,11 @@ def test_attest_decodes_and_replays(client: DstackClient, sim_pki: SimPki) -> No
 
 
 def test_info_parses_with_the_sdk_models(client: DstackClient, service: AgentService) -> None:
+    assert client.info().app_cert == ""
+    asyncio.run(service.refresh_app_cert())
     info = client.info()
+    cert = x509.load_pem_x509_certificate(info.app_cert.encode())
+    assert cert.extensions.get_extension_for_oid(certs.OID_ATTESTATION)
     assert isinstance(info.tcb_info, TcbInfoV05x)
     assert info.app_id == VECTORS["app_id"]
     assert info.app_name == "sdk-test-app"
