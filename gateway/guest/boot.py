@@ -184,6 +184,11 @@ class Boot:
         copy.mkdir(exist_ok=True, mode=0o700)
         write_atomic(copy / hostshared.APP_COMPOSE, shared.app_compose, 0o644)
         write_atomic(copy / ".sys-config.json", shared.sys_config_raw, 0o644)
+        if shared.user_config:  # opaque to the shim; apps read it as upstream's user_config
+            write_atomic(copy / ".user-config", shared.user_config, 0o644)
+            link = self.work_dir / "user_config"
+            if not link.is_symlink():
+                link.symlink_to(Path(HOST_SHARED_COPY) / ".user-config")
 
         # 2. measure the identity
         seed_hex = state.get("instance_id_seed")

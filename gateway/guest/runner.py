@@ -7,7 +7,7 @@
   (runner ``bash``) as a child in its own session, with the decrypted env; its PID is kept
   in the work dir so that a retried boot does not start it twice.
 
-Both run ``pre_launch_script`` first (it is part of app-compose, so it is measured).
+Both run ``init_script`` and ``pre_launch_script`` first (part of app-compose, so measured).
 """
 
 from __future__ import annotations
@@ -92,6 +92,17 @@ async def _run_script(
         raise RunnerError(f"{what} exited with status {code} (see {log_path})")
 
 
+async def run_measured_scripts(
+    compose: AppCompose, env: Mapping[str, str], work_dir: Path, timeout: float
+) -> None:
+    """``init_script`` (each, in order) then ``pre_launch_script``: both are part of
+    app-compose, hence measured. A non-zero exit fails the boot."""
+    for i, script in enumerate(compose.init_scripts):
+        await _run_script(script, env, work_dir, f"init-script-{i}", timeout)
+    if compose.pre_launch_script:
+        await _run_script(compose.pre_launch_script, env, work_dir, "pre-launch", timeout)
+
+
 class LocalProcessRunner:
     """Runs ``bash_script`` as a local child process (runner ``bash``)."""
 
@@ -102,8 +113,7 @@ class LocalProcessRunner:
         self._name = ""
 
     async def pre_launch(self, compose: AppCompose, env: Mapping[str, str], work_dir: Path) -> None:
-        if compose.pre_launch_script:
-            await _run_script(compose.pre_launch_script, env, work_dir, "pre-launch", self._timeout)
+        await run_measured_scripts(compose, env, work_dir, self._timeout)
 
     @staticmethod
     def _alive(pid: int) -> bool:
@@ -186,8 +196,7 @@ class DockerComposeRunner:
         self._project: Path | None = None
 
     async def pre_launch(self, compose: AppCompose, env: Mapping[str, str], work_dir: Path) -> None:
-        if compose.pre_launch_script:
-            await _run_script(compose.pre_launch_script, env, work_dir, "pre-launch", self._timeout)
+        await run_measured_scripts(compose, env, work_dir, self._timeout)
 
     async def start(self, compose: AppCompose, env: Mapping[str, str], work_dir: Path) -> None:
         if compose.runner not in ("docker-compose", "nerdctl-compose"):

@@ -267,7 +267,9 @@ def test_kms_refuses_quotes_from_another_root(
 def test_none_provider_boot(tmp_path: Path, tee: SimTee) -> None:
     shared = make_shared(tmp_path, "https://unused", compose_doc(key_provider="none"))
     (shared / ".encrypted-env").write_bytes(os.urandom(100))  # ignored without an env key
+    (shared / ".user-config").write_bytes(b"opaque")
     result = asyncio.run(boot(shared, tmp_path / "work", tee, None).run())
+    assert (tmp_path / "work" / "user_config").read_bytes() == b"opaque"
     names = [e.name for e in tee.runtime_events()]
     assert "os-image-hash" not in names and names[-1] == "system-ready"
     assert json.loads(dict((e.name, e.payload) for e in tee.runtime_events())["key-provider"]) == {

@@ -73,14 +73,15 @@ def test_docker_runner_command(tmp_path: Path) -> None:
                 "name": "d",
                 "runner": "docker-compose",
                 "docker_compose_file": "services: {}",
-                "pre_launch_script": "echo pre > pre.txt",
+                "pre_launch_script": "echo pre >> pre.txt",
+                "init_script": "echo init > pre.txt",
             }
         ).encode()
     )
     runner = DockerComposeRunner(docker=str(fake), timeout=10)
     asyncio.run(runner.pre_launch(compose, {"API_KEY": "k"}, work))
     asyncio.run(runner.start(compose, {"API_KEY": "k"}, work))
-    assert (work / "pre.txt").read_text() == "pre\n"
+    assert (work / "pre.txt").read_text() == "init\npre\n"  # init scripts run first
     assert (work / "docker-args.txt").read_text() == (
         "compose -f docker-compose.yaml up --remove-orphans -d --build\n"
     )
