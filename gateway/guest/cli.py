@@ -29,6 +29,8 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.attest.eventlog import replay_boot_rtmrs
+from gateway.guest import ccel, evidence
 from gateway.guest.agent import create_agent_app, create_tappd_app
 from gateway.guest.boot import Boot, BootError, load_state
 from gateway.guest.guestapi import VsockSite, create_guest_api_app, vsock_socket
@@ -39,7 +41,10 @@ from gateway.guest.kms_client import KmsKeyProvider, kms_signer_for
 from gateway.guest.public import create_public_app
 from gateway.guest.runner import AppRunner, DockerComposeRunner, LocalProcessRunner
 from gateway.guest.service import AgentService
+from gateway.protocol.attestation import TdxEvent
 from gateway.tee.base import TeeBackend
+from gateway.tee.sim import SimImage, SimTee
+from gateway.tee.sim_pki import SimPki
 from gateway.util.logs import setup_logging
 from gateway.util.tasks import spawn
 
@@ -101,20 +106,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sim.add_argument("--public-port", type=int)
 
 
-def _tee(args: argparse.Namespace, default_dir: Path) -> TeeBackend:
-    if args.tee == "tdx":
-        try:
-            from gateway.tee import tdx  # type: ignore[attr-defined,unused-ignore]
-        except ImportError:
-            raise SystemExit(
-                "error: the tdx backend (gateway.tee.tdx) is not available here"
-            ) from None
-        backend: TeeBackend = tdx.TdxTee()
-        return backend
-    from gateway.tee.sim import SimTee
+SIM_IMAGE = "gateway-dstack-sim"
 
+
+def sim_tee(pki: SimPki, state_dir: Path) -> tuple[SimTee, tuple[TdxEvent, ...]]:
+    """A simulated TD whose RTMR0-2 replay from a (simulated) firmware log, as a real
+    TD's do from its CCEL; returns the backend and that boot log."""
+    boot_log = ccel.sim_firmware_log(SIM_IMAGE)
+    r0, r1, r2 = replay_boot_rtmrs(boot_log)
+    base = SimImage.named(SIM_IMAGE)
+    image = SimImage(name=SIM_IMAGE, mr_td=base.mr_td, rt_mr0=r0, rt_mr1=r1, rt_mr2=r2)
+    return SimTee(pki, state_dir, image), boot_log
+
+
+def _tee(args: argparse.Namespace, default_dir: Path) -> tuple[TeeBackend, tuple[TdxEvent, ...]]:
+    if args.tee == "tdx":
+        from gateway.tee.tdx import TdxTee
+
+        return TdxTee(), evidence.read_boot_log(evidence.CCEL_PATH)
     sim_dir = args.sim_dir or default_dir
-    return SimTee.open(sim_dir / "pki", sim_dir / "tee")
+    return sim_tee(SimPki.load_or_create(sim_dir / "pki"), sim_dir / "tee")
 
 
 def _provider(compose: AppCompose, kms_urls: tuple[str, ...] | None = None) -> KeyProvider:
@@ -200,7 +211,7 @@ async def _serve(
 
 
 async def _boot(args: argparse.Namespace) -> int:
-    tee = _tee(args, args.work_dir / "sim")
+    tee, _ = _tee(args, args.work_dir / "sim")
     boot = Boot(
         host_shared=args.host_shared,
         work_dir=args.work_dir,
@@ -227,10 +238,13 @@ async def _agent(args: argparse.Namespace) -> int:
     except BootError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
-    tee = _tee(args, args.work_dir / "sim")
+    tee, boot_log = _tee(args, args.work_dir / "sim")
     stop = _stop_event()
+    svc = AgentService(
+        state, tee, kms_signer=kms_signer_for(state.keys, state.vm_config), boot_log=boot_log
+    )
     await _serve(
-        AgentService(state, tee, kms_signer=kms_signer_for(state.keys, state.vm_config)),
+        svc,
         _runner(args.runner),
         stop,
         socket_path=args.socket,
@@ -269,8 +283,6 @@ async def _simulate(args: argparse.Namespace) -> int:
     from gateway.attest.quote import QuoteVerifier
     from gateway.guest import envcrypt
     from gateway.guest.kms_lab import KmsRoot, LabKms, create_kms_app, kms_ssl_context
-    from gateway.tee.sim import SimTee
-    from gateway.tee.sim_pki import SimPki
 
     state = args.state_dir or args.socket.parent / ".dstack-sim"
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -279,7 +291,7 @@ async def _simulate(args: argparse.Namespace) -> int:
     for stale in ("tee", "work"):  # every start is a fresh boot of the simulated CVM
         if (state / stale).exists():
             shutil.rmtree(state / stale)
-    tee = SimTee(pki, state / "tee")
+    tee, boot_log = sim_tee(pki, state / "tee")
     kms = LabKms(
         root=KmsRoot.load_or_create(state / "kms"),  # stable: the app's keys survive restarts
         verifier=QuoteVerifier(root_ca_der=pki.root_ca_der),
@@ -328,7 +340,7 @@ async def _simulate(args: argparse.Namespace) -> int:
 
     signer = kms_signer_for(result.state.keys, result.state.vm_config)
     await _serve(
-        AgentService(result.state, tee, kms_signer=signer),
+        AgentService(result.state, tee, kms_signer=signer, boot_log=boot_log),
         runner,
         _stop_event(),
         socket_path=args.socket,

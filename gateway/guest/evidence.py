@@ -7,14 +7,16 @@ client certificate carries the CVM's attestation bound to the certificate's key.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import secrets
+from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from gateway.guest import certs
+from gateway.guest import ccel, certs
 from gateway.protocol.attestation import (
     Attestation,
     AttestedEvent,
@@ -25,25 +27,47 @@ from gateway.protocol.attestation import (
 from gateway.protocol.errors import CodecError
 from gateway.tee.base import TeeBackend
 
-__all__ = ["event_log", "make_attestation", "ratls_client_cert", "read_attestation_ext"]
+__all__ = [
+    "CCEL_PATH",
+    "event_log",
+    "make_attestation",
+    "ratls_client_cert",
+    "read_attestation_ext",
+    "read_boot_log",
+]
+
+logger = logging.getLogger(__name__)
+CCEL_PATH = Path("/sys/firmware/acpi/tables/data/CCEL")
 
 
 def runtime_events(tee: TeeBackend) -> tuple[AttestedEvent, ...]:
     return tuple(AttestedEvent(e.name, e.payload) for e in tee.runtime_events())
 
 
-def event_log(tee: TeeBackend) -> tuple[TdxEvent, ...]:
-    """Boot events (if the backend has a CCEL) then runtime events with true digests."""
-    fn = getattr(tee, "boot_event_log", None)
-    boot = tuple(fn()) if callable(fn) else ()
-    return boot + tuple(TdxEvent.runtime(e) for e in runtime_events(tee))
+def event_log(tee: TeeBackend, boot_log: tuple[TdxEvent, ...] = ()) -> tuple[TdxEvent, ...]:
+    """Boot (CCEL) events, then runtime events with their true digests."""
+    return boot_log + tuple(TdxEvent.runtime(e) for e in runtime_events(tee))
 
 
-def make_attestation(tee: TeeBackend, report_data: bytes, vm_config: str) -> Attestation:
+def read_boot_log(path: Path) -> tuple[TdxEvent, ...]:
+    """The CCEL boot events at ``path``; empty (with a warning) if absent or unreadable,
+    so that a firmware quirk costs replayable boot events, not the agent."""
+    try:
+        return ccel.parse_ccel(path.read_bytes())
+    except FileNotFoundError:
+        return ()
+    except (OSError, CodecError) as exc:
+        logger.warning("boot event log %s not used: %s", path, exc)
+        return ()
+
+
+def make_attestation(
+    tee: TeeBackend, report_data: bytes, vm_config: str, boot_log: tuple[TdxEvent, ...] = ()
+) -> Attestation:
     """Quote + full log + runtime events for 64-byte ``report_data`` (blocking)."""
     return Attestation(
         quote=tee.get_quote(report_data),
-        event_log=event_log(tee),
+        event_log=event_log(tee, boot_log),
         runtime_events=runtime_events(tee),
         report_data=report_data,
         config=vm_config,

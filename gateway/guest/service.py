@@ -84,7 +84,9 @@ class AgentService:
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         rng: Callable[[int], bytes] = os.urandom,
         kms_signer: KmsSigner | None = None,
+        boot_log: tuple[TdxEvent, ...] = (),
     ) -> None:
+        self._boot_log = boot_log
         self.state = state
         self.tee = tee
         self._kms_signer = kms_signer
@@ -104,7 +106,7 @@ class AgentService:
         Upstream empties imr-3 digests in GetQuote, which breaks SDK 0.5.4's
         ``replay_rtmrs``; verifiers recompute runtime digests anyway, so we keep them.
         """
-        return evidence.event_log(self.tee)
+        return evidence.event_log(self.tee, self._boot_log)
 
     async def _quote(self, report_data: bytes) -> bytes:
         try:
@@ -116,7 +118,11 @@ class AgentService:
         """A fresh ``VersionedAttestation`` (full event log) for 64-byte ``report_data``."""
         try:
             return await asyncio.to_thread(
-                evidence.make_attestation, self.tee, report_data, self.state.vm_config
+                evidence.make_attestation,
+                self.tee,
+                report_data,
+                self.state.vm_config,
+                self._boot_log,
             )
         except TeeError as exc:
             raise RpcError(f"failed to get quote: {exc}") from None

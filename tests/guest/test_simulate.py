@@ -107,6 +107,8 @@ def test_simulator_end_to_end(
             after.decode_quote(), pki.collateral(now), root_ca_der=pki.root_ca_der, now=now
         )
         assert replay(events) == later.rt_mr3
+        # the simulated firmware log makes the SDK's own replay match every RTMR
+        assert after.replay_rtmrs() == {i: mr.hex() for i, mr in enumerate(later.rtmrs)}
         assert info.app_name == "dev-app" and len(key.decode_key()) == 32
         assert len(tls.certificate_chain) == 3  # leaf, app CA, KMS root (KMS SignCert)
         # the public port reveals only what app-compose makes public
