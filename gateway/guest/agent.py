@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
-from gateway.guest import certs, prpc
+from gateway.guest import certs, kdf, prpc
 from gateway.guest.prpc import Args, Method, RpcError
 from gateway.guest.service import AgentService
 
@@ -103,8 +103,6 @@ def tappd_methods(svc: AgentService) -> dict[str, Method]:
         return await svc.tdx_quote(prpc.get_bytes(a, "report_data", 1024), "raw", "")
 
     async def derive_key(a: Args) -> object:
-        from gateway.guest import kdf
-
         path = prpc.get_str(a, "path")
         if prpc.get_bool(a, "random_seed"):
             key = None

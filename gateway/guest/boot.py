@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from gateway.guest import envcrypt, hostshared, identity
+from gateway.guest.files import write_atomic
 from gateway.guest.hostapi import HostApi
 from gateway.guest.identity import AppCompose, InstanceInfo, KeyProviderKind
 from gateway.guest.keys import AppKeys, KeyProvider, KeyProviderError, KeyRequest
@@ -56,18 +57,6 @@ class BootError(RuntimeError):
     def __init__(self, step: str, message: str) -> None:
         self.step = step
         super().__init__(f"boot failed at {step}: {message}")
-
-
-def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write ``data`` to ``path`` via a temporary file and rename (never half-written)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,6 +72,70 @@ def _hex(doc: dict[str, Any], name: str, size: int | None = None) -> bytes:
     return out
 
 
+async def https_post_json(
+    url: str, body: dict[str, Any], ctx: ssl.SSLContext, timeout: float
+) -> tuple[dict[str, Any], x509.Certificate | None]:
+    """POST JSON over a fresh TLS connection; returns the reply and the server cert.
+
+    A plain HTTP/1.1 exchange on our own connection, so that the server certificate
+    the reply came over is known (needed for the ``kms:rpc`` check).
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not parts.hostname:
+        raise KeyProviderError(f"KMS URL {url!r} must be https://")
+    port = parts.port or 443
+    data = json.dumps(body, separators=(",", ":")).encode()
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    head = (
+        f"POST {target} HTTP/1.1\r\nHost: {parts.hostname}:{port}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+
+    async def exchange() -> tuple[bytes, bytes | None]:
+        reader, writer = await asyncio.open_connection(
+            parts.hostname, port, ssl=ctx, server_hostname=parts.hostname
+        )
+        try:
+            ssl_obj = writer.get_extra_info("ssl_object")
+            peer = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
+            writer.write(head + data)
+            await writer.drain()
+            raw = await reader.read(MAX_REPLY + 1)
+            while chunk := await reader.read(65536):
+                raw += chunk
+                if len(raw) > MAX_REPLY:
+                    break
+        finally:
+            writer.close()
+        return raw, peer
+
+    try:
+        raw, peer_der = await asyncio.wait_for(exchange(), timeout)
+    except (OSError, ssl.SSLError) as exc:
+        raise KeyProviderError(f"{url}: {exc}") from None
+    if len(raw) > MAX_REPLY:
+        raise KeyProviderError(f"{url}: reply larger than {MAX_REPLY} bytes")
+    header, _, payload = raw.partition(b"\r\n\r\n")
+    status_line, *header_lines = header.decode("latin-1").split("\r\n")
+    status = status_line.split(" ", 2)[1] if status_line.count(" ") >= 1 else "?"
+    if any(
+        h.lower().startswith("transfer-encoding:") and "chunked" in h.lower() for h in header_lines
+    ):
+        payload = _dechunk(payload)
+    text = payload.decode("utf-8", "replace")
+    if status != "200":
+        raise KeyProviderError(f"{url}: HTTP {status}: {text[:300]}")
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        raise KeyProviderError(f"{url}: reply is not JSON") from None
+    if not isinstance(doc, dict):
+        raise KeyProviderError(f"{url}: reply is not a JSON object")
+    peer = x509.load_der_x509_certificate(peer_der) if peer_der else None
+    return doc, peer
+
+
 class KmsKeyProvider:
     """Gets app keys from a dstack KMS (or the lab KMS)."""
 
@@ -103,75 +167,13 @@ class KmsKeyProvider:
                 errors.append(str(exc))
         raise KeyProviderError("no KMS gave keys: " + "; ".join(errors))
 
-    async def _post(
-        self, url: str, body: dict[str, Any], ctx: ssl.SSLContext
-    ) -> tuple[dict[str, Any], x509.Certificate | None]:
-        """POST JSON over a fresh TLS connection; returns the reply and the server cert.
-
-        A plain HTTP/1.1 exchange on our own connection, so that the server certificate
-        the reply came over is known (needed for the ``kms:rpc`` check).
-        """
-        parts = urlsplit(url)
-        if parts.scheme != "https" or not parts.hostname:
-            raise KeyProviderError(f"KMS URL {url!r} must be https://")
-        port = parts.port or 443
-        data = json.dumps(body, separators=(",", ":")).encode()
-        target = parts.path + (f"?{parts.query}" if parts.query else "")
-        head = (
-            f"POST {target} HTTP/1.1\r\nHost: {parts.hostname}:{port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-            "Connection: close\r\n\r\n"
-        ).encode()
-
-        async def exchange() -> tuple[bytes, bytes | None]:
-            reader, writer = await asyncio.open_connection(
-                parts.hostname, port, ssl=ctx, server_hostname=parts.hostname
-            )
-            try:
-                ssl_obj = writer.get_extra_info("ssl_object")
-                peer = ssl_obj.getpeercert(binary_form=True) if ssl_obj is not None else None
-                writer.write(head + data)
-                await writer.drain()
-                raw = await reader.read(MAX_REPLY + 1)
-                while chunk := await reader.read(65536):
-                    raw += chunk
-                    if len(raw) > MAX_REPLY:
-                        break
-            finally:
-                writer.close()
-            return raw, peer
-
-        try:
-            raw, peer_der = await asyncio.wait_for(exchange(), self._timeout)
-        except (OSError, ssl.SSLError) as exc:
-            raise KeyProviderError(f"{url}: {exc}") from None
-        if len(raw) > MAX_REPLY:
-            raise KeyProviderError(f"{url}: reply larger than {MAX_REPLY} bytes")
-        header, _, payload = raw.partition(b"\r\n\r\n")
-        status_line, *header_lines = header.decode("latin-1").split("\r\n")
-        status = status_line.split(" ", 2)[1] if status_line.count(" ") >= 1 else "?"
-        if any(
-            h.lower().startswith("transfer-encoding:") and "chunked" in h.lower()
-            for h in header_lines
-        ):
-            payload = _dechunk(payload)
-        text = payload.decode("utf-8", "replace")
-        if status != "200":
-            raise KeyProviderError(f"{url}: HTTP {status}: {text[:300]}")
-        try:
-            doc = json.loads(text)
-        except ValueError:
-            raise KeyProviderError(f"{url}: reply is not JSON") from None
-        if not isinstance(doc, dict):
-            raise KeyProviderError(f"{url}: reply is not a JSON object")
-        peer = x509.load_der_x509_certificate(peer_der) if peer_der else None
-        return doc, peer
-
     async def _from(self, base: str, request: KeyRequest) -> AppKeys:
         insecure = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         insecure.check_hostname = False
         insecure.verify_mode = ssl.CERT_NONE
-        temp, _ = await self._post(f"{base}/prpc/GetTempCaCert?json", {}, insecure)
+        temp, _ = await https_post_json(
+            f"{base}/prpc/GetTempCaCert?json", {}, insecure, self._timeout
+        )
         try:
             temp_cert = x509.load_pem_x509_certificate(str(temp["temp_ca_cert"]).encode())
             temp_key = serialization.load_pem_private_key(str(temp["temp_ca_key"]).encode(), None)
@@ -207,7 +209,7 @@ class KmsKeyProvider:
             )
             ctx.load_cert_chain(cert_file, key_file)
         body = {"api_version": 1, "vm_config": request.sys_config.vm_config}
-        doc, peer = await self._post(f"{base}/prpc/GetAppKey?json", body, ctx)
+        doc, peer = await https_post_json(f"{base}/prpc/GetAppKey?json", body, ctx, self._timeout)
         if peer is None or evidence.special_usage(peer) != "kms:rpc":
             raise KeyProviderError(f"{base}: the server certificate is not a KMS RPC certificate")
         logger.info("got app keys from KMS %s", base)
@@ -251,8 +253,7 @@ async def kms_sign_cert(
         "vm_config": vm_config,
     }
     base = kms_url.rstrip("/").removesuffix("/prpc")
-    client = KmsKeyProvider(timeout=timeout)
-    doc, peer = await client._post(f"{base}/prpc/SignCert?json", body, ctx)
+    doc, peer = await https_post_json(f"{base}/prpc/SignCert?json", body, ctx, timeout)
     if peer is None or evidence.special_usage(peer) != "kms:rpc":
         raise KeyProviderError(f"{base}: the server certificate is not a KMS RPC certificate")
     chain = doc.get("certificate_chain")

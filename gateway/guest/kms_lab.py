@@ -49,6 +49,7 @@ from gateway.attest import eventlog, ratls
 from gateway.attest.evidence import EvidenceError
 from gateway.attest.quote import Collateral, QuoteVerifier
 from gateway.guest import certs, csr, envcrypt, kdf, prpc
+from gateway.guest.files import write_atomic
 from gateway.guest.keccak import keccak256
 from gateway.protocol import appinfo
 from gateway.protocol.attestation import decode_attestation
@@ -133,15 +134,17 @@ class KmsRoot:
         """Keys in ``directory`` (0600 files), created on first use."""
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         key_path, k256_path = directory / "root-ca.key", directory / "root-k256.key"
-        if key_path.exists() and k256_path.exists():
+        cert_path = directory / "root-ca.pem"
+        if key_path.exists() and k256_path.exists() and cert_path.exists():
             key = serialization.load_pem_private_key(key_path.read_bytes(), None)
-            assert isinstance(key, ec.EllipticCurvePrivateKey)
-            return cls.create(key, bytes.fromhex(k256_path.read_text().strip()))
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError(f"{key_path} is not an EC private key")
+            cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+            return cls(key, cert, bytes.fromhex(k256_path.read_text().strip()))
         root = cls.create()
-        from gateway.guest.boot import write_atomic
-
         write_atomic(key_path, _key_pem(root.ca_key).encode())
         write_atomic(k256_path, root.k256_scalar.hex().encode())
+        write_atomic(cert_path, _pem(root.ca_cert).encode(), 0o644)
         return root
 
     @property

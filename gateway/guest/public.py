@@ -10,7 +10,6 @@ peer cannot starve the agent (HTTP 429 with ``Retry-After``).
 from __future__ import annotations
 
 import html
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -146,8 +145,3 @@ def create_public_app(
         ]
     )
     return app
-
-
-def public_info_json(svc: AgentService) -> str:
-    """The external Info as JSON text (for the CLI)."""
-    return json.dumps(svc.info(external=True))

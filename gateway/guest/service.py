@@ -17,11 +17,12 @@ import logging
 import os
 import secrets
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from gateway.attest import eventlog
 from gateway.guest import certs, evidence, kdf
@@ -243,9 +244,6 @@ class AgentService:
 
     def verify(self, algorithm: str, data: bytes, signature: bytes, public_key: bytes) -> bool:
         if algorithm == "ed25519":
-            from cryptography.exceptions import InvalidSignature
-            from cryptography.hazmat.primitives.asymmetric import ed25519
-
             if len(public_key) != 32 or len(signature) != 64:
                 raise RpcError("ed25519 needs a 32-byte public key and a 64-byte signature")
             try:
@@ -308,8 +306,6 @@ class AgentService:
         if not keys.ca_key:
             chain = await self._sign_at_kms(req, key, attestation, usage_ra_tls, with_app_info)
             return {"key": key_pem, "certificate_chain": chain}
-        from dataclasses import replace
-
         leaf = certs.issue_leaf(
             replace(req, attestation=attestation, app_info=info),
             key,
