@@ -427,7 +427,7 @@ def create_kms_app(kms: LabKms, clock: Callable[[], float] = time.time) -> web.A
         name = request.match_info["method"].removeprefix("KMS.")
         method = methods.get(name)
         if method is None:
-            return prpc.error_response(f"Method not found: {name}")
+            return prpc.error_response(f"Service not found: {name}")
 
         async def bound(args: prpc.Args) -> Any:
             return await method(request, args)

@@ -102,7 +102,7 @@ async def dispatch(
     """Run ``methods[method]`` with the decoded arguments; errors become JSON responses."""
     handler = methods.get(method)
     if handler is None:
-        return error_response(f"Method not found: {method}")
+        return error_response(f"Service not found: {method}")
     try:
         args = await read_args(request)
         return json_response(await handler(args))
