@@ -317,6 +317,8 @@ async def _simulate(args: argparse.Namespace) -> int:
     runner: AppRunner | None = None
     if compose.runner == "bash" and compose.bash_script:
         runner = LocalProcessRunner()
+    elif compose.runner == "bash":
+        logger.info("app not started: app-compose has no bash_script")
     else:
         logger.info(
             "app not started: runner %r needs docker (the simulator runs bash apps)", compose.runner
