@@ -266,7 +266,7 @@ def _prepare_host_shared(src: Path | None, dst: Path, kms_url: str) -> None:
             if (src / name).is_file() and not (src / name).is_symlink():
                 shutil.copyfile(src / name, dst / name)
         if (src / ".sys-config.json").is_file():
-            with contextlib.suppress(json.JSONDecodeError):
+            with contextlib.suppress(json.JSONDecodeError, RecursionError):
                 loaded = json.loads((src / ".sys-config.json").read_text())
                 sys_config = loaded if isinstance(loaded, dict) else {}
     if not (dst / "app-compose.json").exists():

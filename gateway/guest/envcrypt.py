@@ -118,7 +118,7 @@ def filter_env(plaintext: bytes, allowed_envs: Iterable[str]) -> ParsedEnv:
     """
     try:
         doc = json.loads(plaintext)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise EnvError(f"decrypted env is not JSON: {exc}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("env"), list):
         raise EnvError('decrypted env must be {"env": [{"key": ..., "value": ...}, ...]}')

@@ -118,7 +118,7 @@ class SysConfig:
     def parse(cls, raw: bytes) -> SysConfig:
         try:
             doc = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise HostSharedError(SYS_CONFIG, f"is not valid JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise HostSharedError(SYS_CONFIG, "must be a JSON object")
@@ -131,7 +131,7 @@ class SysConfig:
         if vm_config:
             try:
                 vm = json.loads(vm_config)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 raise HostSharedError(SYS_CONFIG, "vm_config is not a JSON string") from None
             if not isinstance(vm, dict):
                 raise HostSharedError(SYS_CONFIG, "vm_config must hold a JSON object")

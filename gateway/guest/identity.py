@@ -116,7 +116,7 @@ class AppCompose:
             doc = json.loads(raw.decode("utf-8"))
         except UnicodeDecodeError:
             raise ComposeError("app-compose.json is not UTF-8") from None
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise ComposeError(f"app-compose.json is not valid JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise ComposeError("app-compose.json must be a JSON object")
@@ -221,7 +221,7 @@ class InstanceInfo:
             return cls()
         try:
             doc = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ComposeError(f".instance_info is not valid JSON: {exc}") from None
         if not isinstance(doc, dict):
             raise ComposeError(".instance_info must be a JSON object")

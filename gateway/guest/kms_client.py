@@ -128,7 +128,7 @@ async def https_post_json(
         raise KeyProviderError(f"{url}: HTTP {status}: {text[:300]}")
     try:
         doc = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise KeyProviderError(f"{url}: reply is not JSON") from None
     if not isinstance(doc, dict):
         raise KeyProviderError(f"{url}: reply is not a JSON object")

@@ -231,7 +231,7 @@ class LabKms:
             vm = json.loads(vm_config) if vm_config else {}
             os_image_hash = str(vm.get("os_image_hash", "")) if isinstance(vm, dict) else ""
             bytes.fromhex(os_image_hash)
-        except (json.JSONDecodeError, ValueError):
+        except (ValueError, RecursionError):
             os_image_hash = ""
         return {
             "ca_cert": _pem(root.ca_cert),

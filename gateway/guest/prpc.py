@@ -73,7 +73,7 @@ async def read_args(request: web.Request) -> dict[str, Any]:
         return {}
     try:
         doc = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise RpcError(f"invalid JSON body: {exc}") from None
     if doc is None:
         return {}

@@ -225,3 +225,23 @@ def _check_tappd(client: TappdClient, pki: SimPki) -> None:
         assert client.derive_key("path").key == derived.key  # deterministic per path
         info = client.info()
         assert info.app_id == VECTORS["app_id"]
+
+
+def test_hostile_requests_get_clean_errors(sock: Path) -> None:
+    transport = httpx.HTTPTransport(uds=str(sock))
+    with httpx.Client(transport=transport, base_url="http://localhost") as http:
+        deep = b"[" * 50_000 + b"]" * 50_000
+        r = http.post("/GetQuote", content=deep, headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "invalid JSON" in r.json()["error"]
+        r = http.post(
+            "/GetQuote", content=b"\xff\xfe", headers={"Content-Type": "application/json"}
+        )
+        assert r.status_code == 400
+        big = b'{"report_data":"' + b"00" * 600_000 + b'"}'
+        r = http.post("/GetQuote", content=big, headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
+        r = http.post("/GetQuote", json={"report_data": "00" * 65})
+        assert r.status_code == 400 and "too long" in r.json()["error"]
+        r = http.post("/EmitEvent", json={"event": "", "payload": ""})
+        assert r.status_code == 400
+        assert http.post("/Version", json={}).status_code == 200  # still serving

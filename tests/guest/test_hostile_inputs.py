@@ -108,3 +108,15 @@ def test_octet_string_round_trip(content: bytes) -> None:
     from gateway.guest.certs import der_octet_string
 
     assert evidence.read_der_octet_string(der_octet_string(content)) == content
+
+
+def test_deeply_nested_json_is_refused_cleanly() -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(ComposeError):
+        AppCompose.parse(deep)
+    with pytest.raises(ComposeError):
+        InstanceInfo.parse(deep)
+    with pytest.raises(HostSharedError):
+        SysConfig.parse(deep)
+    with pytest.raises(envcrypt.EnvError):
+        envcrypt.filter_env(b'{"env": ' + deep + b"}", [])
