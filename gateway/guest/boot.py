@@ -39,6 +39,8 @@ from gateway.guest.identity import AppCompose, InstanceInfo, KeyProviderKind
 from gateway.guest.keys import AppKeys, KeyProvider, KeyProviderError, KeyRequest
 from gateway.guest.runner import AppRunner, RunnerError
 from gateway.guest.service import GuestState
+from gateway.protocol.errors import CodecError
+from gateway.protocol.tdx_quote import parse_tdx_quote
 from gateway.tee.base import RuntimeEvent, TeeBackend, TeeError
 
 __all__ = ["Boot", "BootError", "BootResult", "load_state"]
@@ -157,12 +159,12 @@ class Boot:
             info = InstanceInfo.parse(shared.instance_info)
         except (hostshared.HostSharedError, identity.ComposeError) as exc:
             raise BootError("host-shared", str(exc)) from None
-        if (
-            self.host_api is None
-            and self.host_api_from_sys_config
-            and shared.sys_config.host_api_url
-        ):
-            self.host_api = HostApi(shared.sys_config.host_api_url)
+        url = shared.sys_config.host_api_url
+        if self.host_api is None and self.host_api_from_sys_config and url:
+            if url.startswith("vsock://"):  # the host is hostile: it may only name a vsock port
+                self.host_api = HostApi(url)
+            else:
+                logger.warning("ignoring host_api_url %r: only vsock:// is accepted", url[:80])
         logger.info(
             "host-shared read: %s; app %r, key provider %s",
             ", ".join(shared.files),
@@ -193,6 +195,7 @@ class Boot:
         keys = await self._keys(compose, shared, app_id)
         if keys.provider is KeyProviderKind.KMS:
             self._emit(RuntimeEvent("os-image-hash", keys.os_image_hash))
+        self._check_mr_config_id(compose, app_id, keys)
         if compose.key_provider_id and compose.key_provider_id != keys.provider_id:
             raise BootError(
                 "keys",
@@ -241,6 +244,19 @@ class Boot:
             await self._start_app(compose, parsed.env)
         await self._progress("done")
         return result
+
+    def _check_mr_config_id(self, compose: AppCompose, app_id: bytes, keys: AppKeys) -> None:
+        """The VMM may bind the TD to its app with MRCONFIGID; all zeros means unbound."""
+        try:
+            report = parse_tdx_quote(self.tee.get_quote(bytes(64))).report
+        except (TeeError, CodecError) as exc:
+            raise BootError("verify", f"cannot read MRCONFIGID from a quote: {exc}") from None
+        try:
+            identity.check_mr_config_id(
+                report.mr_config_id, compose.hash, app_id, keys.provider, keys.provider_id
+            )
+        except identity.ComposeError as exc:
+            raise BootError("verify", str(exc)) from None
 
     async def _keys(
         self, compose: AppCompose, shared: hostshared.HostShared, app_id: bytes

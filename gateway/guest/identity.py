@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from gateway.guest.keccak import keccak256
 from gateway.tee.base import RuntimeEvent
 
 __all__ = [
@@ -274,6 +275,47 @@ def key_provider_payload(kind: KeyProviderKind, provider_id: bytes) -> bytes:
     return json.dumps(
         {"name": kind.event_name, "id": provider_id.hex()}, separators=(",", ":")
     ).encode()
+
+
+_KP_BYTE = {
+    KeyProviderKind.NONE: 0,
+    KeyProviderKind.LOCAL: 1,
+    KeyProviderKind.KMS: 2,
+    KeyProviderKind.TPM: 3,
+}
+
+
+def check_mr_config_id(
+    mr_config_id: bytes,
+    compose_digest: bytes,
+    app_id: bytes,
+    kind: KeyProviderKind,
+    provider_id: bytes,
+) -> None:
+    """Check the TD's MRCONFIGID against the app (dstack ``config_id_verifier``).
+
+    All zeros: not bound, accepted. ``01 || compose_hash || 0^15``;
+    ``02 || keccak256(compose_hash || app_id || kp_byte || provider_id) || 0^15``.
+    Version 3 (a JCS config document) is refused: this shim cannot check it.
+    Raises :class:`ComposeError` saying what differs.
+    """
+    if len(mr_config_id) != 48:
+        raise ComposeError(f"MRCONFIGID is {len(mr_config_id)} bytes, expected 48")
+    if not any(mr_config_id):
+        return
+    version = mr_config_id[0]
+    if version == 1:
+        want = b"\x01" + compose_digest + bytes(15)
+    elif version == 2:
+        digest = keccak256(compose_digest + app_id + bytes([_KP_BYTE[kind]]) + provider_id)
+        want = b"\x02" + digest + bytes(15)
+    else:
+        raise ComposeError(f"MRCONFIGID version {version} is not supported by this shim")
+    if mr_config_id != want:
+        raise ComposeError(
+            "MRCONFIGID does not match this app-compose (and key provider): the VM was "
+            "launched for a different app configuration"
+        )
 
 
 def boot_events_measure(

@@ -301,3 +301,22 @@ def test_hostile_host_shared_fails_boot(tmp_path: Path, tee: SimTee) -> None:
     with pytest.raises(BootError, match="host-shared .*symlink"):
         asyncio.run(boot(shared, tmp_path / "work", tee, None).run())
     assert tee.runtime_events() == ()  # nothing measured before the inputs were valid
+
+
+def test_mr_config_id_binds_the_td_to_its_app(tmp_path: Path, sim_pki: SimPki) -> None:
+    from gateway.tee.sim import SimImage
+
+    shared = make_shared(tmp_path, "https://unused", compose_doc(key_provider="none"))
+    compose_hash = AppCompose.parse((shared / "app-compose.json").read_bytes()).hash
+    good = SimTee(
+        sim_pki,
+        tmp_path / "tee1",
+        SimImage.named("x", mr_config_id=b"\x01" + compose_hash + bytes(15)),
+    )
+    asyncio.run(boot(shared, tmp_path / "w1", good, None).run())
+    other = SimTee(
+        sim_pki, tmp_path / "tee2", SimImage.named("x", mr_config_id=b"\x01" + bytes(47))
+    )
+    with pytest.raises(BootError, match="boot failed at verify: MRCONFIGID does not match"):
+        asyncio.run(boot(shared, tmp_path / "w2", other, None).run())
+    assert "key-provider" not in [e.name for e in other.runtime_events()]

@@ -155,3 +155,31 @@ def test_our_events_reproduce_the_fixture_attestation() -> None:
     rtmr3 = replay(ours)
     assert rtmr3.hex().startswith("f28a1490ee924e93")
     assert parse_tdx_quote(att.quote).report.rt_mr3 == rtmr3
+
+
+def test_mr_config_id_of_the_fixture_matches_its_compose_hash() -> None:
+    from gateway.protocol.attestation import decode_attestation
+    from gateway.protocol.tdx_quote import parse_tdx_quote
+
+    att = decode_attestation((FIXTURE.parent / "attestation.bin").read_bytes())
+    mr = parse_tdx_quote(att.quote).report.mr_config_id
+    by_name = {e.name: e.payload for e in att.runtime_events}
+    kp_id = bytes.fromhex(json.loads(by_name["key-provider"])["id"])
+    identity.check_mr_config_id(
+        mr, by_name["compose-hash"], by_name["app-id"], KeyProviderKind.KMS, kp_id
+    )
+    with pytest.raises(ComposeError, match="does not match"):
+        identity.check_mr_config_id(mr, bytes(32), by_name["app-id"], KeyProviderKind.KMS, kp_id)
+
+
+def test_mr_config_id_versions() -> None:
+    from gateway.guest.keccak import keccak256
+
+    ch, app = b"\x01" * 32, b"\x02" * 20
+    identity.check_mr_config_id(bytes(48), ch, app, KeyProviderKind.NONE, b"")  # unbound
+    v2 = b"\x02" + keccak256(ch + app + b"\x02" + b"pk") + bytes(15)
+    identity.check_mr_config_id(v2, ch, app, KeyProviderKind.KMS, b"pk")
+    with pytest.raises(ComposeError, match="does not match"):
+        identity.check_mr_config_id(v2, ch, app, KeyProviderKind.NONE, b"pk")
+    with pytest.raises(ComposeError, match="version 3"):
+        identity.check_mr_config_id(b"\x03" + bytes(47), ch, app, KeyProviderKind.KMS, b"")
