@@ -95,3 +95,20 @@ def test_boot_reports_progress_to_the_host_api(tmp_path: Path, tee: SimTee) -> N
     info = json.loads(seen[1][1])
     assert list(info) == ["instance_id_seed", "instance_id", "app_id"]
     assert seen[-1][0] == "boot.error" and "not valid JSON" in seen[-1][1]
+
+
+def test_host_api_from_sys_config_must_be_vsock(tmp_path: Path, tee: SimTee) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    compose = {"manifest_version": 2, "name": "n", "runner": "bash", "key_provider": "none"}
+    (shared / "app-compose.json").write_text(json.dumps(compose))
+    (shared / ".sys-config.json").write_text(json.dumps({"host_api_url": "http://10.0.0.1/api"}))
+    b = Boot(
+        host_shared=shared,
+        work_dir=tmp_path / "work",
+        tee=tee,
+        key_provider=lambda c: NoneKeyProvider(),
+        host_api_from_sys_config=True,
+    )
+    asyncio.run(b.run())
+    assert b.host_api is None  # a hostile host cannot point notifications at anything else
