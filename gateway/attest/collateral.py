@@ -205,13 +205,18 @@ def _crl_der(body: bytes) -> bytes:
     return body
 
 
+MIN_REFETCH_INTERVAL = 300
+"""Seconds between fetches for one key while a still-valid cached copy exists."""
+
+
 class PccsCollateralSource:
     """Collateral from a PCCS (or Intel's PCS), cached on disk per FMSPC and CA.
 
     A cached entry is used until ``refresh_margin`` seconds before its earliest
     ``nextUpdate``; then it is refetched. If the refetch fails while the cached entry has
     not actually expired, the cached one is used and the failure logged. Concurrent calls
-    for one key share one fetch.
+    for one key share one fetch, and a key is refetched at most every
+    :data:`MIN_REFETCH_INTERVAL` seconds while its cached copy is still valid.
     """
 
     def __init__(
@@ -233,6 +238,7 @@ class PccsCollateralSource:
         self._clock = clock
         self._memory: dict[tuple[str, str], tuple[int, dcap_qvl.QuoteCollateralV3]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._fetched_at: dict[tuple[str, str], int] = {}
         self.fetches = 0  # how many times the PCCS was asked (tests, metrics)
 
     def _path(self, key: tuple[str, str]) -> Path:
@@ -269,6 +275,10 @@ class PccsCollateralSource:
             if entry is not None and entry[0] - self._margin > now:
                 self._memory[key] = entry
                 return entry[1]
+            recently = now - self._fetched_at.get(key, -MIN_REFETCH_INTERVAL) < MIN_REFETCH_INTERVAL
+            if entry is not None and entry[0] > now and recently:
+                return entry[1]  # the PCCS itself serves near-expiry data: do not hammer it
+            self._fetched_at[key] = now
             try:
                 col = await self._fetch(*key)
             except CollateralError as exc:

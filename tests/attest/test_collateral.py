@@ -10,6 +10,7 @@ import pytest
 from aiohttp import web
 
 from gateway.attest.collateral import (
+    MIN_REFETCH_INTERVAL,
     CollateralError,
     FileCollateralSource,
     PccsCollateralSource,
@@ -149,6 +150,29 @@ def test_pccs_failure_falls_back_to_unexpired_cache_only(
         clock.now = expiry + 1
         with pytest.raises(CollateralError, match="failed"):
             await PccsCollateralSource(url, tmp_path, clock=clock, timeout=2).get(quote)
+
+    run(main)
+
+
+def test_pccs_serving_near_expiry_data_is_not_hammered(
+    pccs: tuple[SimPki, Clock], tmp_path: Path
+) -> None:
+    pki, clock = pccs
+    quote = pki.forge_quote(bytes(64))
+    # Valid for 30 minutes only: always inside the 1-hour refresh margin.
+    app = create_sim_pccs_app(pki, clock=clock, validity=1800)
+
+    async def main() -> None:
+        async for url in _serve(app):
+            src = PccsCollateralSource(url, tmp_path, clock=clock, refresh_margin=3600)
+            await src.get(quote)
+            clock.now += 60
+            await src.get(quote)
+            assert src.fetches == 1
+            clock.now += MIN_REFETCH_INTERVAL
+            col = await src.get(quote)
+            assert src.fetches == 2
+            verify_quote(quote, col, root_ca_der=pki.root_ca_der, now=clock.now)
 
     run(main)
 
