@@ -30,10 +30,12 @@ __all__ = [
     "AppIdentity",
     "KeyProvider",
     "ReplayError",
+    "check_boot_rtmrs",
     "decode_app_identity",
     "explain_rtmr3_mismatch",
     "mr_aggregated",
     "mr_system",
+    "parse_key_provider",
     "replay_boot_rtmrs",
     "replay_rtmr3",
 ]
@@ -201,7 +203,8 @@ class AppIdentity:
         }
 
 
-def _parse_key_provider(payload: bytes) -> KeyProvider | None:
+def parse_key_provider(payload: bytes) -> KeyProvider | None:
+    """The ``key-provider`` event payload ``{"name": N, "id": I}``; ``None`` if unreadable."""
     try:
         obj = json.loads(payload)
     except (ValueError, RecursionError):
@@ -231,7 +234,7 @@ def decode_app_identity(events: Sequence[AttestedEvent]) -> AppIdentity:
         compose_hash=found.get("compose-hash", b""),
         instance_id=found.get("instance-id", b""),
         os_image_hash=found.get("os-image-hash", b""),
-        key_provider=_parse_key_provider(kp_payload) if kp_payload else None,
+        key_provider=parse_key_provider(kp_payload) if kp_payload else None,
         key_provider_payload=kp_payload,
         boot_rtmr3=replay_rtmr3(events, until=BOOT_DONE_EVENT),
         rtmr3=replay_rtmr3(events),

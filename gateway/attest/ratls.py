@@ -32,14 +32,21 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.verification import (
+    Criticality,
+    ExtensionPolicy,
+    PolicyBuilder,
+    Store,
+    VerificationError,
+)
 
 from gateway.attest.eventlog import (
     AppIdentity,
-    KeyProvider,
     decode_app_identity,
     explain_rtmr3_mismatch,
     mr_aggregated,
     mr_system,
+    parse_key_provider,
     replay_rtmr3,
 )
 from gateway.attest.evidence import (
@@ -474,14 +481,6 @@ def verify_kms_cert(
     to ``kms_root`` at ``now``; the app info is then the KMS's claim about the app. Raises
     :class:`EvidenceError`.
     """
-    from cryptography.x509.verification import (
-        Criticality,
-        ExtensionPolicy,
-        PolicyBuilder,
-        Store,
-        VerificationError,
-    )
-
     if not chain:
         raise EvidenceError(RejectReason.MALFORMED, "no certificate")
     leaf, intermediates = chain[0], list(chain[1:])
@@ -512,21 +511,12 @@ def verify_kms_cert(
         info = decode_app_info(raw)
     except CodecError as exc:
         raise EvidenceError(RejectReason.MALFORMED, f"app info: {exc}") from None
-    kp = None
-    try:
-        import json
-
-        obj = json.loads(info.key_provider_info) if info.key_provider_info else None
-        if isinstance(obj, dict) and isinstance(obj.get("name"), str):
-            kp = KeyProvider(obj["name"], str(obj.get("id", "")))
-    except ValueError:
-        kp = None
     identity = AppIdentity(
         app_id=info.app_id,
         compose_hash=info.compose_hash,
         instance_id=info.instance_id,
         os_image_hash=info.os_image_hash,
-        key_provider=kp,
+        key_provider=parse_key_provider(info.key_provider_info),
         key_provider_payload=info.key_provider_info,
         boot_rtmr3=b"",
         rtmr3=b"",

@@ -78,7 +78,6 @@ def test_verify_cert_accepted(sim: dict[str, Path | int]) -> None:
     assert rep["method"] == "ratls" and rep["status"] == "UpToDate"
     assert rep["identity"]["app_id"] == APP
     assert rep["measurements"]["rtmr3"] == rep["identity"]["rtmr3"]
-    assert "non-Intel root" in r.stderr
 
 
 def test_verify_cert_refused_by_policy_file(sim: dict[str, Path | int], tmp_path: Path) -> None:

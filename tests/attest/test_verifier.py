@@ -184,15 +184,15 @@ def test_cost_besides_dcap_is_small(cert_der: bytes, sim_pki: SimPki, sim_now: i
     a = anchors(sim_pki, sim_now)
     cert = ratls.load_certificate(cert_der)
     quote = decode_attestation(ratls.read_extension(cert, ratls.OID_ATTESTATION) or b"").quote
-    n = 30
-    t0 = time.perf_counter()
-    for _ in range(n):
+    totals, dcaps = [], []
+    for _ in range(30):  # interleaved, and the minimum of each: robust to a busy machine
+        t0 = time.perf_counter()
         assert verify_evidence(anchors=a, policy=ALLOW, now=sim_now, cert=cert_der).verdict.accepted
-    total = (time.perf_counter() - t0) / n
-    t0 = time.perf_counter()
-    for _ in range(n):
+        totals.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
         dcap_qvl.verify_with_root_ca(quote, a.collateral, sim_pki.root_ca_der, sim_now)
-    dcap = (time.perf_counter() - t0) / n
+        dcaps.append(time.perf_counter() - t0)
+    total, dcap = min(totals), min(dcaps)
     assert total - dcap < 0.002, f"total {total * 1e3:.2f} ms, dcap {dcap * 1e3:.2f} ms"
 
 
