@@ -128,7 +128,14 @@ def create_public_app(
     async def worker_version(args: prpc.Args) -> object:
         return svc.version()
 
-    methods = {"Info": worker_info, "Version": worker_version}
+    async def attestation_for_app_key(args: prpc.Args) -> object:
+        return await svc.attestation_for_app_key(prpc.get_str(args, "algorithm"))
+
+    methods = {
+        "Info": worker_info,
+        "Version": worker_version,
+        "GetAttestationForAppKey": attestation_for_app_key,
+    }
 
     async def rpc(request: web.Request) -> web.StreamResponse:
         return await prpc.dispatch(

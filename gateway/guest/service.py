@@ -10,6 +10,7 @@ clients (the SDK gives up after 3 s).
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import hashlib
 import json
@@ -351,6 +352,24 @@ class AgentService:
             return await self._kms_signer(csr, csr.sign(key))
         except KeyProviderError as exc:
             raise RpcError(f"KMS SignCert failed: {exc}") from None
+
+    async def attestation_for_app_key(self, algorithm: str) -> dict[str, Any]:
+        """Worker.GetAttestationForAppKey: a quote committing to the Sign key (DIP-1).
+
+        ``report_data = prefix || base64url_nopad(pub)`` zero-padded to 64, with prefix
+        ``dip1::ed25519-pk:`` or ``dip1::secp256k1c-pk:`` (compressed point).
+        """
+        derived = kdf.derive_key(self.state.keys.k256_key, [b"vms"])
+        if algorithm == "ed25519":
+            prefix, pub = "dip1::ed25519-pk:", kdf.ed25519_pub(kdf.ed25519_key(derived))
+        elif algorithm in ("secp256k1", "k256", "secp256k1_prehashed"):
+            prefix, pub = "dip1::secp256k1c-pk:", kdf.compressed_k256_pub(kdf.k256_key(derived))
+        else:
+            raise RpcError("Unsupported algorithm")
+        text = (prefix + base64.urlsafe_b64encode(pub).decode().rstrip("=")).encode()
+        if len(text) > REPORT_DATA_SIZE:
+            raise RpcError(f"report data for {algorithm} does not fit in 64 bytes")
+        return await self.get_quote(text)
 
     async def refresh_app_cert(self) -> None:
         """Info's ``app_cert``: upstream's "demo cert" (client auth, RA-TLS), made once at

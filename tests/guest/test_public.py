@@ -17,9 +17,10 @@ from gateway.guest.keys import NoneKeyProvider
 from gateway.guest.public import RateLimiter, create_public_app
 from gateway.guest.service import AgentService
 from gateway.tee.sim import SimTee
+from gateway.tee.sim_pki import SimPki
 from tests.helpers.processes import free_port
 
-from .conftest import serve_tcp, serve_unix
+from .conftest import serve_tcp, serve_unix, verify
 
 
 def test_rate_limiter_refills() -> None:
@@ -112,3 +113,26 @@ def test_host_api_from_sys_config_must_be_vsock(tmp_path: Path, tee: SimTee) -> 
     )
     asyncio.run(b.run())
     assert b.host_api is None  # a hostile host cannot point notifications at anything else
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "prefix"), [("ed25519", b"dip1::ed25519-pk:"), ("k256", b"dip1::secp256k1c-pk:")]
+)
+def test_attestation_for_app_key(
+    public: str, service: AgentService, sim_pki: SimPki, algorithm: str, prefix: bytes
+) -> None:
+    import base64
+
+    with httpx.Client(base_url=public) as http:
+        got = http.post(
+            "/prpc/Worker.GetAttestationForAppKey?json", json={"algorithm": algorithm}
+        ).json()
+        assert (
+            http.post("/prpc/GetAttestationForAppKey?json", json={"algorithm": "rsa"}).status_code
+            == 400
+        )
+    signed = service.sign("ed25519" if algorithm == "ed25519" else "secp256k1", b"x")
+    pub = bytes.fromhex(signed["public_key"])
+    want = (prefix + base64.urlsafe_b64encode(pub).rstrip(b"=")).ljust(64, b"\0")
+    assert bytes.fromhex(got["report_data"]) == want
+    assert verify(bytes.fromhex(got["quote"]), sim_pki).report_data == want
