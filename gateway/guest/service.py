@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -95,7 +96,8 @@ class AgentService:
         self._app_cert = ""
         self._clock = clock
         self._rng = rng
-        self._emit_lock = asyncio.Lock()
+        # one quote and the log it is shown with must agree: no emit between the two
+        self._evidence_lock = threading.Lock()
 
     # --- evidence -------------------------------------------------------------------------
 
@@ -110,22 +112,26 @@ class AgentService:
         """
         return evidence.event_log(self.tee, self._boot_log)
 
-    async def _quote(self, report_data: bytes) -> bytes:
+    def _quote_and_log(self, report_data: bytes) -> tuple[bytes, tuple[TdxEvent, ...]]:
+        with self._evidence_lock:
+            return self.tee.get_quote(report_data), self.event_log()
+
+    async def _quote(self, report_data: bytes) -> tuple[bytes, tuple[TdxEvent, ...]]:
         try:
-            return await asyncio.to_thread(self.tee.get_quote, report_data)
+            return await asyncio.to_thread(self._quote_and_log, report_data)
         except TeeError as exc:
             raise RpcError(f"failed to get quote: {exc}") from None
+
+    def _locked_attestation(self, report_data: bytes) -> Attestation:
+        with self._evidence_lock:
+            return evidence.make_attestation(
+                self.tee, report_data, self.state.vm_config, self._boot_log
+            )
 
     async def attestation(self, report_data: bytes) -> Attestation:
         """A fresh ``VersionedAttestation`` (full event log) for 64-byte ``report_data``."""
         try:
-            return await asyncio.to_thread(
-                evidence.make_attestation,
-                self.tee,
-                report_data,
-                self.state.vm_config,
-                self._boot_log,
-            )
+            return await asyncio.to_thread(self._locked_attestation, report_data)
         except TeeError as exc:
             raise RpcError(f"failed to get quote: {exc}") from None
 
@@ -140,10 +146,10 @@ class AgentService:
 
     async def get_quote(self, report_data: bytes) -> dict[str, Any]:
         rd = _pad_report_data(report_data)
-        quote = await self._quote(rd)
+        quote, log = await self._quote(rd)
         return {
             "quote": quote.hex(),
-            "event_log": encode_event_log_json(self.event_log()),
+            "event_log": encode_event_log_json(log),
             "report_data": rd.hex(),
             "vm_config": self.state.vm_config,
         }
@@ -194,11 +200,15 @@ class AgentService:
             raise RpcError(f"event name must be 1..{MAX_EVENT_NAME} bytes")
         if len(payload) > MAX_EVENT_PAYLOAD:
             raise RpcError(f"event payload is larger than {MAX_EVENT_PAYLOAD} bytes")
-        async with self._emit_lock:
-            try:
-                await asyncio.to_thread(self.tee.emit_event, RuntimeEvent(name, payload))
-            except TeeError as exc:
-                raise RpcError(f"failed to emit event: {exc}") from None
+
+        def emit() -> None:
+            with self._evidence_lock:
+                self.tee.emit_event(RuntimeEvent(name, payload))
+
+        try:
+            await asyncio.to_thread(emit)
+        except TeeError as exc:
+            raise RpcError(f"failed to emit event: {exc}") from None
 
     def _derived_pub(self, derived: bytes, algorithm: str) -> bytes:
         if algorithm in ("secp256k1", "k256", ""):

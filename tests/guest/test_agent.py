@@ -20,7 +20,8 @@ from gateway.guest import certs, kdf
 from gateway.guest.agent import create_agent_app, create_tappd_app
 from gateway.guest.keccak import keccak256
 from gateway.guest.service import AgentService
-from gateway.protocol.attestation import decode_attestation
+from gateway.protocol.attestation import decode_attestation, decode_event_log_json
+from gateway.protocol.tdx_quote import parse_tdx_quote
 from gateway.tee.base import RuntimeEvent, replay
 from gateway.tee.sim import SimTee
 from gateway.tee.sim_pki import SimPki
@@ -245,3 +246,32 @@ def test_hostile_requests_get_clean_errors(sock: Path) -> None:
         r = http.post("/EmitEvent", json={"event": "", "payload": ""})
         assert r.status_code == 400
         assert http.post("/Version", json={}).status_code == 200  # still serving
+
+
+def test_concurrent_emits_keep_log_and_rtmr3_consistent(sock: Path, sim_pki: SimPki) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def emit(i: int) -> int:
+        transport = httpx.HTTPTransport(uds=str(sock))
+        with httpx.Client(transport=transport, base_url="http://localhost") as http:
+            for j in range(5):
+                r = http.post("/EmitEvent", json={"event": f"e{i}", "payload": f"{j:02x}"})
+                assert r.status_code == 200
+                got = http.post("/GetQuote", json={"report_data": "ab"}).json()
+                # each quote agrees with the log it came with, even while others emit
+                log = decode_event_log_json(got["event_log"])
+                events = [RuntimeEvent(e.event, e.event_payload) for e in log if e.imr == 3]
+                quoted = parse_tdx_quote(bytes.fromhex(got["quote"])).report.rt_mr3
+                assert replay(events) == quoted
+        return i
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sorted(pool.map(emit, range(8))) == list(range(8))
+    transport = httpx.HTTPTransport(uds=str(sock))
+    with httpx.Client(transport=transport, base_url="http://localhost") as http:
+        got = http.post("/GetQuote", json={"report_data": "cd"}).json()
+    events = [
+        RuntimeEvent(e.event, e.event_payload) for e in decode_event_log_json(got["event_log"])
+    ]
+    assert sum(e.name.startswith("e") and len(e.name) == 2 for e in events) == 40
+    assert replay(events) == verify(bytes.fromhex(got["quote"]), sim_pki).rt_mr3
