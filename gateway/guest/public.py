@@ -1,8 +1,9 @@
 """The public HTTP port (8090 in dstack): app info, a dashboard, metrics.
 
 It reveals only what app-compose makes public: the tcb_info (and vm_config) only with
-``public_tcbinfo``, system facts and ``/metrics`` only with ``public_sysinfo``; never keys,
-env or logs (``public_logs`` container logs are not served by this shim). Every response
+``public_tcbinfo``, system facts and ``/metrics`` only with ``public_sysinfo``, container
+logs (``/logs/<name>?tail=N``, plain text) only with ``public_logs``; never keys or env.
+Every response
 carries ``X-App-Version``; each client address gets a token bucket so that a flood from one
 peer cannot starve the agent (HTTP 429 with ``Retry-After``).
 """
@@ -122,6 +123,18 @@ def create_public_app(
             text=sysinfo.metrics_text(sysinfo.sys_info()), content_type="text/plain"
         )
 
+    async def logs(request: web.Request) -> web.StreamResponse:
+        if not svc.state.compose.public_logs or runner is None:
+            raise web.HTTPNotFound(text="logs are not public for this app\n")
+        try:
+            tail = min(max(int(request.query.get("tail", "100")), 0), 10_000)
+        except ValueError:
+            raise web.HTTPBadRequest(text="tail must be an integer\n") from None
+        data = await runner.logs(request.match_info["name"], tail)
+        if data is None:
+            raise web.HTTPNotFound(text="no such container\n")
+        return web.Response(body=data, content_type="text/plain", charset="utf-8")
+
     async def worker_info(args: prpc.Args) -> object:
         return svc.info(external=True)
 
@@ -147,6 +160,7 @@ def create_public_app(
         [
             web.get("/", index),
             web.get("/metrics", metrics),
+            web.get("/logs/{name}", logs),
             web.get("/prpc/{method}", rpc),
             web.post("/prpc/{method}", rpc),
         ]

@@ -18,7 +18,7 @@ from gateway.guest.public import RateLimiter, create_public_app
 from gateway.guest.service import AgentService
 from gateway.tee.sim import SimTee
 from gateway.tee.sim_pki import SimPki
-from tests.helpers.processes import free_port
+from tests.helpers.processes import free_port, wait_until
 
 from .conftest import serve_tcp, serve_unix, verify
 
@@ -136,3 +136,38 @@ def test_attestation_for_app_key(
     want = (prefix + base64.urlsafe_b64encode(pub).rstrip(b"=")).ljust(64, b"\0")
     assert bytes.fromhex(got["report_data"]) == want
     assert verify(bytes.fromhex(got["quote"]), sim_pki).report_data == want
+
+
+def test_logs_only_when_public(tmp_path: Path, service: AgentService) -> None:
+    from dataclasses import replace
+
+    from gateway.guest.identity import AppCompose
+    from gateway.guest.runner import LocalProcessRunner
+
+    work = tmp_path / "work"
+    work.mkdir()
+    script = "for i in 1 2 3; do echo line$i; done; echo stderr=$K >&2"
+    doc = {
+        "manifest_version": 2,
+        "name": "logger",
+        "runner": "bash",
+        "public_logs": True,
+        "bash_script": script,
+    }
+    compose = AppCompose.parse(json.dumps(doc).encode())
+    runner = LocalProcessRunner()
+    asyncio.run(runner.start(compose, {"K": "v"}, work))
+    svc = AgentService(replace(service.state, compose=compose), service.tee)
+    port = free_port()
+    try:
+        with serve_tcp(create_public_app(svc, runner), port), httpx.Client() as http:
+            base = f"http://127.0.0.1:{port}"
+            wait_until(lambda: b"stderr" in (work / "app.log").read_bytes(), None, 10, "output")
+            assert http.get(f"{base}/logs/logger?tail=2").text == "line3\nstderr=v\n"
+            assert http.get(f"{base}/logs/other").status_code == 404
+        private = AgentService(service.state, service.tee)  # public_logs absent
+        port2 = free_port()
+        with serve_tcp(create_public_app(private, runner), port2), httpx.Client() as http:
+            assert http.get(f"http://127.0.0.1:{port2}/logs/logger").status_code == 404
+    finally:
+        asyncio.run(runner.stop())
