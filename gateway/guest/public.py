@@ -14,6 +14,7 @@ import html
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -75,9 +76,11 @@ def _dashboard(svc: AgentService, containers: list[dict[str, str]]) -> str:
         parts.append("</table>")
     parts.append("<h2>Containers</h2><table><tr><th>Name</th><th>Status</th></tr>")
     for c in containers:
-        parts.append(
-            f"<tr><td>{html.escape(c['name'])}</td><td>{html.escape(c['status'])}</td></tr>"
-        )
+        name = html.escape(c["name"])
+        if compose.public_logs:
+            href = html.escape(f"/logs/{quote(c['name'], safe='')}?tail=20")
+            name = f"<a href='{href}'>{name}</a>"
+        parts.append(f"<tr><td>{name}</td><td>{html.escape(c['status'])}</td></tr>")
     parts.append("</table><h2>TCB Info</h2>")
     if info["tcb_info"]:
         parts.append(f"<textarea readonly>{html.escape(info['tcb_info'])}</textarea>")

@@ -165,6 +165,7 @@ def test_logs_only_when_public(tmp_path: Path, service: AgentService) -> None:
             wait_until(lambda: b"stderr" in (work / "app.log").read_bytes(), None, 10, "output")
             assert http.get(f"{base}/logs/logger?tail=2").text == "line3\nstderr=v\n"
             assert http.get(f"{base}/logs/other").status_code == 404
+            assert "<a href='/logs/logger?tail=20'>logger</a>" in http.get(base + "/").text
         private = AgentService(service.state, service.tee)  # public_logs absent
         port2 = free_port()
         with serve_tcp(create_public_app(private, runner), port2), httpx.Client() as http:
