@@ -53,6 +53,7 @@ KmsSigner = Callable[[CertSigningRequestV2, bytes], Awaitable[list[str]]]
 
 AGENT_VERSION = "0.5.8"  # the dstack guest-agent API level this agent implements
 AGENT_REV = "gateway-guest"
+MAX_CERT_TIME = 253402300799  # 9999-12-31T23:59:59Z, the last X.509 GeneralizedTime
 MAX_EVENT_NAME = 256
 MAX_EVENT_PAYLOAD = 64 * 1024
 _EMPTY_SHA256 = hashlib.sha256(b"").digest()
@@ -280,6 +281,9 @@ class AgentService:
         key: ec.EllipticCurvePrivateKey | None = None,
     ) -> dict[str, Any]:
         """A fresh P-256 key and a certificate chain from the app CA."""
+        for name, value in (("not_before", req.not_before), ("not_after", req.not_after)):
+            if value is not None and value > MAX_CERT_TIME:
+                raise RpcError(f"{name} must be a unix time before the year 10000")
         if req.not_before is not None and req.not_after is not None:
             if req.not_before >= req.not_after:
                 raise RpcError("not_before must be earlier than not_after")

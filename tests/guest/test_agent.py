@@ -275,3 +275,40 @@ def test_concurrent_emits_keep_log_and_rtmr3_consistent(sock: Path, sim_pki: Sim
     ]
     assert sum(e.name.startswith("e") and len(e.name) == 2 for e in events) == 40
     assert replay(events) == verify(bytes.fromhex(got["quote"]), sim_pki).rt_mr3
+
+
+ARG_NAMES = [
+    "path", "purpose", "algorithm", "report_data", "event", "payload", "subject", "alt_names",
+    "usage_ra_tls", "usage_server_auth", "usage_client_auth", "not_before", "not_after",
+    "with_app_info", "data", "signature", "public_key",
+]  # fmt: skip
+METHODS = ["GetKey", "GetQuote", "Attest", "Info", "EmitEvent", "GetTlsKey", "Sign", "Verify"]
+
+
+def test_random_arguments_never_crash_a_method(sock: Path) -> None:
+    """Any JSON object to any method is answered 200 or 400, never 500."""
+    from hypothesis import HealthCheck, example, given, settings
+    from hypothesis import strategies as st
+
+    values = (
+        st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=10)
+        | st.sampled_from(["00" * 64, "0x" + "11" * 32, "ed25519", "secp256k1", "zz"])
+        | st.lists(st.text(max_size=5), max_size=3)
+        | st.dictionaries(st.text(max_size=3), st.none())
+        | st.sampled_from([2**64 - 1, 2**63, 253402300800, 0])
+    )  # fmt: skip
+    transport = httpx.HTTPTransport(uds=str(sock))
+    with httpx.Client(transport=transport, base_url="http://localhost") as http:
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+        @example(method="GetTlsKey", args={"not_after": 2**64 - 1})
+        @example(method="GetTlsKey", args={"not_before": 253402300800})
+        @given(
+            method=st.sampled_from(METHODS),
+            args=st.dictionaries(st.sampled_from(ARG_NAMES), values, max_size=6),
+        )
+        def check(method: str, args: dict[str, object]) -> None:
+            r = http.post(f"/{method}", json=args)
+            assert r.status_code in (200, 400), (method, args, r.status_code, r.text)
+
+        check()
