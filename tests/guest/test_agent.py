@@ -312,3 +312,37 @@ def test_random_arguments_never_crash_a_method(sock: Path) -> None:
             assert r.status_code in (200, 400), (method, args, r.status_code, r.text)
 
         check()
+
+
+def test_tappd_random_arguments_never_crash(tmp_path: Path, service: AgentService) -> None:
+    from hypothesis import HealthCheck, example, given, settings
+    from hypothesis import strategies as st
+
+    path = tmp_path / "tappd.sock"
+    values = (
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.text(max_size=8)
+        | st.sampled_from(
+            ["00" * 64, "raw", "sha512", "keccak256", "sha3-256", "keccak512", "app-data:"]
+        )
+    )
+    names = ["report_data", "hash_algorithm", "prefix", "path", "purpose", "subject",
+             "random_seed", "usage_ra_tls", "alt_names"]  # fmt: skip
+    methods = ["TdxQuote", "RawQuote", "DeriveKey", "DeriveK256Key", "Info", "Version"]
+    with serve_unix(create_tappd_app(service), path):
+        transport = httpx.HTTPTransport(uds=str(path))
+        with httpx.Client(transport=transport, base_url="http://localhost") as http:
+
+            @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+            @example(method="TdxQuote", args={"report_data": "00", "hash_algorithm": "keccak256"})
+            @given(
+                method=st.sampled_from(methods),
+                args=st.dictionaries(st.sampled_from(names), values, max_size=4),
+            )
+            def check(method: str, args: dict[str, object]) -> None:
+                r = http.post(f"/prpc/Tappd.{method}", json=args)
+                assert r.status_code in (200, 400), (method, args, r.text)
+
+            check()
