@@ -337,6 +337,8 @@ def test_tappd_random_arguments_never_crash(tmp_path: Path, service: AgentServic
 
             @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
             @example(method="TdxQuote", args={"report_data": "00", "hash_algorithm": "keccak256"})
+            @example(method="DeriveKey", args={"path": "0" * 128})
+            @example(method="DeriveKey", args={"path": "p", "alt_names": ["\u00e9 x", "", "*"]})
             @given(
                 method=st.sampled_from(methods),
                 args=st.dictionaries(st.sampled_from(names), values, max_size=4),
