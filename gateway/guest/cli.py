@@ -183,7 +183,8 @@ async def _serve(
         logger.info("shutdown requested through the guest API")
         stop.set()
         if power_off:  # dstack: "shutdown.progress powering off", then systemctl poweroff
-            await asyncio.create_subprocess_exec("systemctl", "poweroff")
+            proc = await asyncio.create_subprocess_exec("systemctl", "poweroff")
+            await proc.wait()
 
     async def start(app: web.Application, make: Callable[[web.AppRunner], web.BaseSite]) -> None:
         r = web.AppRunner(app, access_log=None)
