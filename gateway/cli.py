@@ -30,6 +30,9 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
         "gateway.lab.cli",
         "WireGuard lab: gateway and CVM network namespaces (up/down/status)",
     ),
+    ("lab", "gateway.lab.cli", "WireGuard lab: gateway and CVM namespaces (up/down/status)"),
+    ("rpc", "gateway.control.rpc_cmd", "serve the registration RPC and the WireGuard tunnel"),
+    ("guest", "gateway.guest.cli", "the CVM side: boot, guest agent, dstack simulator"),
     ("attest", "gateway.attest.cli", "verify TDX quotes; create simulated TDX PKIs and quotes"),
 )
 

@@ -3,7 +3,8 @@
 ``async with open_tunnel(cfg) as tunnel:`` loads (or creates) the private key, opens the
 WireGuard device, opens the store, re-applies every stored peer (restart restore) and starts
 the maintenance task; leaving the block stops the task, closes the device (our wireguard-go
-is stopped by PID) and the store, in that order. It fits aiohttp's ``cleanup_ctx``.
+is stopped by PID) and the store, in that order, after a last handshake poll so that the
+next start has fresh endpoint hints. It fits aiohttp's ``cleanup_ctx``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from gateway.registry.factory import build_registry, open_store
 from gateway.registry.maintenance import Maintenance
 from gateway.registry.service import Registry
 from gateway.registry.store import Store
+from gateway.tunnel.errors import TunnelError
 from gateway.tunnel.keys import public_key
 from gateway.tunnel.service import device_spec, key_file_path, load_or_create_private_key
 from gateway.tunnel.wg import WgDevice
@@ -62,6 +64,10 @@ async def open_tunnel(cfg: Config) -> AsyncIterator[Tunnel]:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+                try:  # last look before the device goes: fresh endpoint hints for the restart
+                    await asyncio.to_thread(lambda: registry.observe(device.state()))
+                except TunnelError as exc:
+                    logger.warning("final handshake poll failed: %s", exc)
         finally:
             store.close()
     finally:

@@ -89,7 +89,9 @@ def make_ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return cert, key
 
 
-def server_cert(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]) -> tuple[bytes, bytes]:
+def server_cert(
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], ip: str = "127.0.0.1"
+) -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     start = dt.datetime.fromtimestamp(NOW - 86400, dt.UTC)
     cert = (
@@ -101,7 +103,7 @@ def server_cert(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]) -> tupl
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=30))
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]),
             False,
         )
         .sign(ca[1], hashes.SHA256())
