@@ -25,11 +25,6 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
         "gateway.commands.certs_cmd",
         "issue/renew ACME certificates, status, custom domains",
     ),
-    (
-        "lab",
-        "gateway.lab.cli",
-        "WireGuard lab: gateway and CVM network namespaces (up/down/status)",
-    ),
     ("lab", "gateway.lab.cli", "WireGuard lab: gateway and CVM namespaces (up/down/status)"),
     ("rpc", "gateway.control.rpc_cmd", "serve the registration RPC and the WireGuard tunnel"),
     ("guest", "gateway.guest.cli", "the CVM side: boot, guest agent, dstack simulator"),
