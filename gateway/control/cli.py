@@ -1,7 +1,9 @@
 """``gateway control --config FILE``: run the control plane as a process of its own.
 
-It serves the admin API, the dashboard and ``/metrics``, keeps the certificates renewed and
-holds the operator state (see :mod:`gateway.control.plane`). ``gateway serve`` starts it next
+With ``[rpc]`` configured it is the whole control node (tunnel, registration RPC, admin API:
+see :mod:`gateway.control.node`); without, the admin API and certbot alone. It serves the
+admin API, the dashboard and ``/metrics``, keeps the certificates renewed and holds the
+operator state (see :mod:`gateway.control.plane`). ``gateway serve`` starts it next
 to the proxy's supervisor: a separate process, so the supervisor's forks never copy an event
 loop, a SQLite connection or a thread, and a crash in one does not take the other down.
 
@@ -29,7 +31,7 @@ from gateway.config import ConfigError, load_config
 from gateway.util.logs import setup_logging
 
 if TYPE_CHECKING:  # the plane pulls in aiohttp, acme, dnspython: only when it runs
-    from gateway.control.plane import ControlPlane
+    from gateway.config import Config
 
 logger = logging.getLogger(__name__)
 
@@ -83,22 +85,23 @@ def stats_reader(stats_dir: Path | None) -> Callable[[], Mapping[str, Any]]:
     return read
 
 
-async def serve(plane: ControlPlane) -> None:
-    """Run ``plane`` until SIGTERM or SIGINT."""
+async def serve(cfg: Config, args: argparse.Namespace) -> None:
+    """Run the node until SIGTERM or SIGINT."""
+    from gateway.control.node import run_node
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with plane:
-        logger.info("control plane running (pid %d)", os.getpid())
-        await stop.wait()
-        logger.info("control plane stopping")
+    notify = signaller(args.notify_pid)
+    await run_node(cfg, stop, counters=stats_reader(args.stats_dir), notify=notify)
 
 
 def run(args: argparse.Namespace) -> int:
+    from gateway.attest.collateral import CollateralError
     from gateway.certs.errors import CertError
-    from gateway.control.plane import ControlPlane
     from gateway.registry.store import StoreError
+    from gateway.tunnel.errors import TunnelError
 
     try:
         cfg = load_config(args.config)
@@ -106,19 +109,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     setup_logging(cfg.core.log_level, cfg.core.log_format)
-    notify = signaller(args.notify_pid)
-    plane = ControlPlane(
-        cfg,
-        counters=stats_reader(args.stats_dir),
-        on_cert_change=notify,
-        on_routes_change=notify,
-    )
     try:
-        asyncio.run(serve(plane))
+        asyncio.run(serve(cfg, args))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (CertError, StoreError, OSError) as exc:
+    except (CertError, StoreError, TunnelError, CollateralError, OSError, ValueError) as exc:
         logger.error("control plane failed: %s", exc)
         print(f"error: {exc}", file=sys.stderr)
         return 1
