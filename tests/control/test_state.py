@@ -6,6 +6,8 @@ import base64
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.attest.policy_settings import AdmissionPolicy
 from gateway.certs.settings import DnsCredential
@@ -189,3 +191,35 @@ def test_port_policy_override_validation() -> None:
     with pytest.raises(FieldError) as err:
         PortPolicyOverride.from_json("inst1", {"restrict": True})
     assert err.value.field == "restrict"
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**40), 2**40) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+_keys = st.sampled_from(
+    ["domain", "dns_credential", "port", "app_id", "id", "kind", "server", "zone",
+     "tsig_key_name", "tsig_secret", "api_token", "ttl", "check_servers", "ports",
+     "restrict_mode", "tsig_algorithm", "check_port"]
+)  # fmt: skip
+_bodies = _json | st.dictionaries(_keys, _json, max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=_bodies)
+def test_decoders_raise_only_field_errors(body: object) -> None:
+    """Whatever JSON a client sends, the decoders answer a value or a FieldError (a 400)."""
+    for decode in (
+        BaseDomain.from_json,
+        CustomRoute.from_json,
+        StoredCredential.from_json,
+        lambda b: PortPolicyOverride.from_json("inst", b),
+        lambda b: StoredCredential.from_json(b, cred_id="c", previous=cred("c")),
+    ):
+        try:
+            decode(body)
+        except FieldError:
+            pass
