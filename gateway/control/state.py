@@ -163,6 +163,12 @@ class OperatorState:
             )
         if create:
             expect = 0
+            covered = [r.domain for r in self.routes() if _under(r.domain, d.domain)]
+            if covered:
+                raise InUse(
+                    f"custom-domain route(s) {', '.join(covered)} fall under {d.domain}; "
+                    "remove them first"
+                )
         elif self.store.kv_get(T_DOMAINS, d.domain) is None:
             raise NotFound(f"base domain {d.domain} is not configured")
         entry = self._put(T_DOMAINS, d.domain, d.value(), expect, Topic.DOMAINS, create)
@@ -237,7 +243,7 @@ class OperatorState:
 
     def put_route(self, r: CustomRoute, *, create: bool, expect: int | None = None) -> CustomRoute:
         for base in self.domains():
-            if r.domain == base.domain or r.domain.endswith("." + base.domain):
+            if _under(r.domain, base.domain):
                 raise InUse(
                     f"{r.domain} is under base domain {base.domain}; apps there route by name"
                 )
@@ -333,3 +339,7 @@ class OperatorState:
             raise NotFound("no runtime admission policy is set; the configuration's applies")
         self._policy, self._policy_revision = self.config_policy, 0
         self._notify(Topic.ADMISSION)
+
+
+def _under(name: str, base: str) -> bool:
+    return name == base or name.endswith("." + base)

@@ -223,3 +223,14 @@ def test_decoders_raise_only_field_errors(body: object) -> None:
             decode(body)
         except FieldError:
             pass
+
+
+def test_base_domain_over_existing_custom_routes_is_refused(tmp_path: Path) -> None:
+    with SqliteStore(tmp_path / "r.sqlite3") as store:
+        state = OperatorState(store)
+        state.put_credential(cred(), create=True)
+        state.put_route(CustomRoute("shop.customer.example", APP, 443), create=True)
+        with pytest.raises(InUse, match="shop.customer.example"):
+            state.put_domain(BaseDomain("customer.example", "knot"), create=True)
+        state.delete_route("shop.customer.example")
+        assert state.put_domain(BaseDomain("customer.example", "knot"), create=True).revision

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -145,7 +146,7 @@ def instance_endpoints(
 
     async def remove_instance(request: web.Request) -> web.Response:
         instance_id = request.match_info["instance_id"]
-        if not registry.unregister(instance_id):
+        if not await asyncio.to_thread(registry.unregister, instance_id):  # device I/O
             raise ApiError(404, "not_found", f"no instance {instance_id!r} is registered")
         state.set_drain(instance_id, False)
         return json_response({"deleted": "instance", "id": instance_id})
