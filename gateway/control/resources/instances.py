@@ -94,13 +94,7 @@ def instance_endpoints(
     store = registry.store
 
     def summary(r: InstanceRecord, drained: set[str], overrides: set[str]) -> dict[str, Any]:
-        source = (
-            "admin"
-            if r.instance_id in overrides
-            else "instance"
-            if r.port_policy is not None
-            else "none"
-        )
+        source = _policy_source(r.instance_id in overrides, r.port_policy is not None)
         return {
             "instance_id": r.instance_id,
             "app_id": r.app_id,
@@ -170,7 +164,7 @@ def instance_endpoints(
         return {
             "instance_id": r.instance_id,
             "effective": admin if admin is not None else reported,
-            "source": "admin" if admin is not None else "instance" if reported else "none",
+            "source": _policy_source(admin is not None, reported is not None),
             "instance_reported": reported,
             "admin_override": admin,
             "revision": override.revision if override else 0,
@@ -313,3 +307,8 @@ def instance_endpoints(
 
 def _online(r: InstanceRecord, now: float) -> bool:
     return r.last_handshake is not None and now - r.last_handshake < ONLINE_WINDOW
+
+
+def _policy_source(overridden: bool, reported: bool) -> str:
+    """Upstream's ``GetInstancePortPolicy.source``: the override wins; none means denied."""
+    return "admin" if overridden else "instance" if reported else "none"
