@@ -486,6 +486,11 @@ class Conn:
             if self.writer is not None:
                 self.loop.remove_writer(self.fd)
             self._abandon_others()
+            if self.tls is None:
+                try:  # unread (peeked) bytes would turn our FIN into an RST
+                    self.sock.recv(self.w.settings.hello_limit + _PEEK_EXTRA)
+                except OSError:
+                    pass
             self.sock.close()
         state.open -= 1
         state.closed += 1

@@ -31,6 +31,7 @@ __all__ = ["Relay", "Side"]
 
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _CLEAN_EOF = (ssl.SSLZeroReturnError, ssl.SSLEOFError)
+_NO_CLOSE_NOTIFY = frozenset({"reset", "tls_error"})  # the TLS stream is unusable after these
 
 
 class ReadyLoop(Protocol):
@@ -120,7 +121,11 @@ class Relay:
         return self.client.nread + self.backend.nread + self.progress
 
     def finish(self, reason: str, notify: bool = True) -> None:
-        """Stop both directions and close both sockets (close_notify first on a clean TLS end)."""
+        """Stop both directions and close both sockets.
+
+        A terminated client gets close_notify first unless the stream already failed, so a
+        timeout or drain looks like a clean end to TLS clients rather than a truncation.
+        """
         if self.done:
             return
         self.done = True
@@ -133,7 +138,7 @@ class Relay:
                 loop.remove_writer(side.fd)
                 side.writing = False
         tls = self.client.tls
-        if tls is not None and reason == "done":
+        if tls is not None and reason not in _NO_CLOSE_NOTIFY:
             try:
                 tls.shutdown()  # sends close_notify; the peer's reply is not awaited
             except (OSError, ValueError):
