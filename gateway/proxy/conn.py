@@ -464,6 +464,18 @@ class Conn:
         host = self.target.host if self.target else ",".join(t.host for t in up.targets)
         return f"{host}:{up.port}"
 
+    def _tls_text(self) -> str:
+        tls = self.tls
+        if tls is None:
+            return "-"
+        try:
+            version = tls.version()
+        except (ValueError, OSError):
+            return "-"
+        if version is None:
+            return "-"
+        return f"{version}+resumed" if tls.session_reused else str(version)
+
     def close(self, reason: str, detail: str = "", from_relay: bool = False) -> None:
         """Tear everything down once: timers, callbacks, sockets, counters, one log line."""
         if self.phase is Phase.CLOSED:
@@ -501,11 +513,12 @@ class Conn:
         w.conns.discard(self)
         if w.access_enabled:
             access_log.info(
-                "client=%s:%s sni=%s mode=%s upstream=%s up=%d down=%d ms=%.1f reason=%s%s",
+                "client=%s:%s sni=%s mode=%s tls=%s upstream=%s up=%d down=%d ms=%.1f reason=%s%s",
                 self.client[0],
                 self.client[1],
                 self.sni or "-",
                 self.mode,
+                self._tls_text(),
                 self.upstream_text(),
                 up,
                 down,
