@@ -125,6 +125,7 @@ class Conn:
         "last_activity",
         "buf",
         "legacy_health",
+        "tls_info",
     )
 
     def __init__(
@@ -155,6 +156,7 @@ class Conn:
         self.last_activity = -1
         self.buf = b""
         self.legacy_health = False
+        self.tls_info = "-"
 
     # -- phase and timer ------------------------------------------------------------------
 
@@ -348,6 +350,8 @@ class Conn:
             return
         self._set_reader(None)
         self._set_writer(None)
+        tls = self.tls
+        self.tls_info = f"{tls.version()}{'+resumed' if tls.session_reused else ''}"
         if self.mode == "gateway":
             self._enter(Phase.SERVING)
             self._set_reader(self._on_gateway_read)
@@ -464,18 +468,6 @@ class Conn:
         host = self.target.host if self.target else ",".join(t.host for t in up.targets)
         return f"{host}:{up.port}"
 
-    def _tls_text(self) -> str:
-        tls = self.tls
-        if tls is None:
-            return "-"
-        try:
-            version = tls.version()
-        except (ValueError, OSError):
-            return "-"
-        if version is None:
-            return "-"
-        return f"{version}+resumed" if tls.session_reused else str(version)
-
     def close(self, reason: str, detail: str = "", from_relay: bool = False) -> None:
         """Tear everything down once: timers, callbacks, sockets, counters, one log line."""
         if self.phase is Phase.CLOSED:
@@ -518,7 +510,7 @@ class Conn:
                 self.client[1],
                 self.sni or "-",
                 self.mode,
-                self._tls_text(),
+                self.tls_info,
                 self.upstream_text(),
                 up,
                 down,
