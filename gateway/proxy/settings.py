@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,8 @@ __all__ = [
     "Timeouts",
     "parse_listen",
 ]
+
+_ID_RE = re.compile(r"[a-z0-9_]{1,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +129,12 @@ class StaticRoute:
     ports: tuple[PortRule, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.app_id or "-" in self.app_id or "." in self.app_id:
-            raise ValueError(f"route app_id {self.app_id!r} must be non-empty without '-' or '.'")
+        for ident in (self.app_id, *self.instance_ids):
+            if not _ID_RE.fullmatch(ident):
+                raise ValueError(
+                    f"route app_id/instance_id {ident!r} must be 1-63 of [a-z0-9_] "
+                    "(the SNI label grammar)"
+                )
         if not self.backends:
             raise ValueError(f"route {self.app_id!r}: backends must list at least one host")
         for host in self.backends:
