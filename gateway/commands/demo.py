@@ -58,8 +58,7 @@ def _start_origin(cert_dir: Path) -> tuple[subprocess.Popen[bytes], int, int]:
             "--key",
             str(cert_dir / "privkey.pem"),
         ],
-        stdout=subprocess.PIPE,
-        start_new_session=True,  # Ctrl-C goes to the gateway, which then stops us by PID
+        stdout=subprocess.PIPE,  # same process group: Ctrl-C (or a group kill) stops it too
     )
     assert proc.stdout is not None
     line = proc.stdout.readline()
