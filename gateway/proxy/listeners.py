@@ -92,7 +92,9 @@ class Worker:
         self.app_limit = math.ceil(limit / workers) if limit else 0
         self.conns: set[Conn] = set()
         self.listeners: list[tuple[socket.socket, int]] = []
-        self.access_enabled = logging.getLogger("gateway.access").isEnabledFor(logging.INFO)
+        self.access_enabled = settings.access_log and logging.getLogger(
+            "gateway.access"
+        ).isEnabledFor(logging.INFO)
         self._stats_handle: asyncio.TimerHandle | None = None
         self._parent = os.getppid()
         self.stopping: asyncio.Future[None] | None = None

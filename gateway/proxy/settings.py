@@ -173,6 +173,7 @@ class ProxySettings:
     buffer_size: int = 65536
     insecure_localhost_backend: bool = False
     stats_interval: float = 2.0
+    access_log: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
     routes: tuple[StaticRoute, ...] = ()
 

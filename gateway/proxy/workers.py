@@ -55,6 +55,10 @@ def run_worker(
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    # log records need neither thread nor process names here (saves a few us per line)
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     state = WorkerState(index, os.getpid())
