@@ -99,6 +99,7 @@ class Supervisor:
         self.count = settings.worker_count()
         self.children: dict[int, int] = {}  # pid -> worker index
         self.failures: dict[int, int] = {}  # worker index -> consecutive quick deaths
+        self.born: dict[int, float] = {}  # worker index -> monotonic start time
         self.signals: list[int] = []  # queued by the handler, consumed by run()
         self.certs: CertStore | None = None
         self.routes: RouteTable = StaticRoutes(settings.routes)
@@ -154,6 +155,7 @@ class Supervisor:
                 logging.shutdown()
                 os._exit(code)
         self.children[pid] = index
+        self.born[index] = time.monotonic()
 
     def _forward(self, sig: int) -> None:
         for pid in list(self.children):
@@ -172,6 +174,8 @@ class Supervisor:
             if index is None:
                 continue
             fails = self.failures.get(index, 0)
+            if time.monotonic() - self.born.get(index, 0.0) > 60.0:
+                fails = 0  # it had been running fine: restart at once
             delay = _RESTART_BACKOFF[min(fails, len(_RESTART_BACKOFF) - 1)]
             logger.error(
                 "worker %d (pid %d) exited (%s); restarting in %.1fs",
