@@ -117,9 +117,12 @@ class Worker:
                 sock, addr = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE, ENOBUFS...: count, let the poller retry later
+            except OSError as exc:  # EMFILE, ENOBUFS...: back off instead of spinning
                 state.error("accept_failed")
-                logger.warning("accept failed on port %d: %s", port, exc)
+                logger.warning("accept failed on port %d: %s; pausing accepts 0.1s", port, exc)
+                fd = lsock.fileno()
+                self.loop.remove_reader(fd)
+                self.loop.call_later(0.1, self._resume_accept, lsock, port)
                 return
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -128,6 +131,10 @@ class Worker:
             conn = Conn(self, sock, addr, port)
             conns.add(conn)
             conn.start()
+
+    def _resume_accept(self, lsock: socket.socket, port: int) -> None:
+        if not self.state.draining and lsock.fileno() >= 0:
+            self.loop.add_reader(lsock.fileno(), self._on_accept, lsock, port)
 
     # -- reload ---------------------------------------------------------------------------
 

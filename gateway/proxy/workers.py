@@ -114,6 +114,7 @@ class Supervisor:
             "certificates: %d loaded from %s", len(self.certs.snapshot), self.settings.certs_dir
         )
         _hint_migrate_req()
+        _raise_nofile()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         for index in range(self.count):
@@ -216,6 +217,18 @@ def _describe(status: int) -> str:
     if os.WIFSIGNALED(status):
         return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
     return f"exit code {os.waitstatus_to_exitcode(status)}"
+
+
+def _raise_nofile() -> None:
+    """Two descriptors per connection: lift the soft file limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            logger.warning("cannot raise the open-file limit from %d: %s", soft, exc)
 
 
 def _hint_migrate_req() -> None:
