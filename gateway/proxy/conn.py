@@ -96,6 +96,7 @@ _TIMEOUT_REASON = {
     Phase.SERVING: "handshake_timeout",
 }
 _NEVER = float("inf")
+_DECISION_CACHE = 4096  # distinct SNIs remembered per snapshot (cleared when full)
 
 
 class Conn:
@@ -291,7 +292,13 @@ class Conn:
         if self.lowat != 1:
             self._set_lowat(1)
         self.sni = hello.sni or ""
-        decision = decide(hello, ConnInfo(self.client[:2], self.local), self.w.snapshot)
+        cache = self.w.decisions  # keyed by SNI: see decide()'s docstring
+        decision = cache.get(hello.sni)
+        if decision is None:
+            decision = decide(hello, ConnInfo(self.client[:2], self.local), self.w.snapshot)
+            if len(cache) >= _DECISION_CACHE:
+                cache.clear()
+            cache[hello.sni] = decision
         if isinstance(decision, Terminate):
             self.mode = "terminate"
             if self._admit(decision.upstream):

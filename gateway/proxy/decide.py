@@ -116,7 +116,12 @@ Decision = Terminate | Passthrough | Gateway | Reject
 
 
 def decide(hello: ClientHello, conn: ConnInfo, snap: Snapshot) -> Decision:
-    """Map a parsed ClientHello to a :data:`Decision`. Pure."""
+    """Map a parsed ClientHello to a :data:`Decision`. Pure.
+
+    The result depends only on ``hello.sni`` and ``snap``, so each worker caches it per SNI
+    until the snapshot is swapped (``Worker.decisions``). A rule that reads anything else
+    (ALPN, the client address) must extend that cache key in ``conn.py``.
+    """
     if not hello.sni:
         return Reject(TlsAlert.UNRECOGNIZED_NAME, "no_sni", "the ClientHello has no server name")
     sni = hello.sni  # already lower-case and validated by the parser
