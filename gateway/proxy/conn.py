@@ -558,6 +558,8 @@ class Conn:
         if self.app:
             state.app_open[self.app] -= 1
         w.conns.discard(self)
+        self.relay = None  # break the conn <-> relay <-> side cycles: freed by refcount,
+        self.tls = None  # not left for the cyclic GC
         if w.access_enabled:
             access_log.info(
                 "client=%s:%s sni=%s mode=%s tls=%s upstream=%s up=%d down=%d ms=%.1f reason=%s%s",

@@ -151,6 +151,7 @@ class Relay:
                 pass
         self.client.sock.close()
         self.backend.sock.close()
+        self.client.peer = self.backend.peer = None  # type: ignore[assignment]  # drop the cycle
         if notify:
             self.on_done(reason)
 

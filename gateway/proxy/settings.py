@@ -165,6 +165,7 @@ class ProxySettings:
     base_domains: tuple[str, ...] = ()
     certs_dir: Path = Path("/var/lib/gateway/certs")
     tls_versions: tuple[str, ...] = ("1.2", "1.3")
+    session_tickets: int = 2
     inbound_proxy_protocol: bool = False
     max_connections_per_app: int = 2000
     hello_limit: int = 16384
@@ -197,6 +198,8 @@ class ProxySettings:
                 )
         if not self.tls_versions or set(self.tls_versions) - {"1.2", "1.3"}:
             raise ValueError("tls_versions must be a non-empty list of '1.2' and/or '1.3'")
+        if not 0 <= self.session_tickets <= 8:
+            raise ValueError("session_tickets must be within 0-8 (0 = no resumption)")
         if self.max_connections_per_app < 0:
             raise ValueError("max_connections_per_app must be >= 0 (0 = unlimited)")
         if not 512 <= self.hello_limit <= 1 << 20:

@@ -109,7 +109,9 @@ class Supervisor:
 
     def run(self) -> int:
         probe_listeners(self.settings.listen_specs(), self.settings.backlog)
-        self.certs = CertStore(self.settings.certs_dir, self.settings.tls_versions)
+        self.certs = CertStore(
+            self.settings.certs_dir, self.settings.tls_versions, self.settings.session_tickets
+        )
         logger.info(
             "certificates: %d loaded from %s", len(self.certs.snapshot), self.settings.certs_dir
         )

@@ -96,3 +96,11 @@ def test_later_expiry_wins_for_the_same_name(tmp_path: Path) -> None:
     write_cert_dir(d, "b-short", [short], k1)
     entry = load_snapshot(d, V).lookup("y.x.test")
     assert entry is not None and entry.source.name == "a-long"
+
+
+def test_session_ticket_count_is_applied(certs: Path) -> None:
+    for count in (0, 1, 2):
+        entry = load_snapshot(certs, V, tickets=count).lookup("a.example.test")
+        assert entry is not None
+        assert entry.h1.num_tickets == count and entry.h2.num_tickets == count
+        assert bool(entry.h1.options & ssl.OP_NO_TICKET) == (count == 0)
