@@ -518,6 +518,8 @@ class Conn:
             Side(bsock),
             self.w.settings.buffer_size,
             self._relay_done,
+            self.w.pipes,
+            self.w.settings.splice_after,
         )
         self.last_activity = -1  # the pending setup timer becomes the first idle check
         relay.start(header, client_registered=client_registered)
