@@ -557,8 +557,10 @@ class Conn:
         else:
             if self.reader is not None:
                 self.loop.remove_reader(self.fd)
+                self.reader = None  # a bound method of self: a reference cycle
             if self.writer is not None:
                 self.loop.remove_writer(self.fd)
+                self.writer = None
             self._abandon_others()
             if self.bsock is not None:
                 self.bsock.close()
