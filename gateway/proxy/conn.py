@@ -585,10 +585,13 @@ class Conn:
         self.relay = None  # break the conn <-> relay <-> side cycles: freed by refcount,
         self.tls = None  # not left for the cyclic GC
         if w.access_enabled:
+            client = self.client
+            if self.pp_in is not None and self.pp_in.source is not None:
+                client = self.pp_in.source  # the address the load balancer saw
             access_log.info(
                 "client=%s:%s sni=%s mode=%s tls=%s upstream=%s up=%d down=%d ms=%.1f reason=%s%s",
-                self.client[0],
-                self.client[1],
+                client[0],
+                client[1],
                 self.sni or "-",
                 self.mode,
                 self.tls_info,

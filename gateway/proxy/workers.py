@@ -118,9 +118,14 @@ class Supervisor:
         self.certs = CertStore(
             self.settings.certs_dir, self.settings.tls_versions, self.settings.session_tickets
         )
-        logger.info(
-            "certificates: %d loaded from %s", len(self.certs.snapshot), self.settings.certs_dir
-        )
+        loaded = len(self.certs.snapshot)
+        logger.info("certificates: %d loaded from %s", loaded, self.settings.certs_dir)
+        if not loaded and self.settings.base_domains:
+            logger.warning(
+                "no certificates in %s: terminated names will be refused until one is "
+                "installed there and the gateway gets SIGHUP (passthrough works meanwhile)",
+                self.settings.certs_dir,
+            )
         _hint_migrate_req()
         _raise_nofile()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
