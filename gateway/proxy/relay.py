@@ -16,6 +16,12 @@ flushed, and the other direction keeps flowing. A TLS side cannot be half-closed
 so a backend EOF on a terminated connection flushes, sends close_notify and closes. The relay
 is finished when both directions are done, or on the first error.
 
+Splice: between two plain sockets (passthrough), once a direction has moved
+``splice_after`` bytes its reader switches to ``os.splice`` socket -> pipe -> socket, so the
+bytes never enter user space; what the destination does not take stays in the pipe, and that
+is the backpressure state (``in_pipe``) instead of ``pending``. Pipes come from a
+:class:`PipePool` and go back to it empty.
+
 The loop is any object with ``add_reader``/``remove_reader``/``add_writer``/``remove_writer``
 (uvloop in production, a fake in the unit tests).
 """
