@@ -62,7 +62,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Conn", "Phase", "TRANSITIONS"]
 
-access_log = logging.getLogger("gateway.access")
+_ACCESS = "gateway.access"
+access_log = logging.getLogger(_ACCESS)
+_ACCESS_FMT = "client=%s:%s sni=%s mode=%s tls=%s upstream=%s up=%d down=%d ms=%.1f reason=%s%s"
 
 _PEEK_EXTRA = 4096  # room for bytes after the hello (and a PROXY v1 line) in one peek
 _PP_MAX = 2048 + 16
@@ -588,19 +590,30 @@ class Conn:
             client = self.client
             if self.pp_in is not None and self.pp_in.source is not None:
                 client = self.pp_in.source  # the address the load balancer saw
-            access_log.info(
-                "client=%s:%s sni=%s mode=%s tls=%s upstream=%s up=%d down=%d ms=%.1f reason=%s%s",
-                client[0],
-                client[1],
-                self.sni or "-",
-                self.mode,
-                self.tls_info,
-                self.upstream_text(),
-                up,
-                down,
-                (self.loop.time() - self.t0) * 1000.0,
-                reason,
-                f" detail={detail!r}" if detail else "",
+            # makeRecord + handle: the same record as .info(), without findCaller's stack
+            # walk (half of the ~30 us a line costs)
+            access_log.handle(
+                access_log.makeRecord(
+                    _ACCESS,
+                    logging.INFO,
+                    __file__,
+                    0,
+                    _ACCESS_FMT,
+                    (
+                        client[0],
+                        client[1],
+                        self.sni or "-",
+                        self.mode,
+                        self.tls_info,
+                        self.upstream_text(),
+                        up,
+                        down,
+                        (self.loop.time() - self.t0) * 1000.0,
+                        reason,
+                        f" detail={detail!r}" if detail else "",
+                    ),
+                    None,
+                )
             )
 
     def shutdown(self) -> None:
