@@ -138,6 +138,7 @@ class Conn:
         "buf",
         "legacy_health",
         "failed",
+        "bsock_parked",
     )
 
     def __init__(
@@ -172,6 +173,7 @@ class Conn:
         self.last_activity = -1
         self.buf = b""
         self.legacy_health = False
+        self.bsock_parked = False  # backend fd registered with _on_backend_early
         self.failed: tuple[str, str] | None = None  # backend failure held until the handshake ends
 
     # -- phase and timer ------------------------------------------------------------------
@@ -494,7 +496,20 @@ class Conn:
         if self.phase is Phase.CONNECTING:
             self._start_relay(writer_registered=registered)
         elif registered:
-            self.loop.remove_writer(bsock.fileno())  # the handshake is still running
+            # The handshake is still running. Park the backend as a reader (the poll handle
+            # stays; the relay swaps in its callback) rather than tearing it down and making
+            # a new one at relay start.
+            fd = bsock.fileno()
+            self.loop.add_reader(fd, self._on_backend_early)
+            self.loop.remove_writer(fd)
+            self.bsock_parked = True
+
+    def _on_backend_early(self) -> None:
+        """The backend spoke (or closed) before the relay exists: stop watching it until the
+        relay starts (no busy loop); the relay reads whatever it sent."""
+        assert self.bsock is not None
+        self.loop.remove_reader(self.bsock.fileno())
+        self.bsock_parked = False
 
     def _start_relay(self, writer_registered: bool = False) -> None:
         bsock = self.bsock
@@ -514,10 +529,14 @@ class Conn:
             state.terminated += 1
         else:
             state.passthrough += 1
+        backend = Side(bsock)
+        if self.bsock_parked:  # registered already: the relay swaps its callback in (or
+            backend.reading = True  # removes it, should it fail before reading)
+            self.bsock_parked = False
         self.relay = relay = Relay(
             self.loop,
             Side(self.sock, self.tls),
-            Side(bsock),
+            backend,
             self.w.settings.buffer_size,
             self._relay_done,
             self.w.pipes,
@@ -565,6 +584,8 @@ class Conn:
                 self.writer = None
             self._abandon_others()
             if self.bsock is not None:
+                if self.bsock_parked:
+                    self.loop.remove_reader(self.bsock.fileno())
                 self.bsock.close()
             if self.tls is None:
                 try:  # unread (peeked) bytes would turn our FIN into an RST

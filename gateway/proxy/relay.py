@@ -194,7 +194,9 @@ class Relay:
             self._want_read(self.client)
         elif client_registered:
             self.loop.remove_reader(self.client.fd)
-        self._want_read(self.backend)
+        backend = self.backend  # may already be registered by the caller: swap or add
+        self.loop.add_reader(backend.fd, self._on_read, backend)
+        backend.reading = True
 
     def activity(self) -> int:
         """A number that grows whenever bytes move (compared by the idle watchdog)."""
