@@ -130,6 +130,25 @@ def _can_fetch(port: int, name: str, ca: Path) -> bool:
         return False
 
 
+def test_tls12_client_and_session_resumption(gw: Gateway, origin: Origin, ca: Path) -> None:
+    name = sni(f"app-{origin.http}")
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        ctx = ssl.create_default_context(cafile=str(ca))
+        ctx.maximum_version = version
+        session = None
+        reused = []
+        for _ in range(3):  # one worker of two may differ; tickets are shared (same keys)
+            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+            with ctx.wrap_socket(raw, server_hostname=name, session=session) as s:
+                assert s.version() == (
+                    "TLSv1.2" if version == ssl.TLSVersion.TLSv1_2 else "TLSv1.3"
+                )
+                assert get(s, "/bytes/100000")[1] == pattern_bytes(100000)
+                reused.append(s.session_reused)
+                session = s.session
+        assert reused == [False, True, True]
+
+
 def test_upload_is_intact(gw: Gateway, origin: Origin, ca: Path) -> None:
     payload = os.urandom(1 << 20)
     with tls_connect(gw.port, sni(f"app-{origin.http}"), ca) as s:
