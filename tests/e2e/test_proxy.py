@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,7 @@ from tests.helpers.gateway import (
     worker_pids,
     write_config,
 )
-from tests.helpers.processes import free_port, wait_until
+from tests.helpers.processes import free_port, port_open, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -588,3 +589,54 @@ def test_abuse_never_breaks_a_worker(gw: Gateway, origin: Origin, ca: Path) -> N
     wait_until(settled, gw.proc, 10, "every connection closed and accounted for")
     assert "Traceback" not in gw.log_text()
     assert "Exception in callback" not in gw.log_text()
+
+
+# -- configuration at the edge ---------------------------------------------------------------
+
+
+def _free_range(n: int) -> int:
+    for _ in range(50):
+        first = free_port()
+        socks = []
+        try:
+            for p in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def test_listen_port_range(root: Path, origin: Origin, ca: Path) -> None:
+    first = _free_range(3)
+    cfg = write_config(root, "range", origin, workers=1, listen=[f"127.0.0.1:{first}-{first + 2}"])
+    with run_gateway(cfg) as g:
+        for port in range(first, first + 3):
+            wait_until(lambda p=port: port_open("127.0.0.1", p), g.proc, 10, f"port {port}")
+            with tls_connect(port, sni(f"app-{origin.http}"), ca) as s:
+                assert get(s, "/health")[1] == b"ok"
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ("[proxy]\nlisten = ['127.0.0.1:1-3', '127.0.0.1:2']\n", "proxy: listen entries"),
+        ("[proxy]\nworkerz = 2\n", "proxy.workerz: unknown key (hint: did you mean 'workers'?)"),
+        ("[proxy.timeouts]\nidle = -1\n", "proxy.timeouts: timeouts.idle must be > 0"),
+    ],
+)
+def test_serve_rejects_bad_config_before_binding(tmp_path: Path, body: str, needle: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(body)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
+        capture_output=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert needle in out.stderr.decode()
