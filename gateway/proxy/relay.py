@@ -41,6 +41,7 @@ _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSL
 _CLEAN_EOF = (ssl.SSLZeroReturnError, ssl.SSLEOFError)
 _NO_CLOSE_NOTIFY = frozenset({"reset", "tls_error"})  # the TLS stream is unusable after these
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_TLS_RECORD = 16384
 _F_SETPIPE_SZ = 1031
 
 
@@ -112,6 +113,7 @@ class Side:
         "nread",
         "pipe",
         "in_pipe",
+        "rsize",
     )
 
     def __init__(self, sock: socket.socket, tls: Any = None) -> None:
@@ -131,6 +133,7 @@ class Side:
         self.nread = 0
         self.pipe: tuple[int, int] | None = None  # splice pipe for bytes read from this side
         self.in_pipe = 0  # bytes read from this side still in the pipe
+        self.rsize = 65536  # bytes asked of recv (the relay sets it)
 
 
 class Relay:
@@ -169,6 +172,8 @@ class Relay:
         client.peer = backend
         backend.peer = client
         self.bufsize = bufsize
+        for side in (client, backend):  # SSL_read returns at most one 16 KiB record
+            side.rsize = min(bufsize, _TLS_RECORD) if side.tls is not None else bufsize
         self.on_done = on_done
         self.done = False
         self.progress = 0  # bytes flushed from pending buffers (the idle watchdog adds nread)
@@ -240,7 +245,7 @@ class Relay:
 
     def _on_read(self, src: Side) -> None:
         try:
-            data = src.recv(self.bufsize)
+            data = src.recv(src.rsize)
         except _WOULD_BLOCK:
             return
         except _CLEAN_EOF:

@@ -503,7 +503,13 @@ def test_sigterm_drains_a_transfer_in_flight(root: Path, origin: Origin, ca: Pat
         s = tls_connect(g.port, sni(f"app-{origin.http}"), ca)
         s.sendall(b"GET /trickle/1280 HTTP/1.1\r\nHost: x\r\n\r\n")  # ~1 s of trickle
         assert s.recv(5) == b"HTTP/"
+        silent = socket.create_connection(("127.0.0.1", g.port), timeout=10)  # no hello yet
+        time.sleep(0.1)
         os.kill(g.proc.pid, signal.SIGTERM)
+        start = time.monotonic()
+        assert silent.recv(10) == b""  # not relaying yet: closed at once, not after drain
+        assert time.monotonic() - start < 0.8
+        silent.close()
         data = read_until_eof(s)
         s.close()
         assert data.endswith(pattern_bytes(1280))
