@@ -488,7 +488,9 @@ def test_sighup_reloads_certs_without_dropping(root: Path, origin: Origin, ca: P
         dev = DevCa(root / "ca" / "ca.pem", root / "ca" / "ca.key")
         cert, key = issue_wildcard(dev, [f"*.{BASE}", BASE])
         write_cert_dir(certs, BASE, [cert, dev.load()[0]], key)
-        os.kill(g.proc.pid, signal.SIGHUP)
+        pid = int((g.data_dir / "run" / "gateway.pid").read_text())
+        assert pid == g.proc.pid
+        os.kill(pid, signal.SIGHUP)
         wait_until(
             lambda: _leaf_serial(g.port, name, ca) == cert.serial_number, g.proc, 10, "new cert"
         )
@@ -515,6 +517,7 @@ def test_sigterm_drains_a_transfer_in_flight(root: Path, origin: Origin, ca: Pat
         assert data.endswith(pattern_bytes(1280))
         assert g.proc.wait(timeout=10) == 0
         assert "drained: 0 connections closed at the deadline" in g.log_text()
+        assert not (g.data_dir / "run" / "gateway.pid").exists()
 
 
 def test_killed_worker_is_replaced(root: Path, origin: Origin, ca: Path) -> None:
