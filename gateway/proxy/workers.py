@@ -148,7 +148,10 @@ class Supervisor:
                 if signum == signal.SIGHUP:
                     self._forward(signal.SIGHUP)
                     if self.certs is not None:
-                        self.certs.reload()  # future forks start from the new set
+                        try:
+                            self.certs.reload()  # future forks start from the new set
+                        except OSError as exc:
+                            logger.error("certificate reload failed: %s", exc)
                     logger.info(
                         "reload requested: forwarded SIGHUP to %d workers", len(self.children)
                     )
