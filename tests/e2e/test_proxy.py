@@ -497,6 +497,13 @@ def test_sighup_reloads_certs_without_dropping(root: Path, origin: Origin, ca: P
         assert before != cert.serial_number
         assert get(live, "/bytes/1000")[1] == pattern_bytes(1000)  # the old connection lives on
         live.close()
+        # routes come from the same file on SIGHUP
+        newname = sni(f"fresh-{origin.http}")
+        assert recv_alert(g.port, build_client_hello(newname)) == ALERT_UNRECOGNIZED_NAME
+        with cfg.open("a") as fh:
+            fh.write('\n[[proxy.routes]]\napp_id = "fresh"\nbackends = ["127.0.0.1"]\n')
+        os.kill(pid, signal.SIGHUP)
+        wait_until(lambda: _can_fetch(g.port, newname, ca), g.proc, 10, "the new route")
 
 
 def test_sigterm_drains_a_transfer_in_flight(root: Path, origin: Origin, ca: Path) -> None:
