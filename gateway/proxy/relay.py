@@ -191,16 +191,17 @@ class Relay:
         ``client_registered``: the client's fd is still registered for reading by the
         caller; the relay takes the registration over (swapping the callback) or drops it.
         """
+        client, backend = self.client, self.backend
+        if client_registered:
+            client.reading = True  # so that a failure below (finish) unregisters it
         if first_to_backend:
-            self._send(self.backend, first_to_backend)
+            self._send(backend, first_to_backend)  # a short write pauses the client
             if self.done:
                 return
-        if self.backend.pending is None:
-            self._want_read(self.client)
-        elif client_registered:
-            self.loop.remove_reader(self.client.fd)
-        backend = self.backend  # may already be registered by the caller: swap or add
-        self.loop.add_reader(backend.fd, self._on_read, backend)
+        if backend.pending is None:  # add, or swap the caller's callback for ours
+            self.loop.add_reader(client.fd, self._on_read, client)
+            client.reading = True
+        self.loop.add_reader(backend.fd, self._on_read, backend)  # likewise
         backend.reading = True
 
     def activity(self) -> int:
