@@ -533,6 +533,7 @@ class Conn:
         if self.bsock_parked:  # registered already: the relay swaps its callback in (or
             backend.reading = True  # removes it, should it fail before reading)
             self.bsock_parked = False
+        backend.writing = writer_registered  # likewise for the connect's writer
         self.relay = relay = Relay(
             self.loop,
             Side(self.sock, self.tls),
@@ -544,8 +545,9 @@ class Conn:
         )
         self.last_activity = -1  # the pending setup timer becomes the first idle check
         relay.start(header, client_registered=client_registered)
-        if writer_registered and not relay.done and not relay.backend.writing:
-            self.loop.remove_writer(bsock.fileno())  # after add_reader: the poll is reused
+        if writer_registered and not relay.done and backend.pending is None:
+            self.loop.remove_writer(backend.fd)  # after add_reader: the poll is reused
+            backend.writing = False
 
     def _relay_done(self, reason: str) -> None:
         self.close(reason, from_relay=True)
