@@ -14,8 +14,8 @@ if the handshake finishes first does the connection wait in CONNECTING.
 
 The ClientHello is read with ``MSG_PEEK``: it stays in the kernel, so OpenSSL (terminate) or
 the relay (passthrough) reads it as if nobody had looked, and nothing is replayed. While a
-hello is incomplete, ``SO_RCVLOWAT`` is raised past what is already buffered so that the
-level-triggered poller wakes only when more bytes arrive (no busy loop on a slow client).
+hello is incomplete, ``SO_RCVLOWAT`` is raised to the end of the record in flight so that
+the level-triggered poller wakes only when it is complete (no busy loop on a slow client).
 
 Terminated TLS runs on the socket itself (``SSLContext._wrap_socket``, socket BIO) and
 handshakes from readiness callbacks: measured 22-30 % cheaper per new connection than
@@ -37,7 +37,7 @@ import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from gateway.protocol.clienthello import encode_alert, parse_client_hello
+from gateway.protocol.clienthello import HelloSniffer, encode_alert
 from gateway.protocol.errors import ClientHelloError, ProxyHeaderError, TlsAlert
 from gateway.protocol.proxy_header import (
     Command,
@@ -292,13 +292,14 @@ class Conn:
             if not data:
                 self._wait_more(0)
                 return
+        sniffer = HelloSniffer(self.w.settings.hello_limit)
         try:
-            hello = parse_client_hello(data, limit=self.w.settings.hello_limit)
+            hello = sniffer.feed(data)
         except ClientHelloError as exc:
             self._reject(exc.alert, "bad_hello", str(exc), consume=len(data))
             return
-        if hello is None:
-            self._wait_more(len(data))
+        if hello is None:  # sleep until the record in flight is complete, not per segment
+            self._wait_more(max(len(data), sniffer.wanted - 1))
             return
         if self.lowat != 1:
             self._set_lowat(1)
