@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -241,8 +242,15 @@ class PccsCollateralSource:
         self._fetched_at: dict[tuple[str, str], int] = {}
         self.fetches = 0  # how many times the PCCS was asked (tests, metrics)
 
+    def cache_path(self, fmspc: str, ca: str) -> Path:
+        """The cache file for ``fmspc`` and ``ca`` from this PCCS."""
+        return self._path((fmspc.upper(), ca))
+
     def _path(self, key: tuple[str, str]) -> Path:
-        return self._dir / f"{key[0]}-{key[1]}.json"
+        # Keyed by the PCCS too: collateral of one service (e.g. one simulated PKI's PCCS)
+        # must never be served for another's quotes.
+        source = hashlib.sha256(self._base.encode()).hexdigest()[:12]
+        return self._dir / f"{source}-{key[0]}-{key[1]}.json"
 
     def _load_disk(self, key: tuple[str, str]) -> tuple[int, dcap_qvl.QuoteCollateralV3] | None:
         path = self._path(key)

@@ -110,7 +110,7 @@ def test_pccs_fetch_cache_and_refresh(pccs: tuple[SimPki, Clock], tmp_path: Path
             assert v.report_data == bytes(64)
             assert src.fetches == 1
             key = quote_collateral_key(quote)
-            cached = tmp_path / "cache" / f"{key[0]}-platform.json"
+            cached = src.cache_path(key[0], "platform")
             assert cached.exists()
             # Served again from memory, then (new source) from disk: no new fetch.
             await src.get(quote)
@@ -186,10 +186,10 @@ def test_pccs_unknown_fmspc_and_corrupt_cache(pccs: tuple[SimPki, Clock], tmp_pa
             with pytest.raises(CollateralError, match="404"):
                 await src.get_for("00112233AABB", "platform")
             fmspc = pki.platform.fmspc.hex().upper()
-            (tmp_path / f"{fmspc}-platform.json").write_text("not json")
+            src.cache_path(fmspc, "platform").write_text("not json")
             col = await src.get_for(fmspc, "platform")
             assert src.fetches == 2
-            assert json.loads((tmp_path / f"{fmspc}-platform.json").read_text())["tcb_info"]
+            assert json.loads(src.cache_path(fmspc, "platform").read_text())["tcb_info"]
             assert collateral_expiry(col) > clock.now
 
     run(main)
