@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import logging
 import os
 import signal
@@ -34,8 +33,6 @@ if TYPE_CHECKING:  # the plane pulls in aiohttp, acme, dnspython: only when it r
     from gateway.config import Config
 
 logger = logging.getLogger(__name__)
-
-_SUMMED = ("accepted", "open", "closed", "bytes_up", "bytes_down", "terminated", "passthrough")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,24 +60,14 @@ def signaller(pid: int | None) -> Callable[[], None]:
 
 
 def stats_reader(stats_dir: Path | None) -> Callable[[], Mapping[str, Any]]:
-    """Sum the workers' last counter files (the proxy writes them every few seconds)."""
+    """The proxy workers' summed counters (they write them every ``stats_interval``)."""
 
     def read() -> Mapping[str, Any]:
         if stats_dir is None:
             return {}
-        total: dict[str, Any] = dict.fromkeys(_SUMMED, 0)
-        errors: dict[str, int] = {}
-        for path in sorted(stats_dir.glob("worker-*.json")):
-            try:
-                worker = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue  # replaced while we looked; the next scrape sees it
-            for key in _SUMMED:
-                total[key] += int(worker.get(key, 0))
-            for reason, n in worker.get("errors", {}).items():
-                errors[reason] = errors.get(reason, 0) + int(n)
-        total["errors"] = errors
-        return total
+        from gateway.proxy.stats import read_stats
+
+        return read_stats(stats_dir)
 
     return read
 

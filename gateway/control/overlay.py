@@ -14,6 +14,7 @@ Lookups for the proxy's decisions: ``custom_route(sni)`` (checked before the TXT
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import secrets
@@ -25,8 +26,16 @@ from typing import Any
 
 from gateway.control.registration import PortPolicy
 from gateway.control.state import OperatorState
+from gateway.proxy import routes as proxy_routes
 
-__all__ = ["Overlay", "RouteTarget", "overlay_path", "read_overlay", "write_overlay"]
+__all__ = [
+    "Overlay",
+    "OverlayRoutes",
+    "RouteTarget",
+    "overlay_path",
+    "read_overlay",
+    "write_overlay",
+]
 
 VERSION = 1
 
@@ -128,3 +137,35 @@ def read_overlay(path: Path) -> Overlay:
     except ValueError as exc:
         raise ValueError(f"routing overlay {path}: not JSON ({exc})") from None
     return Overlay.from_json(doc)
+
+
+class OverlayRoutes:
+    """A proxy :class:`~gateway.proxy.routes.RouteTable` with the overlay applied.
+
+    Drained instances are never returned (so no new connection reaches them; connections
+    already open are untouched), and an instance with an admin port-policy override gets
+    that policy instead of its own. Immutable, like the table it wraps.
+    """
+
+    __slots__ = ("_inner", "_overlay", "_policies")
+
+    def __init__(self, inner: proxy_routes.RouteTable, overlay: Overlay) -> None:
+        self._inner = inner
+        self._overlay = overlay
+        self._policies = {
+            k: proxy_routes.PortPolicy(
+                p.restrict_mode, MappingProxyType({a.port: a.pp for a in p.ports})
+            )
+            for k, p in overlay.port_policies.items()
+        }
+
+    def lookup(self, ident: str, top_n: int) -> tuple[proxy_routes.Candidate, ...]:
+        drained = self._overlay.drained
+        found = self._inner.lookup(ident, top_n + len(drained))
+        out = []
+        for cand in found:
+            if cand.instance_id and cand.instance_id in drained:
+                continue
+            policy = self._policies.get(cand.instance_id) if cand.instance_id else None
+            out.append(dataclasses.replace(cand, policy=policy) if policy is not None else cand)
+        return tuple(out[:top_n])
