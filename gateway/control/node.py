@@ -103,6 +103,11 @@ async def run_node(
         plane = ControlPlane(
             cfg,
             counters=counters,
+            accel=lambda: {
+                "ktls": False,
+                "splice_after_bytes": cfg.proxy.splice_after,
+                "buffer_size": cfg.proxy.buffer_size,
+            },
             on_cert_change=notify,
             on_routes_change=notify,
             store=tunnel.store if tunnel else None,

@@ -7,7 +7,9 @@ control plane writes them as one JSON document, ``<data_dir>/run/control/routing
 signals the supervisor; each worker re-reads it on ``SIGHUP`` with :func:`read_overlay`
 into an immutable :class:`Overlay` and swaps it in with its route snapshot.
 
-Lookups for the proxy's decisions: ``custom_route(sni)`` (checked before the TXT lookup),
+It also lists the base domains (configuration and API) so the workers' SNI split can follow
+domains added at runtime. Lookups for the proxy's decisions: ``custom_route(sni)`` (checked
+before the TXT lookup),
 ``drained`` (skip these candidates for new connections; open ones are untouched) and
 ``port_policy(instance_id)`` (an admin override replaces the instance-reported policy).
 """
@@ -59,6 +61,7 @@ class Overlay:
     """An immutable snapshot of the operator's routing decisions (``revision``: the store's)."""
 
     revision: int = 0
+    base_domains: tuple[str, ...] = ()
     routes: Mapping[str, RouteTarget] = field(default_factory=_empty)
     drained: frozenset[str] = frozenset()
     port_policies: Mapping[str, PortPolicy] = field(default_factory=_empty)
@@ -73,6 +76,7 @@ class Overlay:
         return {
             "version": VERSION,
             "revision": self.revision,
+            "base_domains": list(self.base_domains),
             "routes": {d: {"app_id": t.app_id, "port": t.port} for d, t in self.routes.items()},
             "drained": sorted(self.drained),
             "port_policies": {k: p.to_json() for k, p in self.port_policies.items()},
@@ -82,6 +86,7 @@ class Overlay:
     def from_state(cls, state: OperatorState) -> Overlay:
         return cls(
             revision=state.store.revision(),
+            base_domains=tuple(d.domain for d in state.domains()),
             routes=MappingProxyType(
                 {r.domain: RouteTarget(r.app_id, r.port) for r in state.routes()}
             ),
@@ -104,6 +109,7 @@ class Overlay:
             policies = {str(k): PortPolicy.from_json(v) for k, v in doc["port_policies"].items()}
             return cls(
                 revision=int(doc["revision"]),
+                base_domains=tuple(str(d) for d in doc.get("base_domains", ())),
                 routes=MappingProxyType(routes),
                 drained=frozenset(str(i) for i in doc["drained"]),
                 port_policies=MappingProxyType(policies),

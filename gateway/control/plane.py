@@ -266,6 +266,7 @@ class ControlPlane:
         await self.certs.start()
         self._stack.push_async_callback(self.certs.stop)
         self.state.subscribe(Topic.DOMAINS, self.certs.reconfigure)
+        self.state.subscribe(Topic.DOMAINS, self._routes_changed)  # base domains in the overlay
         self.state.subscribe(Topic.DNS, self.certs.reconfigure)
         self._publish_overlay()
         for topic in (Topic.ROUTES, Topic.DRAIN, Topic.PORT_POLICY):

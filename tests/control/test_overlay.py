@@ -31,7 +31,7 @@ def test_overlay_round_trip_from_state(tmp_path: Path) -> None:
     route = back.custom_route("SHOP.example.org.")
     assert route is not None and (route.app_id, route.port) == (APP, 8443)
     assert back.custom_route("other.example.org") is None
-    assert "inst-1" in back.drained
+    assert "inst-1" in back.drained and back.base_domains == ()
     policy = back.port_policy("inst-2")
     assert policy is not None and policy.ports[0].pp is True
     assert [p.name for p in path.parent.iterdir()] == ["routing.json"]  # no temp debris

@@ -28,6 +28,7 @@ import pytest
 from gateway.certs.settings import AcmeSettings
 from gateway.config import Config
 from gateway.control.auth import Credentials
+from gateway.control.overlay import read_overlay
 from gateway.control.plane import ControlPlane
 from gateway.control.settings import AdminSettings
 from gateway.control.state import OperatorState
@@ -135,6 +136,7 @@ def test_ctl_drives_every_resource_with_real_acme(
             ctl(url, "--json", "domains", "add", data={"domain": ZONE, "dns_credential": "knot"})
         )
         assert added["domain"] == ZONE and added["source"] == "admin"
+        assert read_overlay(plane.overlay_file).base_domains == (ZONE,)  # for the workers
         deadline = time.monotonic() + 60
         first: dict[str, Any] = {}
         while time.monotonic() < deadline:
