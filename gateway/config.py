@@ -188,11 +188,10 @@ from gateway.attest.settings import AttestSettings  # noqa: E402
 from gateway.certs.settings import AcmeSettings, DnsSettings  # noqa: E402
 from gateway.control.registration_settings import RpcSettings  # noqa: E402
 from gateway.control.settings import AdminSettings  # noqa: E402
+from gateway.proxy.settings import ProxySettings  # noqa: E402
 from gateway.registry.settings import RegistrySettings  # noqa: E402
 from gateway.settings import CoreSettings  # noqa: E402
 from gateway.tunnel.settings import WgSettings  # noqa: E402
-from gateway.proxy.settings import ProxySettings  # noqa: E402
-from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
