@@ -57,23 +57,17 @@ def throughput(fn: Callable[[], object], seconds: float) -> float:
 
 
 # Process-pool worker state (set once per worker by the initializer).
-_WORKER: dict[str, object] = {}
+_WORKER: list[tuple[bytes, dcap_qvl.QuoteCollateralV3, bytes, int]] = []
 
 
 def _init_worker(quote: bytes, col_json: str, root: bytes, now: int) -> None:
-    _WORKER.update(
-        quote=quote, col=dcap_qvl.QuoteCollateralV3.from_json(col_json), root=root, now=now
-    )
+    _WORKER.append((quote, dcap_qvl.QuoteCollateralV3.from_json(col_json), root, now))
 
 
 def _verify_batch(n: int) -> int:
+    quote, col, root, now = _WORKER[0]
     for _ in range(n):
-        verify_quote(
-            _WORKER["quote"],
-            _WORKER["col"],
-            root_ca_der=_WORKER["root"],  # type: ignore[arg-type]
-            now=_WORKER["now"],
-        )  # type: ignore[arg-type]
+        verify_quote(quote, col, root_ca_der=root, now=now)
     return n
 
 
@@ -400,7 +394,7 @@ def matrix() -> None:
     for name, quote, collateral, root, policy, expected in cases:
         at = pki.not_before - 10 if "notBefore" in name else now
         try:
-            v = verify_quote(quote, collateral, root_ca_der=root, now=at, policy=policy)  # type: ignore[arg-type]
+            v = verify_quote(quote, collateral, root_ca_der=root, now=at, policy=policy)
             observed, message = "accepted", f"status {v.status.value}"
         except QuoteVerificationError as exc:
             observed, message = exc.reason.value, exc.message

@@ -101,8 +101,8 @@ def add_trust_options(parser: argparse.ArgumentParser) -> None:
     """--root-ca, --allow-status, --at, --collateral, --pccs-url, --cache-dir."""
     g = parser.add_argument_group("trust and collateral")
     g.add_argument("--root-ca", type=Path, help="root CA (DER/PEM); default: Intel's SGX root")
-    g.add_argument("--allow-status", action="append", default=[], metavar="STATUS",
-                   help="also admit this TCB status (repeatable; Revoked never)")  # fmt: skip
+    g.add_argument("--allow-status", action="extend", nargs="+", default=[], metavar="STATUS",
+                   help="also admit these TCB statuses (repeatable; Revoked never)")  # fmt: skip
     g.add_argument("--at", type=int, metavar="UNIX_TIME", help="verify as of this time")
     g.add_argument("--collateral", type=Path, help="collateral JSON file (offline)")
     g.add_argument("--pccs-url", default="https://api.trustedservices.intel.com",

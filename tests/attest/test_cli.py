@@ -83,11 +83,12 @@ def test_debug_td_rejected_and_allow_status(sim: Path, tmp_path: Path) -> None:
                 "--debug-td", "--out", tmp_path / "dq")  # fmt: skip
     assert r.returncode == 0
     r = gateway("verify", "--quote", tmp_path / "dq", "--collateral", sim / "c.json",
-                "--root-ca", sim / "pki" / "root.der", "--allow-status", "OutOfDate")  # fmt: skip
+                "--root-ca", sim / "pki" / "root.der", "--allow-status", "OutOfDate",
+                "SWHardeningNeeded")  # fmt: skip
     assert r.returncode == 1
     report = json.loads(r.stdout)
     assert report["reason"] == "debug_td"
-    assert report["allowed_statuses"] == ["OutOfDate", "UpToDate"]
+    assert report["allowed_statuses"] == ["OutOfDate", "SWHardeningNeeded", "UpToDate"]
 
 
 @pytest.mark.parametrize(
@@ -117,7 +118,7 @@ def test_usage_errors_exit_2(argv: list[str]) -> None:
 
 
 def test_sim_quote_usage_errors(sim: Path, tmp_path: Path) -> None:
-    base = ["sim-quote", "--pki-dir", sim / "pki", "--out", tmp_path / "x"]
+    base: list[str | Path] = ["sim-quote", "--pki-dir", sim / "pki", "--out", tmp_path / "x"]
     assert gateway(*base, "--report-data", "zz").returncode == 2
     assert gateway(*base, "--report-data", "00" * 65).returncode == 2
     assert gateway(*base, "--report-data", "00", "--rtmr3", "00").returncode == 2

@@ -133,5 +133,5 @@ def test_forge_quote_argument_errors_are_value_errors(pki_dir: Path) -> None:
         pki.forge_quote(bytes(64), mr_td=b"short")
     with pytest.raises(ValueError, match="RTMR0..RTMR3"):
         pki.forge_quote(bytes(64), rtmrs=[bytes(48)])
-    quote = pki.forge_quote(bytearray(64), rtmrs=[bytearray(48)] * 4)  # bytes-likes are fine
+    quote = pki.forge_quote(bytearray(64), rtmrs=[bytearray(48)] * 4)  # type: ignore[arg-type, list-item]
     assert parse_tdx_quote(quote).report.rt_mr0 == bytes(48)
