@@ -23,6 +23,10 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
         "certs",
         "gateway.commands.certs_cmd",
         "issue/renew ACME certificates, status, custom domains",
+    (
+        "lab",
+        "gateway.lab.cli",
+        "WireGuard lab: gateway and CVM network namespaces (up/down/status)",
     ),
     ("attest", "gateway.attest.cli", "verify TDX quotes; create simulated TDX PKIs and quotes"),
 )

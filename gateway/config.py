@@ -188,6 +188,9 @@ from gateway.attest.settings import AttestSettings  # noqa: E402
 from gateway.certs.settings import AcmeSettings, DnsSettings  # noqa: E402
 from gateway.control.settings import AdminSettings  # noqa: E402  (after the generic decoder)
 from gateway.settings import CoreSettings  # noqa: E402
+from gateway.registry.settings import RegistrySettings  # noqa: E402
+from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
+from gateway.tunnel.settings import WgSettings  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -198,6 +201,8 @@ class Config:
     admin: AdminSettings = dataclasses.field(default_factory=AdminSettings)
     acme: AcmeSettings = dataclasses.field(default_factory=AcmeSettings)
     dns: DnsSettings = dataclasses.field(default_factory=DnsSettings)
+    wg: WgSettings = dataclasses.field(default_factory=WgSettings)
+    registry: RegistrySettings = dataclasses.field(default_factory=RegistrySettings)
     attest: AttestSettings = dataclasses.field(default_factory=AttestSettings)
     admission: AdmissionPolicy = dataclasses.field(default_factory=AdmissionPolicy)
 

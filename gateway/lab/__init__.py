@@ -1,0 +1,1 @@
+"""A WireGuard lab on one machine: a gateway namespace and simulated CVM namespaces."""

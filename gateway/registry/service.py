@@ -1,0 +1,305 @@
+"""The registry's rules, on top of a :class:`~gateway.registry.store.Store` and a device.
+
+Rules (upstream ``do_register_cvm`` / ``recycle``, made explicit):
+
+* A WireGuard public key must be standard base64 of 32 bytes and must not be held by another
+  instance. The same instance may rotate its key: the old peer is dropped and the new one
+  added in one device request.
+* An instance keeps its app: re-registering an instance id under another app id is refused.
+* Re-registration keeps the address while it is still assignable under the current plan;
+  the first registration allocates one (:func:`gateway.tunnel.ipalloc.choose`).
+* Store first, device second: a device failure leaves the instance stored (the CVM retries
+  and :meth:`Registry.restore` / the periodic reconcile re-applies peers); a store failure
+  leaves the device untouched.
+* Recycling removes instances with no sign of life (registration, refresh or handshake) for
+  ``recycle_timeout`` seconds: the record, its address and its peer.
+
+Methods are synchronous (SQLite and the UAPI socket answer in microseconds to milliseconds);
+the aiohttp handlers call them through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from gateway.registry.records import HandshakeObservation, InstanceRecord, check_id
+from gateway.registry.store import Conflict, Store
+from gateway.tunnel.ipalloc import AddressPlan, PoolExhausted, choose
+from gateway.tunnel.keys import WgKeyError, decode_key
+from gateway.tunnel.uapi import DeviceState, PeerConfig, PeerRemoval
+from gateway.tunnel.wg import PeerSync
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AppMismatch",
+    "InvalidRegistration",
+    "KeyInUse",
+    "PeerDevice",
+    "PoolExhausted",
+    "Registration",
+    "Registry",
+    "RegistryError",
+]
+
+
+class RegistryError(Exception):
+    """A registration was refused; ``code`` is stable for API clients, the text says why."""
+
+    code = "registry_error"
+
+
+class InvalidRegistration(RegistryError):
+    code = "invalid_registration"
+
+
+class KeyInUse(RegistryError):
+    code = "key_in_use"
+
+
+class AppMismatch(RegistryError):
+    code = "app_mismatch"
+
+
+class PeerDevice(Protocol):
+    """What the registry needs from the WireGuard device (:class:`WgDevice` provides it)."""
+
+    def apply(self, changes: Sequence[PeerConfig | PeerRemoval]) -> None: ...
+
+    def sync_peers(self, desired: Mapping[str, PeerConfig]) -> PeerSync: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Registration:
+    """A verified CVM asking for a tunnel: ids come from its attested identity."""
+
+    instance_id: str
+    app_id: str
+    public_key: str
+    port_policy: Mapping[str, Any] | None = None
+    evidence: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        try:
+            check_id("instance_id", self.instance_id)
+            check_id("app_id", self.app_id)
+            decode_key(self.public_key)
+        except WgKeyError as exc:
+            raise InvalidRegistration(f"client_public_key: {exc}") from None
+        except ValueError as exc:
+            raise InvalidRegistration(str(exc)) from None
+
+
+class _TakenByOthers:
+    """``ip in taken`` asks the store, so allocation never loads the whole table."""
+
+    __slots__ = ("instance_id", "store")
+
+    def __init__(self, store: Store, instance_id: str) -> None:
+        self.store = store
+        self.instance_id = instance_id
+
+    def __contains__(self, ip: object) -> bool:
+        if not isinstance(ip, ipaddress.IPv4Address):
+            return False
+        holder = self.store.ip_holder(ip)
+        return holder is not None and holder != self.instance_id
+
+
+class Registry:
+    """Registers, refreshes, observes and recycles instances."""
+
+    def __init__(
+        self,
+        store: Store,
+        plan: AddressPlan,
+        *,
+        device: PeerDevice | None = None,
+        clock: Callable[[], float],
+        rng: random.Random | None = None,
+        node_id: str = "local",
+        recycle_timeout: float = 36000.0,
+        persistent_keepalive: int | None = 25,
+        attempts: int = 5,
+    ) -> None:
+        self.store = store
+        self.plan = plan
+        self.device = device
+        self.clock = clock
+        self.rng = rng
+        self.node_id = node_id
+        self.recycle_timeout = recycle_timeout
+        self.persistent_keepalive = persistent_keepalive
+        self.attempts = attempts
+        self._lock = threading.Lock()
+
+    def peer_for(self, record: InstanceRecord, endpoint: str | None = None) -> PeerConfig:
+        return PeerConfig(
+            public_key=record.public_key,
+            allowed_ips=(ipaddress.IPv4Network(f"{record.ip}/32"),),
+            endpoint=endpoint,
+            persistent_keepalive=self.persistent_keepalive,
+        )
+
+    def register(self, reg: Registration) -> InstanceRecord:
+        """Store the instance (allocating or keeping its address) and add its peer.
+
+        Raises :class:`KeyInUse`, :class:`AppMismatch`, :class:`PoolExhausted`, or
+        :class:`~gateway.tunnel.errors.TunnelError` if the device refused the peer (the
+        record is stored; the CVM retries).
+        """
+        with self._lock:
+            saved, previous = self._store_registration(reg)
+            changes: list[PeerConfig | PeerRemoval] = []
+            if previous is not None and previous.public_key != saved.public_key:
+                changes.append(PeerRemoval(previous.public_key))
+            if (
+                previous is None
+                or previous.public_key != saved.public_key
+                or previous.ip != saved.ip
+            ):
+                changes.append(self.peer_for(saved))
+            if changes and self.device is not None:
+                self.device.apply(changes)
+        logger.info(
+            "registered instance %s of app %s at %s%s",
+            saved.instance_id,
+            saved.app_id,
+            saved.ip,
+            " (new)" if previous is None else "",
+        )
+        return saved
+
+    def _store_registration(
+        self, reg: Registration
+    ) -> tuple[InstanceRecord, InstanceRecord | None]:
+        last: Conflict | None = None
+        for _ in range(self.attempts):
+            holder = self.store.find_instance_by_key(reg.public_key)
+            if holder is not None and holder.instance_id != reg.instance_id:
+                raise KeyInUse("this WireGuard public key is registered to another instance")
+            existing = self.store.get_instance(reg.instance_id)
+            if existing is not None and existing.app_id != reg.app_id:
+                raise AppMismatch(
+                    f"instance {reg.instance_id} is registered for app {existing.app_id}, "
+                    f"not {reg.app_id}"
+                )
+            ip = choose(
+                self.plan,
+                _TakenByOthers(self.store, reg.instance_id),
+                current=existing.ip if existing else None,
+                rng=self.rng,
+            )
+            now = self.clock()
+            port_policy = reg.port_policy
+            if port_policy is None and existing is not None:
+                port_policy = existing.port_policy
+            record = InstanceRecord(
+                instance_id=reg.instance_id,
+                app_id=reg.app_id,
+                public_key=reg.public_key,
+                ip=ip,
+                registered_at=existing.registered_at if existing else now,
+                last_seen=now,
+                last_handshake=existing.last_handshake if existing else None,
+                port_policy=port_policy,
+                evidence=reg.evidence,
+            )
+            try:
+                saved = self.store.put_instance(
+                    record, expect_revision=existing.revision if existing else 0
+                )
+            except Conflict as exc:  # another writer (node, thread) raced us: re-read
+                last = exc
+                continue
+            return saved, existing
+        raise RegistryError(f"registration kept conflicting, try again: {last}")
+
+    def unregister(self, instance_id: str) -> bool:
+        """Remove an instance now (admin action): record, address and peer."""
+        with self._lock:
+            record = self.store.get_instance(instance_id)
+            if record is None:
+                return False
+            self.store.delete_instance(instance_id)
+            if self.device is not None:
+                self.device.apply([PeerRemoval(record.public_key)])
+        return True
+
+    def recycle(self) -> list[InstanceRecord]:
+        """Remove every instance silent for longer than ``recycle_timeout``; returns them."""
+        cutoff = self.clock() - self.recycle_timeout
+        removed: list[InstanceRecord] = []
+        with self._lock:
+            for record in self.store.list_instances():
+                if record.last_activity >= cutoff:
+                    continue
+                try:
+                    self.store.delete_instance(record.instance_id, expect_revision=record.revision)
+                except Conflict:
+                    continue  # refreshed meanwhile: alive
+                removed.append(record)
+            if removed and self.device is not None:
+                self.device.apply([PeerRemoval(r.public_key) for r in removed])
+        for r in removed:
+            logger.info(
+                "recycled instance %s (%s), silent since %.0f", r.instance_id, r.ip, r.last_activity
+            )
+        return removed
+
+    def observe(self, state: DeviceState) -> int:
+        """Record the device's latest handshakes; returns how many were newer than stored."""
+        now = self.clock()
+        observations = []
+        for peer in state.peers:
+            if peer.last_handshake is None:
+                continue
+            record = self.store.find_instance_by_key(peer.public_key)
+            if record is None:
+                continue
+            observations.append(
+                HandshakeObservation(
+                    instance_id=record.instance_id,
+                    node_id=self.node_id,
+                    handshake_at=peer.last_handshake,
+                    observed_at=now,
+                    rx_bytes=peer.rx_bytes,
+                    tx_bytes=peer.tx_bytes,
+                    endpoint=peer.endpoint,
+                )
+            )
+        return self.store.record_handshakes(observations) if observations else 0
+
+    def desired_peers(self) -> dict[str, PeerConfig]:
+        """One peer per stored instance, with the endpoint this node last saw it at.
+
+        Upstream never sets peer endpoints (CVMs dial in), which is enough while the kernel
+        device outlives the gateway process. A restarted userspace device has no sessions;
+        a CVM only re-handshakes when it sends data or its session ages out (minutes), so
+        the gateway uses the last endpoint as a hint and starts the handshake itself.
+        """
+        endpoints = self.store.last_endpoints(self.node_id)
+        return {
+            r.public_key: self.peer_for(r, endpoints.get(r.instance_id))
+            for r in self.store.list_instances()
+        }
+
+    def restore(self) -> PeerSync:
+        """Make the device's peers match the store (start-up, and the periodic reconcile)."""
+        if self.device is None:
+            return PeerSync((), (), ())
+        with self._lock:
+            result = self.device.sync_peers(self.desired_peers())
+        logger.info(
+            "peers restored: %d added, %d updated, %d removed",
+            len(result.added),
+            len(result.updated),
+            len(result.removed),
+        )
+        return result

@@ -1,0 +1,420 @@
+"""RegisterCvm over real TLS: a simulated TDX CVM with an RA-TLS client certificate.
+
+The server runs in a thread on 127.0.0.1 with a real registry (SQLite); clients are curl and
+Python's ssl/http.client. The lab test at the end registers a CVM in a network namespace and
+carries HTTP through the tunnel the answer describes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import http.client
+import ipaddress
+import json
+import ssl
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from gateway.attest import ratls
+from gateway.attest.collateral import SimCollateralSource
+from gateway.attest.policy_settings import AdmissionPolicy
+from gateway.attest.verifier import TrustAnchors
+from gateway.control.registration import (
+    Advertised,
+    RegistrationService,
+    create_rpc_app,
+    evidence_check,
+    rpc_ssl_context,
+)
+from gateway.lab.harness import Lab
+from gateway.registry.service import Registry
+from gateway.registry.sqlite import SqliteStore
+from gateway.registry.store import Store
+from gateway.tee.base import RuntimeEvent
+from gateway.tee.sim import SimTee
+from gateway.tee.sim_pki import SimPki
+from gateway.tunnel.ipalloc import AddressPlan
+from gateway.tunnel.keys import generate_private_key, public_key
+from tests.helpers.lab import lab_env, make_lab, pytest_runtest_makereport
+from tests.helpers.processes import free_port
+
+__all__ = ["lab_env", "make_lab", "pytest_runtest_makereport"]
+
+APP = "5bb4ff9a3837357f19dc176407a5709c62eb6c56"
+NOW = int(time.time())
+PLAN = AddressPlan(
+    ipaddress.IPv4Interface("10.0.0.1/24"),
+    ipaddress.IPv4Network("10.0.0.0/24"),
+    (ipaddress.IPv4Network("10.0.0.1/32"),),
+)
+
+
+def _name(cn: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+
+def make_ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = dt.datetime.fromtimestamp(NOW - 86400, dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(_name(cn))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def server_cert(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]) -> tuple[bytes, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = dt.datetime.fromtimestamp(NOW - 86400, dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("gateway-rpc"))
+        .issuer_name(ca[0].subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=30))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            False,
+        )
+        .sign(ca[1], hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), pem_key(key)
+
+
+def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+@dataclass
+class Cvm:
+    """A simulated CVM's client credentials (files for curl and ssl)."""
+
+    cert: Path
+    key: Path
+    instance_id: str
+
+
+def make_cvm(
+    pki: SimPki,
+    directory: Path,
+    instance: bytes,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+    app: str = APP,
+) -> Cvm:
+    tee = SimTee(pki, directory / "tee")
+    for name, payload in [
+        ("system-preparing", b""),
+        ("app-id", bytes.fromhex(app)),
+        ("compose-hash", b"\xc1" * 32),
+        ("instance-id", instance),
+        ("boot-mr-done", b""),
+        ("system-ready", b""),
+    ]:
+        tee.emit_event(RuntimeEvent(name, payload))
+    key = ec.generate_private_key(ec.SECP256R1())
+    req = ratls.CertRequest("dstack-guest-agent", client_auth=True, issuer=issuer)
+    cert = ratls.build_ratls_cert(key, tee, req, now=dt.datetime.fromtimestamp(NOW, dt.UTC))
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(pem_key(key))
+    return Cvm(directory / "cert.pem", directory / "key.pem", instance.hex())
+
+
+@dataclass
+class Rpc:
+    port: int
+    ca_file: Path
+    store: Store
+    registry: Registry
+    policy: list[AdmissionPolicy]
+    service: RegistrationService
+
+    def post(
+        self,
+        cvm: Cvm | None,
+        body: Any,
+        *,
+        path: str = "/prpc/RegisterCvm",
+        content_type: str = "application/json",
+    ) -> tuple[int, dict[str, Any]]:
+        """Python ssl + http.client."""
+        ctx = ssl.create_default_context(cafile=str(self.ca_file))
+        if cvm is not None:
+            ctx.load_cert_chain(cvm.cert, cvm.key)
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=ctx, timeout=10)
+        try:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+            conn.request("POST", path, data, {"Content-Type": content_type})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read() or b"{}")
+        finally:
+            conn.close()
+
+    def curl(self, cvm: Cvm, body: Any, path: str = "/prpc/RegisterCvm") -> dict[str, Any]:
+        """curl with the client certificate, JSON POST."""
+        out = subprocess.run(
+            [
+                "curl", "-sS", "--fail-with-body", "--cacert", str(self.ca_file),
+                "--cert", str(cvm.cert), "--key", str(cvm.key),
+                "-H", "Content-Type: application/json", "--data", json.dumps(body),
+                f"https://127.0.0.1:{self.port}{path}",
+            ],
+            capture_output=True, text=True, timeout=20, check=True,
+        )  # fmt: skip
+        result: dict[str, Any] = json.loads(out.stdout)
+        return result
+
+
+@pytest.fixture(scope="module")
+def pki() -> SimPki:
+    return SimPki.create(not_before=NOW - 86400)
+
+
+@pytest.fixture(scope="module")
+def kms_ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    return make_ca("test KMS CA")
+
+
+@contextlib.contextmanager
+def serve(
+    tmp_path: Path,
+    pki: SimPki,
+    kms_ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    registry: Registry,
+    advertised: Advertised,
+) -> Iterator[Rpc]:
+    """Run the RPC app on 127.0.0.1 in a thread with its own loop; stop it afterwards."""
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_bytes(kms_ca[0].public_bytes(serialization.Encoding.PEM))
+    cert_pem, key_pem = server_cert(kms_ca)
+    (tmp_path / "server.pem").write_bytes(cert_pem)
+    (tmp_path / "server.key").write_bytes(key_pem)
+    ctx = rpc_ssl_context(tmp_path / "server.pem", tmp_path / "server.key", ca_file)
+    policy = [AdmissionPolicy(app_ids=(APP,))]
+    check = evidence_check(
+        source=SimCollateralSource(pki, clock=lambda: NOW),
+        anchors=TrustAnchors(collateral=None, root_ca_der=pki.root_ca_der),
+        policy=lambda: policy[0],
+        clock=lambda: NOW,
+    )
+    service = RegistrationService(registry, check, advertised)
+    port = free_port()
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    runner = web.AppRunner(create_rpc_app(service))
+
+    async def start() -> None:
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
+        started.set()
+
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
+    try:
+        yield Rpc(port, ca_file, registry.store, registry, policy, service)
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+        loop.close()
+
+
+@pytest.fixture
+def rpc(
+    tmp_path: Path, pki: SimPki, kms_ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
+) -> Iterator[Rpc]:
+    store = SqliteStore(tmp_path / "registry.sqlite3")
+    registry = Registry(store, PLAN, clock=time.time)
+    gw_key = public_key(generate_private_key())
+    adv = Advertised(gw_key, "10.0.0.1/24", "192.0.2.1:51820")
+    with serve(tmp_path, pki, kms_ca, registry, adv) as server:
+        yield server
+    store.close()
+
+
+def test_register_with_curl_and_reregister_keeps_ip(
+    rpc: Rpc, pki: SimPki, kms_ca: Any, tmp_path: Path
+) -> None:
+    cvm = make_cvm(pki, tmp_path / "cvm1", b"\x16" * 20, kms_ca)
+    wg_key = public_key(generate_private_key())
+    policy = {"ports": [{"port": 443, "pp": True}], "restrict_mode": True}
+    first = rpc.curl(cvm, {"client_public_key": wg_key, "port_policy": policy})
+    ip = ipaddress.IPv4Address(first["wg"]["client_ip"])
+    assert PLAN.assignable(ip)
+    assert first["wg"]["servers"] == [
+        {
+            "pk": rpc.service.advertised.wg_public_key,
+            "ip": "10.0.0.1/24",
+            "endpoint": "192.0.2.1:51820",
+        }
+    ]
+    assert first["agent"]["internal_port"] == 8090
+    assert first["gateways"][0]["wg_public_key"] == rpc.service.advertised.wg_public_key
+
+    record = rpc.store.get_instance(cvm.instance_id)
+    assert record is not None and record.app_id == APP and record.ip == ip
+    assert record.port_policy == policy
+    assert record.evidence["method"] == "ratls"
+    assert record.evidence["compose_hash"] == "c1" * 32
+    assert record.evidence["tcb_status"] == "UpToDate"
+
+    # again, through Python ssl, the legacy method name and ?json with no content type
+    status, again = rpc.post(
+        cvm, {"client_public_key": wg_key}, path="/prpc/Tproxy.RegisterCvm?json", content_type=""
+    )
+    assert status == 200 and again["wg"]["client_ip"] == str(ip)
+    stored = rpc.store.get_instance(cvm.instance_id)
+    assert stored is not None and stored.port_policy == policy  # kept: not in the request
+
+
+def test_info_is_public_and_register_needs_a_certificate(rpc: Rpc) -> None:
+    status, info = rpc.post(None, {}, path="/prpc/Info")
+    assert status == 200 and info["version"] and "base_domain" in info
+    status, err = rpc.post(None, {"client_public_key": public_key(generate_private_key())})
+    assert (status, err["reason"]) == (401, "no_evidence")
+
+
+def test_policy_refusal_and_runtime_swap(
+    rpc: Rpc, pki: SimPki, kms_ca: Any, tmp_path: Path
+) -> None:
+    other_app = "00" * 20
+    cvm = make_cvm(pki, tmp_path / "cvm", b"\x21" * 20, kms_ca, app=other_app)
+    body = {"client_public_key": public_key(generate_private_key())}
+    status, err = rpc.post(cvm, body)
+    assert (status, err["reason"]) == (403, "app_not_allowed")
+    assert rpc.store.list_instances() == []
+    rpc.policy[0] = AdmissionPolicy(app_ids=(APP, other_app))  # as the admin API would
+    status, ok = rpc.post(cvm, body)
+    assert status == 200 and ok["wg"]["client_ip"]
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "reason"),
+    [
+        ({"client_public_key": "not-a-key"}, "application/json", 400, "invalid_registration"),
+        ({}, "application/json", 400, "bad_request"),
+        (b"\x0a\x2c", "application/x-protobuf", 415, "unsupported_encoding"),
+        (b"{nope", "application/json", 400, "bad_request"),
+        (
+            {"client_public_key": "x", "port_policy": {"ports": [{"port": 0}]}},
+            "application/json",
+            400,
+            "bad_request",
+        ),
+        (b"{" + b" " * 70000 + b"}", "application/json", 413, "too_large"),
+    ],
+)
+def test_bad_requests(
+    rpc: Rpc,
+    pki: SimPki,
+    kms_ca: Any,
+    tmp_path: Path,
+    body: Any,
+    content_type: str,
+    status: int,
+    reason: str,
+) -> None:
+    cvm = make_cvm(pki, tmp_path / "cvm", b"\x31" * 20, kms_ca)
+    got, err = rpc.post(cvm, body, content_type=content_type)
+    assert (got, err.get("reason")) == (status, reason), err
+    assert rpc.store.list_instances() == []
+
+
+def test_key_held_by_another_instance_is_a_conflict(
+    rpc: Rpc, pki: SimPki, kms_ca: Any, tmp_path: Path
+) -> None:
+    one = make_cvm(pki, tmp_path / "one", b"\x41" * 20, kms_ca)
+    two = make_cvm(pki, tmp_path / "two", b"\x42" * 20, kms_ca)
+    body = {"client_public_key": public_key(generate_private_key())}
+    assert rpc.post(one, body)[0] == 200
+    status, err = rpc.post(two, body)
+    assert (status, err["reason"]) == (409, "key_in_use")
+
+
+def test_client_cert_outside_the_client_ca_fails_tls(rpc: Rpc, pki: SimPki, tmp_path: Path) -> None:
+    cvm = make_cvm(pki, tmp_path / "cvm", b"\x51" * 20, None)  # self-signed RA-TLS
+    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+        rpc.post(cvm, {"client_public_key": public_key(generate_private_key())})
+    assert rpc.store.list_instances() == []
+
+
+@pytest.mark.netns
+@pytest.mark.slow
+def test_registered_cvm_is_reachable_through_the_tunnel(
+    make_lab: Callable[..., Lab], pki: SimPki, kms_ca: Any, tmp_path: Path
+) -> None:
+    lab = make_lab(cvms=1)
+    assert lab.gateway is not None
+    (node,) = lab.nodes
+    store = SqliteStore(tmp_path / "registry.sqlite3")
+    registry = Registry(store, PLAN, device=lab.gateway, clock=time.time)
+    adv = Advertised(lab.gateway_public_key, str(lab.wg_address), lab.endpoint)
+    cvm = make_cvm(pki, tmp_path / "cvm", b"\x61" * 20, kms_ca)
+    with serve(tmp_path, pki, kms_ca, registry, adv) as rpc:
+        answer = rpc.curl(cvm, {"client_public_key": node.public_key})
+        (gw,) = answer["wg"]["servers"]
+        lab.connect(
+            node, ipaddress.IPv4Address(answer["wg"]["client_ip"]), server_public_key=gw["pk"]
+        )
+        assert lab.fetch_instance(node) == node.netns
+        peer = lab.gateway.state().peer(node.public_key)
+        assert peer is not None and peer.last_handshake is not None
+    store.close()
+
+
+def test_evidence_copied_to_another_key_is_refused(
+    rpc: Rpc, pki: SimPki, kms_ca: Any, tmp_path: Path
+) -> None:
+    """The client CA signs anything attested: the quote must bind *this* certificate's key."""
+    genuine = make_cvm(pki, tmp_path / "genuine", b"\x71" * 20, kms_ca)
+    source = x509.load_pem_x509_certificate(genuine.cert.read_bytes())
+    thief = ec.generate_private_key(ec.SECP256R1())
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(source.subject)
+        .issuer_name(kms_ca[0].subject)
+        .public_key(thief.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(source.not_valid_before_utc)
+        .not_valid_after(source.not_valid_after_utc)
+    )
+    for ext in source.extensions:  # the genuine quote and event log, copied
+        builder = builder.add_extension(ext.value, ext.critical)
+    forged = builder.sign(kms_ca[1], hashes.SHA256())
+    (tmp_path / "forged.pem").write_bytes(forged.public_bytes(serialization.Encoding.PEM))
+    (tmp_path / "forged.key").write_bytes(pem_key(thief))
+    cvm = Cvm(tmp_path / "forged.pem", tmp_path / "forged.key", genuine.instance_id)
+    status, err = rpc.post(cvm, {"client_public_key": public_key(generate_private_key())})
+    assert (status, err["reason"]) == (403, "key_binding")
+    assert rpc.store.list_instances() == []

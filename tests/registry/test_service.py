@@ -1,0 +1,201 @@
+"""Registry rules on a real SQLite store (device interplay: tests/registry/test_restore.py)."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Iterator
+from ipaddress import IPv4Address, IPv4Interface, IPv4Network
+from pathlib import Path
+
+import pytest
+
+from gateway.registry.service import (
+    AppMismatch,
+    InvalidRegistration,
+    KeyInUse,
+    PoolExhausted,
+    Registration,
+    Registry,
+)
+from gateway.registry.sqlite import SqliteStore
+from gateway.tunnel.ipalloc import AddressPlan
+from gateway.tunnel.keys import generate_private_key, public_key
+from gateway.tunnel.uapi import DeviceState, PeerState
+
+PLAN = AddressPlan(
+    IPv4Interface("10.0.0.1/24"), IPv4Network("10.0.0.0/25"), (IPv4Network("10.0.0.1/32"),)
+)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def key() -> str:
+    return public_key(generate_private_key())
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteStore]:
+    with SqliteStore(tmp_path / "r.sqlite3") as s:
+        yield s
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def registry(store: SqliteStore, clock: Clock) -> Registry:
+    return Registry(store, PLAN, clock=clock, recycle_timeout=3600.0)
+
+
+def test_first_registration_allocates_lowest(registry: Registry) -> None:
+    rec = registry.register(Registration("i1", "app", key(), {"ports": []}, {"tcb": "UpToDate"}))
+    assert rec.ip == IPv4Address("10.0.0.2")
+    assert rec.port_policy == {"ports": []}
+    assert rec.evidence == {"tcb": "UpToDate"}
+
+
+def test_reregistration_keeps_ip_and_port_policy(registry: Registry, clock: Clock) -> None:
+    k = key()
+    first = registry.register(Registration("i1", "app", k, {"ports": [1]}))
+    registry.register(Registration("i2", "app", key()))
+    clock.now += 60
+    again = registry.register(Registration("i1", "app", k))
+    assert again.ip == first.ip
+    assert again.port_policy == {"ports": [1]}  # absent in the request: kept
+    assert again.registered_at == first.registered_at and again.last_seen == clock.now
+
+
+def test_key_held_by_another_instance_is_refused(registry: Registry) -> None:
+    k = key()
+    registry.register(Registration("i1", "app", k))
+    with pytest.raises(KeyInUse):
+        registry.register(Registration("i2", "app", k))
+    assert registry.store.get_instance("i2") is None
+
+
+def test_same_instance_may_rotate_its_key(registry: Registry) -> None:
+    old, new = key(), key()
+    first = registry.register(Registration("i1", "app", old))
+    rotated = registry.register(Registration("i1", "app", new))
+    assert rotated.ip == first.ip and rotated.public_key == new
+    assert registry.store.find_instance_by_key(old) is None
+    registry.register(Registration("i2", "app", old))  # the old key is free again
+
+
+def test_instance_cannot_change_app(registry: Registry) -> None:
+    registry.register(Registration("i1", "app", key()))
+    with pytest.raises(AppMismatch):
+        registry.register(Registration("i1", "other", key()))
+
+
+@pytest.mark.parametrize(
+    ("fields", "match"),
+    [
+        (("i1", "app", "short"), "client_public_key"),
+        (("i1", "app", "A" * 43 + "!"), "client_public_key"),
+        (("", "app", None), "instance_id"),
+        (("i1", "a/b", None), "app_id"),
+    ],
+)
+def test_invalid_registrations(fields: tuple[str, str, str | None], match: str) -> None:
+    iid, app, k = fields
+    with pytest.raises(InvalidRegistration, match=match):
+        Registration(iid, app, k if k is not None else key())
+
+
+def test_pool_exhaustion(store: SqliteStore, clock: Clock) -> None:
+    small = AddressPlan(IPv4Interface("10.0.0.1/29"), IPv4Network("10.0.0.0/29"))
+    reg = Registry(store, small, clock=clock)
+    ips = {reg.register(Registration(f"i{n}", "app", key())).ip for n in range(5)}
+    assert len(ips) == 5
+    with pytest.raises(PoolExhausted, match="IP pool exhausted"):
+        reg.register(Registration("i9", "app", key()))
+
+
+def test_address_plan_change_moves_instance(store: SqliteStore, clock: Clock) -> None:
+    Registry(store, PLAN, clock=clock).register(Registration("i1", "app", k := key()))
+    other = AddressPlan(IPv4Interface("10.0.0.1/24"), IPv4Network("10.0.0.128/25"))
+    moved = Registry(store, other, clock=clock).register(Registration("i1", "app", k))
+    assert moved.ip in other.client_range
+    assert store.allocations() == {moved.ip: "i1"}
+
+
+def test_recycle_removes_silent_instances_only(registry: Registry, clock: Clock) -> None:
+    k_old, k_hs = key(), key()
+    registry.register(Registration("old", "app", k_old))
+    registry.register(Registration("hs", "app", k_hs))
+    clock.now += 3000
+    registry.register(Registration("fresh", "app", key()))
+    # 'hs' shows a handshake at +3000: alive although it did not re-register
+    registry.observe(DeviceState(None, 0, (PeerState(k_hs, (), None, clock.now, 1, 2, 25),)))
+    clock.now += 1000  # old: silent 4000 s > 3600
+    removed = registry.recycle()
+    assert [r.instance_id for r in removed] == ["old"]
+    assert {r.instance_id for r in registry.store.list_instances()} == {"fresh", "hs"}
+    assert all(owner != "old" for owner in registry.store.allocations().values())
+
+
+def test_observe_records_handshakes_per_node(registry: Registry, clock: Clock) -> None:
+    k = key()
+    registry.register(Registration("i1", "app", k))
+    state = DeviceState(
+        None,
+        0,
+        (
+            PeerState(k, (), None, clock.now - 5, 10, 20, 25),
+            PeerState(key(), (), None, clock.now, 0, 0, 0),  # unknown peer: ignored
+            PeerState(key(), (), None, None, 0, 0, 0),  # never shook hands: ignored
+        ),
+    )
+    assert registry.observe(state) == 1
+    assert registry.observe(state) == 0  # nothing newer
+    (obs,) = registry.store.handshakes("i1")
+    assert obs.node_id == "local" and obs.handshake_at == clock.now - 5 and obs.tx_bytes == 20
+
+
+def test_concurrent_registrations_never_share_an_address(store: SqliteStore) -> None:
+    """Two registries (as two workers/nodes) on one database, racing: CAS keeps IPs unique."""
+    regs = [
+        Registry(store, PLAN, clock=Clock(), rng=random.Random(seed), attempts=50)
+        for seed in (1, 1)  # same seed: they pick the same addresses and must collide
+    ]
+    errors: list[BaseException] = []
+
+    def worker(reg: Registry, base: int) -> None:
+        try:
+            for n in range(30):
+                reg.register(Registration(f"w{base}-{n}", "app", key()))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(r, i)) for i, r in enumerate(regs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    ips = [r.ip for r in store.list_instances()]
+    assert len(ips) == 60 == len(set(ips))
+
+
+def test_desired_peers_carry_last_endpoint(registry: Registry, clock: Clock) -> None:
+    k1, k2 = key(), key()
+    r1 = registry.register(Registration("i1", "app", k1))
+    registry.register(Registration("i2", "app", k2))
+    registry.observe(
+        DeviceState(None, 0, (PeerState(k1, (), "172.30.0.10:9182", clock.now, 1, 1, 25),))
+    )
+    peers = registry.desired_peers()
+    assert peers[k1].endpoint == "172.30.0.10:9182"
+    assert peers[k1].allowed_ips == (IPv4Network(f"{r1.ip}/32"),)
+    assert peers[k1].persistent_keepalive == 25
+    assert peers[k2].endpoint is None
