@@ -28,6 +28,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
         "gateway.lab.cli",
         "WireGuard lab: gateway and CVM network namespaces (up/down/status)",
     ),
+    ("guest", "gateway.guest.cli", "the CVM side: boot, guest agent, dstack simulator"),
     ("attest", "gateway.attest.cli", "verify TDX quotes; create simulated TDX PKIs and quotes"),
 )
 
