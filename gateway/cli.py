@@ -23,6 +23,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
         "certs",
         "gateway.commands.certs_cmd",
         "issue/renew ACME certificates, status, custom domains",
+    ),
     (
         "lab",
         "gateway.lab.cli",

@@ -187,7 +187,6 @@ from gateway.attest.policy_settings import AdmissionPolicy  # noqa: E402
 from gateway.attest.settings import AttestSettings  # noqa: E402
 from gateway.certs.settings import AcmeSettings, DnsSettings  # noqa: E402
 from gateway.control.settings import AdminSettings  # noqa: E402  (after the generic decoder)
-from gateway.settings import CoreSettings  # noqa: E402
 from gateway.registry.settings import RegistrySettings  # noqa: E402
 from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
 from gateway.tunnel.settings import WgSettings  # noqa: E402
