@@ -87,7 +87,7 @@ def nft_rules(port: int, sources: Iterable[ipaddress.IPv4Address]) -> str:
         "    chain input {\n"
         "        type filter hook input priority filter; policy accept;\n"
         f"{accept}"
-        f"        udp dport {port} drop\n"
+        f"        udp dport {port} counter drop\n"
         "    }\n}\n"
     )
 
