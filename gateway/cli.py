@@ -30,6 +30,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
         "WireGuard lab: gateway and CVM network namespaces (up/down/status)",
     ),
     ("guest", "gateway.guest.cli", "the CVM side: boot, guest agent, dstack simulator"),
+    ("guest-register", "gateway.guest.register_cmd", "the CVM side: attested gateway tunnel"),
     ("attest", "gateway.attest.cli", "verify TDX quotes; create simulated TDX PKIs and quotes"),
 )
 

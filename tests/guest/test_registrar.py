@@ -14,8 +14,10 @@ import contextlib
 import ipaddress
 import math
 import os
+import re
 import shutil
 import stat
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -43,7 +45,7 @@ from gateway.guest.registrar import (
     url_order,
 )
 from gateway.guest.wgconfig import Tunnel, render_wg_config
-from gateway.guest.wgfilter import FilterBackend, iptables_rules, nft_rules
+from gateway.guest.wgfilter import FilterBackend, apply_wg_filter, iptables_rules, nft_rules
 from gateway.lab.harness import new_tag
 from gateway.registry.service import Registry
 from gateway.registry.sqlite import SqliteStore
@@ -351,3 +353,40 @@ def test_bad_answer_never_reaches_the_config(tmp_path: Path) -> None:
                 }
             }
         )
+
+
+def _counted_drops(backend: FilterBackend, netns: str) -> int:
+    if backend is FilterBackend.IPTABLES:
+        out = run(["iptables", "-L", "DSTACK_WG", "-v", "-x", "-n"], netns=netns).stdout
+        return sum(int(line.split()[0]) for line in out.splitlines() if " DROP " in line)
+    out = run(["nft", "list", "table", "inet", "dstack_wg"], netns=netns).stdout
+    match = re.search(r"counter packets (\d+) bytes \d+ drop", out)
+    assert match, out
+    return int(match.group(1))
+
+
+def _send(netns: str, count: int) -> None:
+    code = (
+        "import socket; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        f"[s.sendto(b'x', ('127.0.0.1', 9182)) for _ in range({count})]"
+    )
+    run([sys.executable, "-c", code], netns=netns)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("backend", [FilterBackend.IPTABLES, FilterBackend.NFTABLES])
+def test_filter_drops_other_sources(backend: FilterBackend, netns: str) -> None:
+    if backend is FilterBackend.NFTABLES and shutil.which("nft") is None:
+        pytest.skip("needs nft (apt-get install nftables)")
+    apply_wg_filter(9182, [ipaddress.IPv4Address("10.9.9.9")], backend=backend, netns=netns)
+    _send(netns, 3)  # from 127.0.0.1: not a gateway
+    assert _counted_drops(backend, netns) == 3
+    # the same source once it is a gateway endpoint: accepted (rules replaced, not added)
+    apply_wg_filter(9182, [ipaddress.IPv4Address("127.0.0.1")], backend=backend, netns=netns)
+    apply_wg_filter(9182, [ipaddress.IPv4Address("127.0.0.1")], backend=backend, netns=netns)
+    before = _counted_drops(backend, netns)
+    _send(netns, 3)
+    assert _counted_drops(backend, netns) == before
+    if backend is FilterBackend.IPTABLES:
+        jumps = run(["iptables", "-S", "INPUT"], netns=netns).stdout.count("-j DSTACK_WG")
+        assert jumps == 1
