@@ -34,15 +34,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.attest import ratls
 from gateway.guest.csr import CertConfigV2, CertSigningRequestV2
+from gateway.guest.evidence import make_attestation
 from gateway.guest.files import write_atomic
 from gateway.guest.service import KmsSigner
-from gateway.protocol.attestation import (
-    Attestation,
-    AttestedEvent,
-    TdxEvent,
-    encode_attestation_v0,
-    strip_attestation,
-)
+from gateway.protocol.attestation import encode_attestation_v0, strip_attestation
 from gateway.tee.base import TeeBackend
 from gateway.tunnel.keys import WgKeyError, decode_key, generate_private_key, public_key
 
@@ -184,15 +179,7 @@ class KmsCertIssuer:
         spki = key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
-        report_data = ratls.ratls_report_data(spki)
-        events = tuple(AttestedEvent(e.name, e.payload) for e in self.tee.runtime_events())
-        att = Attestation(
-            quote=self.tee.get_quote(report_data),
-            event_log=tuple(TdxEvent.runtime(e) for e in events),
-            runtime_events=events,
-            report_data=report_data,
-            config=self.vm_config,
-        )
+        att = make_attestation(self.tee, ratls.ratls_report_data(spki), self.vm_config)
         csr = CertSigningRequestV2(
             pubkey=spki,
             config=CertConfigV2(

@@ -284,3 +284,33 @@ def test_client_cert_is_for_client_auth(keys: GatewayKeys) -> None:
     leaf = x509.load_pem_x509_certificate(keys.client_cert.encode())
     eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH in eku
+
+
+def test_kms_signed_client_certificate_registers(pki: SimPki, tmp_path: Path) -> None:
+    """dstack's way: the client certificate comes from the KMS (SignCert, ext_quote), so a
+    gateway whose TLS layer trusts the KMS root accepts it and verifies its quote."""
+    from gateway.attest.quote import QuoteVerifier
+    from gateway.guest.csr import CertSigningRequestV2
+    from gateway.guest.gateway_cache import KmsCertIssuer
+    from gateway.guest.kms_lab import KmsRoot, LabKms
+
+    root = KmsRoot.create()
+    kms = LabKms(
+        root=root,
+        verifier=QuoteVerifier(root_ca_der=pki.root_ca_der),
+        collateral=lambda quote: pki.collateral(int(time.time())),
+    )
+
+    async def signer(csr: CertSigningRequestV2, signature: bytes) -> list[str]:
+        return await kms.sign_cert(csr.encode(), signature)
+
+    tee = measured_tee(pki, tmp_path / "cvm-tee", CVM_APP, b"\x18" * 20)
+    store = GatewayKeyStore(tmp_path / "cvm")
+    keys = asyncio.run(store.get_or_create(KmsCertIssuer(tee, signer), int(time.time())))
+    assert keys.client_cert.count("BEGIN CERTIFICATE") == 3  # leaf, app CA, KMS root
+    kms_ca = (root.ca_cert, root.ca_key)
+    with _server(tmp_path, pki, kms_ca, "ratls") as server:
+        answer = register(GatewayClient(trust(pki)), server, keys)
+        (record,) = server.registry.store.list_instances()
+        assert record.ip == answer.client_ip and record.instance_id == "18" * 20
+        assert record.evidence["method"] == "ratls"  # the quote the KMS copied was verified
