@@ -68,6 +68,16 @@ class UsageError(Exception):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--work-dir", type=Path, required=True, help="cache and status files")
+    p.add_argument(
+        "--boot-dir",
+        type=Path,
+        help="a finished `gateway guest boot` work dir: URLs, pin, port policy, keys from it",
+    )
+    p.add_argument(
+        "--dstack-compat",
+        action="store_true",
+        help="with --boot-dir and a KMS: also accept KMS-chained gateway certificates",
+    )
     p.add_argument("--gateway-url", action="append", default=[], help="repeatable, in order")
     p.add_argument("--sys-config", type=Path, help=".sys-config.json (gateway_urls)")
     p.add_argument("--gateway-app-id", help="pinned gateway app id(s), hex")
@@ -121,6 +131,14 @@ def _collateral(args: argparse.Namespace) -> tuple[CollateralSource | None, byte
 
 
 def _issuer(args: argparse.Namespace, tee: TeeBackend, appkeys: dict[str, object]) -> CertIssuer:
+    if args.boot_dir is not None and args.client_ca_cert is None and not args.kms:
+        from gateway.guest.keys import AppKeys
+
+        keys = AppKeys.from_json(args.appkeys.read_bytes())
+        if not keys.ca_key:  # keys from a KMS: it signs (dstack's way)
+            args.kms = True
+        else:  # the app CA of a non-KMS provider signs locally
+            return TeeCertIssuer(tee, (keys.signing_ca_cert(), keys.ca_private_key()))
     if args.kms:
         from gateway.guest.keys import AppKeys
         from gateway.guest.kms_client import kms_signer_for
@@ -142,12 +160,48 @@ def _issuer(args: argparse.Namespace, tee: TeeBackend, appkeys: dict[str, object
     return TeeCertIssuer(tee)
 
 
+class Disabled(Exception):
+    """app-compose does not enable the gateway: nothing to do (upstream skips too)."""
+
+
+def _from_boot(args: argparse.Namespace) -> None:
+    """Fill the arguments a finished boot knows (explicit flags win)."""
+    from gateway.guest.identity import AppCompose, ComposeError
+
+    shared = args.boot_dir / ".host-shared"
+    try:
+        compose = AppCompose.parse((shared / "app-compose.json").read_bytes())
+    except (OSError, ComposeError) as exc:
+        raise UsageError(f"--boot-dir: {exc}") from None
+    if not compose.gateway_enabled:
+        raise Disabled("gateway_enabled is false in app-compose: not registering")
+    if args.sys_config is None and not args.gateway_url:
+        args.sys_config = shared / ".sys-config.json"
+    if args.appkeys is None:
+        args.appkeys = args.boot_dir / ".appkeys.json"
+    if args.port_policy is None:
+        args.port_policy = json.dumps(compose.extra.get("port_policy") or {"ports": []})
+    if not (args.trust_sim_root or args.collateral_file or args.pccs_url):
+        try:
+            args.pccs_url = SysConfig.parse(args.sys_config.read_bytes()).pccs_url or None
+        except (OSError, HostSharedError, AttributeError):
+            pass
+
+
 def build(args: argparse.Namespace) -> Registrar:
     """The registrar the arguments describe; raises UsageError with what to fix."""
+    if args.boot_dir is not None:
+        _from_boot(args)
     urls = list(args.gateway_url)
     appkeys: dict[str, object] = {}
     if args.appkeys is not None:
-        appkeys = json.loads(args.appkeys.read_bytes())
+        try:
+            appkeys = json.loads(args.appkeys.read_bytes())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"--appkeys: {exc}") from None
+    if args.boot_dir is not None and args.dstack_compat and args.kms_root is None:
+        if "Kms" in str(appkeys.get("key_provider", "")) and appkeys.get("ca_cert"):
+            args.kms_root_pem = str(appkeys["ca_cert"])
     if args.sys_config is not None:
         try:
             urls += SysConfig.parse(args.sys_config.read_bytes()).gateway_urls
@@ -162,6 +216,7 @@ def build(args: argparse.Namespace) -> Registrar:
         raise UsageError(str(exc)) from None
     collateral, root = _collateral(args)
     kms_root = args.kms_root.read_text() if args.kms_root is not None else None
+    kms_root = kms_root or getattr(args, "kms_root_pem", None)
     if collateral is None and kms_root is None:
         raise UsageError(
             "nothing to verify the gateway with: --trust-sim-root, --collateral-file, "
@@ -231,6 +286,9 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     try:
         registrar = build(args)
+    except Disabled as exc:
+        logger.info("%s", exc)
+        return 0
     except (UsageError, OSError, ValueError) as exc:
         logger.error("%s", exc)
         return 2
