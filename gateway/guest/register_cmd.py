@@ -145,10 +145,11 @@ def _issuer(args: argparse.Namespace, tee: TeeBackend, appkeys: dict[str, object
 
         if args.appkeys is None:
             raise UsageError("--kms needs --appkeys")
-        signer = kms_signer_for(AppKeys.from_json(args.appkeys.read_bytes()), "")
+        vm_config = getattr(args, "vm_config", "")
+        signer = kms_signer_for(AppKeys.from_json(args.appkeys.read_bytes()), vm_config)
         if signer is None:
             raise UsageError("--kms: these app keys did not come from a KMS")
-        return KmsCertIssuer(tee, signer)
+        return KmsCertIssuer(tee, signer, vm_config)
     if (args.client_ca_cert is None) != (args.client_ca_key is None):
         raise UsageError("--client-ca-cert and --client-ca-key go together")
     if args.client_ca_cert is not None:
@@ -204,7 +205,9 @@ def build(args: argparse.Namespace) -> Registrar:
             args.kms_root_pem = str(appkeys["ca_cert"])
     if args.sys_config is not None:
         try:
-            urls += SysConfig.parse(args.sys_config.read_bytes()).gateway_urls
+            sys_config = SysConfig.parse(args.sys_config.read_bytes())
+            urls += sys_config.gateway_urls
+            args.vm_config = sys_config.vm_config
         except (OSError, HostSharedError) as exc:
             raise UsageError(f"--sys-config: {exc}") from None
     if not urls:

@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -148,9 +149,9 @@ def registrar(
     return start(in_netns(node.netns, argv), log, cwd=ROOT), work, log
 
 
-def status(work: Path) -> dict[str, object]:
+def status(work: Path) -> dict[str, Any]:
     try:
-        doc: dict[str, object] = json.loads((work / "registrar-status.json").read_text())
+        doc: dict[str, Any] = json.loads((work / "registrar-status.json").read_text())
     except (FileNotFoundError, ValueError):
         return {}
     return doc
@@ -237,13 +238,13 @@ def test_cvm_registers_past_impostors_and_is_reachable(world: World) -> None:
 
         # periodic refresh (2 s here) re-registers without bouncing the interface
         wait_until(
-            lambda: status(work)["counters"]["registrations"] >= 2,  # type: ignore[index]
+            lambda: status(work)["counters"]["registrations"] >= 2,
             proc,
             10,
             "a periodic refresh",
             log,
         )
-        assert status(work)["counters"]["bounces"] == 1  # type: ignore[index]
+        assert status(work)["counters"]["bounces"] == 1
         assert reachable()
     finally:
         stop_by_pid(proc)
@@ -257,14 +258,14 @@ def test_impostor_gateways_only_fail_closed(world: World) -> None:
     proc, work, log = registrar(world, node, [world.plain, world.other], tag="two")
     try:
         wait_until(
-            lambda: int(status(work).get("counters", {}).get("failures", 0)) >= 2,  # type: ignore[union-attr]
+            lambda: int(status(work).get("counters", {}).get("failures", 0)) >= 2,
             proc,
             30,
             "two refused rounds",
             log,
         )
         st = status(work)
-        assert st["configured"] is False and st["counters"]["rejected"] >= 4  # type: ignore[index]
+        assert st["configured"] is False and st["counters"]["rejected"] >= 4
         assert re.search(r"not attested", str(st["last_error"]))
         assert re.search(rf"app {OTHER_APP} is not the pinned", str(st["last_error"]))
         assert proc.poll() is None  # still retrying, not crashed
