@@ -31,6 +31,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ),
     ("guest", "gateway.guest.cli", "the CVM side: boot, guest agent, dstack simulator"),
     ("guest-register", "gateway.guest.register_cmd", "the CVM side: attested gateway tunnel"),
+    ("lab", "gateway.lab.cli", "WireGuard lab: gateway and CVM namespaces (up/down/status)"),
+    ("rpc", "gateway.control.rpc_cmd", "serve the registration RPC and the WireGuard tunnel"),
     ("attest", "gateway.attest.cli", "verify TDX quotes; create simulated TDX PKIs and quotes"),
 )
 

@@ -187,6 +187,7 @@ from gateway.attest.policy_settings import AdmissionPolicy  # noqa: E402
 from gateway.attest.settings import AttestSettings  # noqa: E402
 from gateway.certs.settings import AcmeSettings, DnsSettings  # noqa: E402
 from gateway.control.settings import AdminSettings  # noqa: E402  (after the generic decoder)
+from gateway.control.registration_settings import RpcSettings  # noqa: E402
 from gateway.registry.settings import RegistrySettings  # noqa: E402
 from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
 from gateway.tunnel.settings import WgSettings  # noqa: E402
@@ -202,6 +203,7 @@ class Config:
     dns: DnsSettings = dataclasses.field(default_factory=DnsSettings)
     wg: WgSettings = dataclasses.field(default_factory=WgSettings)
     registry: RegistrySettings = dataclasses.field(default_factory=RegistrySettings)
+    rpc: RpcSettings = dataclasses.field(default_factory=RpcSettings)
     attest: AttestSettings = dataclasses.field(default_factory=AttestSettings)
     admission: AdmissionPolicy = dataclasses.field(default_factory=AdmissionPolicy)
 

@@ -43,6 +43,7 @@ from gateway.attest.collateral import CollateralError, CollateralSource
 from gateway.attest.evidence import VerifiedEvidence
 from gateway.attest.policy_settings import AdmissionPolicy
 from gateway.attest.verifier import EvidenceResult, TrustAnchors, verify_with_source
+from gateway.config import Config
 from gateway.registry.service import (
     AppMismatch,
     InvalidRegistration,
@@ -53,12 +54,14 @@ from gateway.registry.service import (
     RegistryError,
 )
 from gateway.tunnel.errors import TunnelError
+from gateway.tunnel.keys import WgKeyError, decode_key
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_BODY",
     "Advertised",
+    "advertised_from_config",
     "PortAttrs",
     "PortPolicy",
     "RegisterCvmRequest",
@@ -140,6 +143,10 @@ class RegisterCvmRequest:
         key = value.get("client_public_key")
         if not isinstance(key, str) or not key:
             raise RpcError(400, "bad_request", "client_public_key (base64 WireGuard key) needed")
+        try:  # before any attestation work: a bad key costs nothing
+            decode_key(key)
+        except WgKeyError as exc:
+            raise RpcError(400, "invalid_registration", f"client_public_key: {exc}") from None
         policy = value.get("port_policy")
         return cls(key, None if policy is None else PortPolicy.from_json(policy))
 
@@ -160,6 +167,13 @@ class Advertised:
     agent_port: int = 8090
     app_address_ns_prefix: str = "_dstack-app-address"
     node_id: int = 0
+
+
+def advertised_from_config(cfg: Config, wg_public_key: str) -> Advertised:
+    """What the RPC tells CVMs about this gateway, from ``[wg]`` and ``[rpc]``."""
+    return Advertised(
+        wg_public_key=wg_public_key, wg_ip=cfg.wg.ip, wg_endpoint=cfg.wg.endpoint, url=cfg.rpc.url
+    )
 
 
 def evidence_summary(evidence: VerifiedEvidence, now: float) -> dict[str, Any]:

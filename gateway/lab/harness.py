@@ -34,7 +34,7 @@ from pathlib import Path
 from types import TracebackType
 
 from gateway.tunnel.commands import OwnedProcess, in_netns, run
-from gateway.tunnel.control import UAPI_DIR, UapiControl
+from gateway.tunnel.control import UAPI_DIR, socket_listening
 from gateway.tunnel.errors import TunnelError
 from gateway.tunnel.keys import generate_private_key, public_key
 from gateway.tunnel.uapi import PeerConfig, PeerRemoval
@@ -355,7 +355,7 @@ def cleanup_leftovers(prefix: str = "gwh") -> list[str]:
             if owner is None or not _alive(owner):
                 marker.unlink(missing_ok=True)
     for sock in UAPI_DIR.glob(f"{prefix}*.sock") if UAPI_DIR.exists() else ():
-        if not UapiControl(sock, timeout=1).reachable():  # its daemon is gone
+        if not socket_listening(sock):  # its daemon is gone (busy daemons still accept)
             sock.unlink(missing_ok=True)
             removed.append(str(sock))
     if removed:

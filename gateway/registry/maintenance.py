@@ -37,7 +37,12 @@ class Maintenance:
     poll_interval: float
     recycle_interval: float
     monotonic: Callable[[], float] = time.monotonic
+    recycle_now: bool = True  # False: the caller just restored; first pass after an interval
     _next_recycle: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        if not self.recycle_now:
+            self._next_recycle = self.monotonic() + self.recycle_interval
 
     def tick(self) -> None:
         """One pass (blocking): observe handshakes; recycle and reconcile when due."""

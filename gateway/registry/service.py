@@ -8,6 +8,8 @@ Rules (upstream ``do_register_cvm`` / ``recycle``, made explicit):
 * An instance keeps its app: re-registering an instance id under another app id is refused.
 * Re-registration keeps the address while it is still assignable under the current plan;
   the first registration allocates one (:func:`gateway.tunnel.ipalloc.choose`).
+* A request without a port policy keeps the stored one only while the compose hash is
+  unchanged: an upgraded app's old policy is dropped (upstream's ``port_policy_hash``).
 * Store first, device second: a device failure leaves the instance stored (the CVM retries
   and :meth:`Registry.restore` / the periodic reconcile re-applies peers); a store failure
   leaves the device untouched.
@@ -30,6 +32,7 @@ from typing import Any, Protocol
 
 from gateway.registry.records import HandshakeObservation, InstanceRecord, check_id
 from gateway.registry.store import Conflict, Store
+from gateway.tunnel.errors import TunnelError
 from gateway.tunnel.ipalloc import AddressPlan, PoolExhausted, choose
 from gateway.tunnel.keys import WgKeyError, decode_key
 from gateway.tunnel.uapi import DeviceState, PeerConfig, PeerRemoval
@@ -138,13 +141,16 @@ class Registry:
         self.persistent_keepalive = persistent_keepalive
         self.attempts = attempts
         self._lock = threading.Lock()
+        self._seen: dict[str, float] = {}  # public key -> handshake already recorded
 
-    def peer_for(self, record: InstanceRecord, endpoint: str | None = None) -> PeerConfig:
+    def peer_for(
+        self, record: InstanceRecord, endpoint: str | None = None, *, keepalive: bool = True
+    ) -> PeerConfig:
         return PeerConfig(
             public_key=record.public_key,
             allowed_ips=(ipaddress.IPv4Network(f"{record.ip}/32"),),
             endpoint=endpoint,
-            persistent_keepalive=self.persistent_keepalive,
+            persistent_keepalive=self.persistent_keepalive if keepalive else None,
         )
 
     def register(self, reg: Registration) -> InstanceRecord:
@@ -198,8 +204,12 @@ class Registry:
             )
             now = self.clock()
             port_policy = reg.port_policy
-            if port_policy is None and existing is not None:
-                port_policy = existing.port_policy
+            if (
+                port_policy is None
+                and existing is not None
+                and existing.evidence.get("compose_hash") == reg.evidence.get("compose_hash")
+            ):
+                port_policy = existing.port_policy  # same app version: keep what it declared
             record = InstanceRecord(
                 instance_id=reg.instance_id,
                 app_id=reg.app_id,
@@ -254,18 +264,30 @@ class Registry:
         return removed
 
     def observe(self, state: DeviceState) -> int:
-        """Record the device's latest handshakes; returns how many were newer than stored."""
+        """Record the device's latest handshakes; returns how many were newer than stored.
+
+        Only peers whose handshake changed since the last call reach the store (peers
+        re-handshake every two minutes, the poll runs every few seconds), and their
+        instances are found with one key-index query rather than one lookup per peer.
+        """
         now = self.clock()
+        changed = [
+            p
+            for p in state.peers
+            if p.last_handshake is not None and self._seen.get(p.public_key) != p.last_handshake
+        ]
+        if not changed:
+            return 0
+        owners = self.store.instance_keys()
         observations = []
-        for peer in state.peers:
-            if peer.last_handshake is None:
-                continue
-            record = self.store.find_instance_by_key(peer.public_key)
-            if record is None:
+        for peer in changed:
+            assert peer.last_handshake is not None
+            instance_id = owners.get(peer.public_key)
+            if instance_id is None:
                 continue
             observations.append(
                 HandshakeObservation(
-                    instance_id=record.instance_id,
+                    instance_id=instance_id,
                     node_id=self.node_id,
                     handshake_at=peer.last_handshake,
                     observed_at=now,
@@ -274,31 +296,62 @@ class Registry:
                     endpoint=peer.endpoint,
                 )
             )
-        return self.store.record_handshakes(observations) if observations else 0
+        newer = self.store.record_handshakes(observations) if observations else 0
+        if len(self._seen) > 4 * len(state.peers) + 1024:
+            self._seen.clear()  # keys of removed peers: bounded, re-learned on the next poll
+        for peer in changed:
+            if peer.last_handshake is not None:
+                self._seen[peer.public_key] = peer.last_handshake
+        return newer
 
-    def desired_peers(self) -> dict[str, PeerConfig]:
-        """One peer per stored instance, with the endpoint this node last saw it at.
-
-        Upstream never sets peer endpoints (CVMs dial in), which is enough while the kernel
-        device outlives the gateway process. A restarted userspace device has no sessions;
-        a CVM only re-handshakes when it sends data or its session ages out (minutes), so
-        the gateway uses the last endpoint as a hint and starts the handshake itself.
-        """
-        endpoints = self.store.last_endpoints(self.node_id)
+    def desired_peers(self, *, keepalive: bool = True) -> dict[str, PeerConfig]:
+        """One peer per stored instance (routing only: no endpoint)."""
         return {
-            r.public_key: self.peer_for(r, endpoints.get(r.instance_id))
-            for r in self.store.list_instances()
+            r.public_key: self.peer_for(r, keepalive=keepalive) for r in self.store.list_instances()
         }
 
-    def restore(self) -> PeerSync:
-        """Make the device's peers match the store (start-up, and the periodic reconcile)."""
+    def restore(self, *, hint_max_age: float = 600.0, batch: int = 50) -> PeerSync:
+        """Make the device's peers match the store (start-up, and the periodic reconcile).
+
+        Two passes. First every missing peer is added with its address only, which
+        wireguard-go does in well under a millisecond each, so routing is back quickly.
+        Then each added peer gets its keepalive and, if this node saw it shake hands within
+        ``hint_max_age`` seconds, the endpoint it was seen at, in batches of ``batch``
+        under the lock (registrations interleave).
+
+        Why the hint: upstream never sets endpoints (CVMs dial in), which is enough while
+        the kernel device outlives the gateway process. A restarted userspace device has no
+        sessions, and a CVM only re-handshakes when it sends data or its session ages out
+        (minutes). Setting the keepalive on a peer with an endpoint makes the device greet
+        it at once. It is a separate pass because greeting a vanished neighbour on the same
+        link blocks wireguard-go's send until ARP gives up (seconds per batch).
+        """
         if self.device is None:
             return PeerSync((), (), ())
         with self._lock:
-            result = self.device.sync_peers(self.desired_peers())
+            result = self.device.sync_peers(self.desired_peers(keepalive=False))
+        hints = self.store.last_endpoints(self.node_id, since=self.clock() - hint_max_age)
+        hinted = 0
+        for start in range(0, len(result.added), batch):
+            with self._lock:
+                owners = self.store.instance_keys()
+                changes = []
+                for key in result.added[start : start + batch]:
+                    record = self.store.get_instance(owners[key]) if key in owners else None
+                    if record is None or record.public_key != key:
+                        continue  # removed or rotated meanwhile: leave it to that change
+                    endpoint = hints.get(record.instance_id)
+                    hinted += endpoint is not None
+                    changes.append(self.peer_for(record, endpoint))
+                try:
+                    self.device.apply(changes)
+                except TunnelError as exc:
+                    logger.warning("restoring keepalives and endpoint hints stopped: %s", exc)
+                    break
         logger.info(
-            "peers restored: %d added, %d updated, %d removed",
+            "peers restored: %d added (%d with endpoint hints), %d updated, %d removed",
             len(result.added),
+            hinted,
             len(result.updated),
             len(result.removed),
         )

@@ -210,6 +210,9 @@ class SqliteStore:
         rows = self._read(f"SELECT {_INSTANCE_COLUMNS} FROM instances ORDER BY instance_id")
         return [_row_to_instance(r) for r in rows]
 
+    def instance_keys(self) -> dict[str, str]:
+        return {k: i for k, i in self._read("SELECT public_key, instance_id FROM instances")}
+
     def put_instance(self, record: InstanceRecord, *, expect_revision: int) -> InstanceRecord:
         with self._tx() as db:
             row = db.execute(
@@ -328,11 +331,11 @@ class SqliteStore:
         )
         return [HandshakeObservation(*r) for r in rows]
 
-    def last_endpoints(self, node_id: str) -> dict[str, str]:
+    def last_endpoints(self, node_id: str, since: float = 0.0) -> dict[str, str]:
         rows = self._read(
             "SELECT instance_id, endpoint FROM handshakes "
-            "WHERE node_id = ? AND endpoint IS NOT NULL",
-            (node_id,),
+            "WHERE node_id = ? AND endpoint IS NOT NULL AND handshake_at >= ?",
+            (node_id, since),
         )
         return {iid: ep for iid, ep in rows}
 

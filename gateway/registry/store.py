@@ -43,6 +43,10 @@ class Store(Protocol):
 
     def list_instances(self) -> list[InstanceRecord]: ...
 
+    def instance_keys(self) -> dict[str, str]:
+        """public key -> instance id for every instance (cheap: no record decoding)."""
+        ...
+
     def put_instance(self, record: InstanceRecord, *, expect_revision: int) -> InstanceRecord:
         """Write ``record`` (and claim its IP) if the stored revision equals ``expect_revision``.
 
@@ -68,8 +72,8 @@ class Store(Protocol):
 
     def handshakes(self, instance_id: str) -> list[HandshakeObservation]: ...
 
-    def last_endpoints(self, node_id: str) -> dict[str, str]:
-        """instance id -> the endpoint ``node_id`` last saw it at (restart hints)."""
+    def last_endpoints(self, node_id: str, since: float = 0.0) -> dict[str, str]:
+        """instance id -> where ``node_id`` saw it shake hands at or after ``since``."""
         ...
 
     # --- generic tables --------------------------------------------------------------------

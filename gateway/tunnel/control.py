@@ -39,13 +39,38 @@ from gateway.tunnel.uapi import (
     parse_response,
 )
 
-__all__ = ["UAPI_DIR", "UapiControl", "WgControl", "WgToolControl", "uapi_socket_path"]
+__all__ = [
+    "UAPI_DIR",
+    "UapiControl",
+    "WgControl",
+    "WgToolControl",
+    "socket_listening",
+    "uapi_socket_path",
+]
 
 UAPI_DIR = Path("/var/run/wireguard")
 
 
 def uapi_socket_path(iface: str, directory: Path = UAPI_DIR) -> Path:
     return directory / f"{iface}.sock"
+
+
+def socket_listening(path: Path) -> bool:
+    """True if a process listens on the unix socket ``path`` (connect succeeds).
+
+    Deliberately not a UAPI request: a daemon busy with a large ``set`` answers late but is
+    alive, and deleting its socket file makes wireguard-go shut its device down. Only a
+    refused connection (nobody listening) marks a socket file as a leftover.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
+        try:
+            sock.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False
+        except OSError:
+            return True  # e.g. a full backlog: someone is there
+    return True
 
 
 class WgControl(Protocol):
@@ -68,14 +93,6 @@ class UapiControl:
     def __init__(self, path: Path, *, timeout: float = 5.0) -> None:
         self.path = path
         self.timeout = timeout
-
-    def reachable(self) -> bool:
-        """True if a daemon answers on the socket (a leftover file does not)."""
-        try:
-            self.state()
-        except TunnelError:
-            return False
-        return True
 
     def _exchange(self, request: bytes) -> list[tuple[str, str]]:
         deadline = time.monotonic() + self.timeout

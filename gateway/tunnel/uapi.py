@@ -176,11 +176,15 @@ def parse_response(buf: bytes) -> tuple[list[tuple[str, str]], int] | None:
     last_key, last_value = pairs[-1]
     if last_key != "errno":
         raise UapiError("UAPI response does not end with errno=")
-    if not last_value.isdigit() or len(last_value) > 9:
+    digits = last_value.removeprefix("-")  # wireguard-go reports errors as -errno
+    if not digits.isdigit() or len(digits) > 9:
         raise UapiError(f"UAPI errno is not a number: {last_value[:16]!r}")
     errno = int(last_value)
     if errno != 0:
-        raise UapiError(f"WireGuard device refused the request (errno={errno})", errno=errno)
+        raise UapiError(
+            f"WireGuard device refused the request (errno={errno}); its log says why",
+            errno=abs(errno),
+        )
     return pairs, end + 2
 
 

@@ -29,7 +29,14 @@ from pathlib import Path
 from types import TracebackType
 
 from gateway.tunnel.commands import OwnedProcess, in_netns, run
-from gateway.tunnel.control import UAPI_DIR, UapiControl, WgControl, WgToolControl, uapi_socket_path
+from gateway.tunnel.control import (
+    UAPI_DIR,
+    UapiControl,
+    WgControl,
+    WgToolControl,
+    socket_listening,
+    uapi_socket_path,
+)
 from gateway.tunnel.errors import CommandError, TunnelError
 from gateway.tunnel.keys import decode_key
 from gateway.tunnel.uapi import DeviceState, PeerConfig, PeerRemoval
@@ -40,6 +47,10 @@ __all__ = ["Backend", "DeviceSpec", "PeerSync", "WgDevice", "link_exists", "max_
 
 #: Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
 max_iface_len = 15
+
+#: Peers per request in :meth:`WgDevice.sync_peers`: wireguard-go takes ~1 ms per new peer
+#: (more when it has an endpoint to greet), so a batch stays well inside the request timeout.
+SYNC_BATCH = 200
 
 
 class Backend(enum.StrEnum):
@@ -67,6 +78,7 @@ class DeviceSpec:
     wireguard_go: str = "wireguard-go"
     uapi_dir: Path = UAPI_DIR
     start_timeout: float = 10.0
+    control_timeout: float = 30.0
 
     def __post_init__(self) -> None:
         if not self.name or len(self.name.encode()) > max_iface_len or "/" in self.name:
@@ -121,8 +133,9 @@ class WgDevice:
         spec = self.spec
         sock = uapi_socket_path(spec.name, spec.uapi_dir)
         if link_exists(spec.name, spec.netns):
-            if UapiControl(sock).reachable():
-                self.backend, self._control = Backend.WIREGUARD_GO, UapiControl(sock)
+            if socket_listening(sock):
+                self.backend = Backend.WIREGUARD_GO
+                self._control = UapiControl(sock, timeout=spec.control_timeout)
             elif spec.backend is Backend.WIREGUARD_GO:
                 raise TunnelError(
                     f"{spec.name} exists but no userspace daemon answers on {sock}; "
@@ -164,7 +177,7 @@ class WgDevice:
     def _start_userspace(self, sock: Path) -> None:
         spec = self.spec
         if sock.exists():
-            if UapiControl(sock).reachable():
+            if socket_listening(sock):
                 raise TunnelError(
                     f"{sock} belongs to another running daemon (interface {spec.name} in another "
                     "namespace?); interface names must be unique on the machine"
@@ -176,9 +189,9 @@ class WgDevice:
             log_path=log,
             env={"WG_PROCESS_FOREGROUND": "1", "LOG_LEVEL": "error"},
         )
-        control = UapiControl(sock)
+        control = UapiControl(sock, timeout=spec.control_timeout)
         deadline = time.monotonic() + spec.start_timeout
-        while not (sock.exists() and control.reachable()):
+        while not socket_listening(sock):
             if not self.process.alive():
                 tail = self.process.log_tail()
                 self.process = None
@@ -275,6 +288,6 @@ class WgDevice:
                 changes.append(want)
         removed = [key for key in current if key not in desired]
         changes.extend(PeerRemoval(key) for key in removed)
-        for start in range(0, len(changes), 500):  # bounded request size
-            self.control.apply(changes[start : start + 500])
+        for start in range(0, len(changes), SYNC_BATCH):  # bounded request size and time
+            self.control.apply(changes[start : start + SYNC_BATCH])
         return PeerSync(tuple(added), tuple(updated), tuple(removed))

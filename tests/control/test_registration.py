@@ -55,6 +55,7 @@ from tests.helpers.processes import free_port
 __all__ = ["lab_env", "make_lab", "pytest_runtest_makereport"]
 
 APP = "5bb4ff9a3837357f19dc176407a5709c62eb6c56"
+WG_KEY = public_key(generate_private_key())
 NOW = int(time.time())
 PLAN = AddressPlan(
     ipaddress.IPv4Interface("10.0.0.1/24"),
@@ -88,7 +89,9 @@ def make_ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return cert, key
 
 
-def server_cert(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]) -> tuple[bytes, bytes]:
+def server_cert(
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], ip: str = "127.0.0.1"
+) -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     start = dt.datetime.fromtimestamp(NOW - 86400, dt.UTC)
     cert = (
@@ -100,7 +103,7 @@ def server_cert(ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]) -> tupl
         .not_valid_before(start)
         .not_valid_after(start + dt.timedelta(days=30))
         .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(ip))]),
             False,
         )
         .sign(ca[1], hashes.SHA256())
@@ -327,7 +330,7 @@ def test_policy_refusal_and_runtime_swap(
         (b"\x0a\x2c", "application/x-protobuf", 415, "unsupported_encoding"),
         (b"{nope", "application/json", 400, "bad_request"),
         (
-            {"client_public_key": "x", "port_policy": {"ports": [{"port": 0}]}},
+            {"client_public_key": WG_KEY, "port_policy": {"ports": [{"port": 0}]}},
             "application/json",
             400,
             "bad_request",

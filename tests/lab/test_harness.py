@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from gateway.lab.harness import OWNER_DIR, Lab, cleanup_leftovers
+from gateway.lab.harness import OWNER_DIR, Lab, cleanup_leftovers, new_tag
 from gateway.tunnel.commands import run
 from gateway.tunnel.control import uapi_socket_path
 from gateway.tunnel.uapi import PeerConfig
@@ -79,14 +81,27 @@ def test_failed_build_is_rolled_back(tmp_path: Path, lab_env: None) -> None:
 
 def test_cleanup_removes_dead_labs_only(make_lab: MakeLab) -> None:
     live = make_lab(cvms=0)
-    dead_base = "gwh9999zz"
+    dead_base = f"gwh{new_tag()}"
     run(["ip", "netns", "add", f"{dead_base}g"])
     OWNER_DIR.mkdir(parents=True, exist_ok=True)
     (OWNER_DIR / dead_base).write_text("999999999")  # no such PID
-    orphan = "gwh9999zyc1"  # a namespace of our prefix without an owner file
+    orphan = f"gwh{new_tag()}c1"  # a namespace of our prefix without an owner file
     run(["ip", "netns", "add", orphan])
-    removed = cleanup_leftovers("gwh")
-    assert f"{dead_base}g" in removed and orphan in removed
+    with contextlib.ExitStack() as stack:
+        # a daemon that accepts but is slow to answer is alive; a bound, unlistened file is not
+        busy = stack.enter_context(socket.socket(socket.AF_UNIX))
+        busy_path = uapi_socket_path(f"gwh{new_tag()}bz")
+        busy.bind(str(busy_path))
+        busy.listen()
+        stack.callback(busy_path.unlink, missing_ok=True)
+        dead_path = uapi_socket_path(f"gwh{new_tag()}dd")
+        with socket.socket(socket.AF_UNIX) as dead:
+            dead.bind(str(dead_path))
+        cleanup_leftovers("gwh")
+        assert busy_path.exists() and not dead_path.exists()
+    # (asserted on the result, not on what this call removed: a concurrent run's cleanup
+    # may have removed the same leftovers first)
+    assert f"{dead_base}g" not in namespaces() and orphan not in namespaces()
     assert not (OWNER_DIR / dead_base).exists()
     assert live.gw_netns in namespaces()  # its owner (this process) is alive
     assert live.gateway is not None and live.gateway.state().listen_port == live.wg_port

@@ -88,6 +88,9 @@ def test_register_observe_recycle_and_restart(make_lab: MakeLab, tmp_path: Path)
     registry = Registry(store, plan_of(lab), device=lab.gateway, clock=clock, recycle_timeout=600)
     restored = registry.restore()
     assert set(restored.added) == {public_key(new_private), b.public_key}
+    for peer in lab.gateway.state().peers:  # second pass: keepalive and endpoint hints
+        assert peer.persistent_keepalive == 25
+        assert peer.endpoint is not None and peer.endpoint.startswith("172.30.0.")
     took = wait_for(
         lambda: (
             lab.fetch_instance(a, timeout=1) == a.netns

@@ -187,15 +187,49 @@ def test_concurrent_registrations_never_share_an_address(store: SqliteStore) -> 
     assert len(ips) == 60 == len(set(ips))
 
 
-def test_desired_peers_carry_last_endpoint(registry: Registry, clock: Clock) -> None:
+def test_desired_peers_route_every_instance(registry: Registry, clock: Clock) -> None:
     k1, k2 = key(), key()
     r1 = registry.register(Registration("i1", "app", k1))
     registry.register(Registration("i2", "app", k2))
-    registry.observe(
-        DeviceState(None, 0, (PeerState(k1, (), "172.30.0.10:9182", clock.now, 1, 1, 25),))
-    )
     peers = registry.desired_peers()
-    assert peers[k1].endpoint == "172.30.0.10:9182"
+    assert set(peers) == {k1, k2}
     assert peers[k1].allowed_ips == (IPv4Network(f"{r1.ip}/32"),)
-    assert peers[k1].persistent_keepalive == 25
-    assert peers[k2].endpoint is None
+    assert peers[k1].persistent_keepalive == 25 and peers[k1].endpoint is None
+    assert registry.desired_peers(keepalive=False)[k1].persistent_keepalive is None
+
+
+def test_port_policy_dropped_when_the_app_is_upgraded(registry: Registry) -> None:
+    k = key()
+    v1 = {"compose_hash": "aa" * 32}
+    registry.register(Registration("i1", "app", k, {"ports": [{"port": 80}]}, v1))
+    kept = registry.register(Registration("i1", "app", k, None, v1))
+    assert kept.port_policy == {"ports": [{"port": 80}]}
+    upgraded = registry.register(Registration("i1", "app", k, None, {"compose_hash": "bb" * 32}))
+    assert upgraded.port_policy is None  # the new version has not declared its ports
+
+
+def test_two_connections_racing_never_share_an_address(tmp_path: Path) -> None:
+    """Separate connections to one file (as separate worker processes have): SQLite's write
+    lock plus the CAS keep addresses unique."""
+    path = tmp_path / "shared.sqlite3"
+    stores = [SqliteStore(path) for _ in range(2)]
+    regs = [Registry(s, PLAN, clock=Clock(), rng=random.Random(5), attempts=50) for s in stores]
+    errors: list[BaseException] = []
+
+    def worker(reg: Registry, base: int) -> None:
+        try:
+            for n in range(25):
+                reg.register(Registration(f"c{base}-{n}", "app", key()))
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(r, i)) for i, r in enumerate(regs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    ips = [r.ip for r in stores[0].list_instances()]
+    assert len(ips) == 50 == len(set(ips))
+    for s in stores:
+        s.close()

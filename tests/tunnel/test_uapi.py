@@ -95,9 +95,11 @@ def test_decode_get() -> None:
     assert PRIV not in repr(state) and key_hex(PRIV) not in repr(state)
 
 
-def test_errno_is_an_error() -> None:
+@pytest.mark.parametrize("raw", [b"errno=22\n\n", b"errno=-22\n\n"])
+def test_errno_is_an_error(raw: bytes) -> None:
+    """wireguard-go writes failures as negative errno values (ipcErrorInvalid = -EINVAL)."""
     with pytest.raises(UapiError) as err:
-        parse_response(b"errno=22\n\n")
+        parse_response(raw)
     assert err.value.errno == 22
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from gateway.lab.harness import Lab
 from gateway.tunnel.commands import run
-from gateway.tunnel.control import UapiControl, WgToolControl, uapi_socket_path
+from gateway.tunnel.control import WgToolControl, socket_listening, uapi_socket_path
 from gateway.tunnel.errors import TunnelError
 from gateway.tunnel.keys import generate_private_key, public_key
 from gateway.tunnel.uapi import PeerConfig, PeerRemoval
@@ -171,7 +171,7 @@ def test_stale_socket_is_replaced_and_name_clash_refused(make_lab: MakeLab, tmp_
     sock_path.parent.mkdir(parents=True, exist_ok=True)
     with socket.socket(socket.AF_UNIX) as dead:  # a socket file nobody listens on any more
         dead.bind(str(sock_path))
-    assert not UapiControl(sock_path).reachable()
+    assert not socket_listening(sock_path)
     spec = DeviceSpec(
         name, generate_private_key(), netns=lab.gw_netns, backend=Backend.WIREGUARD_GO
     )

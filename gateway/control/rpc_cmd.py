@@ -1,0 +1,105 @@
+"""``gateway rpc --config FILE``: the tunnel node alone (registration RPC + WireGuard).
+
+Serves ``/prpc/RegisterCvm`` and ``/prpc/Info`` on ``[rpc]`` over TLS, with the device,
+registry and maintenance task of :func:`gateway.registry.runtime.open_tunnel`; evidence is
+checked against ``[attest]`` and ``[admission]``. Runs until SIGTERM/SIGINT, then stops the
+listener, the maintenance task and our wireguard-go (by PID). Useful on its own (a gateway
+node that only admits CVMs), for the lab and the demo; ``gateway serve`` composes the same
+pieces with the proxy and the admin API.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from gateway.attest.collateral import CollateralError, collateral_source_from_settings
+from gateway.attest.evidence import EvidenceError, RejectReason
+from gateway.attest.quote import verifier_from_settings
+from gateway.attest.verifier import TrustAnchors
+from gateway.config import Config, ConfigError, load_config
+from gateway.control.registration import (
+    RegistrationService,
+    advertised_from_config,
+    create_rpc_app,
+    evidence_check,
+    rpc_ssl_context,
+)
+from gateway.registry.runtime import open_tunnel
+from gateway.tunnel.errors import TunnelError
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, required=True, help="the TOML configuration")
+
+
+def _undecodable(quote: bytes) -> object:
+    """Placeholder collateral: only reached when the presented quote did not decode."""
+    raise EvidenceError(RejectReason.MALFORMED, "the presented quote does not decode")
+
+
+async def serve(cfg: Config, stop: asyncio.Event) -> None:
+    """Run until ``stop`` is set; raises on start-up failures (nothing is left running)."""
+    rpc = cfg.rpc
+    ctx = rpc_ssl_context(
+        Path(rpc.cert_file),
+        Path(rpc.key_file),
+        Path(rpc.client_ca_file) if rpc.client_ca_file else None,
+    )
+    verifier = verifier_from_settings(cfg.attest)  # logs a non-Intel root loudly
+    anchors = TrustAnchors(
+        collateral=_undecodable,
+        root_ca_der=None if verifier.uses_intel_root else verifier.root_ca_der,
+        tcb_policy=cfg.attest.tcb_policy(),
+    )
+    check = evidence_check(
+        source=collateral_source_from_settings(cfg.attest),
+        anchors=anchors,
+        policy=lambda: cfg.admission,
+    )
+    async with open_tunnel(cfg) as tunnel:
+        service = RegistrationService(
+            tunnel.registry, check, advertised_from_config(cfg, tunnel.public_key)
+        )
+        runner = web.AppRunner(create_rpc_app(service), access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, rpc.address, rpc.port, ssl_context=ctx).start()
+            logger.info("registration RPC on https://%s:%d", rpc.address, rpc.port)
+            await stop.wait()
+        finally:
+            await runner.cleanup()
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2
+    if not cfg.rpc.cert_file:
+        sys.stderr.write("error: rpc.cert_file and rpc.key_file are needed to serve TLS\n")
+        return 2
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(cfg, stop)
+
+    try:
+        asyncio.run(main())
+    except (TunnelError, CollateralError, OSError, ValueError) as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    return 0

@@ -1,0 +1,100 @@
+"""``gateway rpc`` as a real process in the gateway namespace; a CVM registers over the lab
+network with curl and its RA-TLS certificate and is then reached through the tunnel, also
+after the gateway process restarts (peers restored without re-registration)."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from gateway.lab.harness import Lab
+from gateway.tee.sim_pki import SimPki
+from gateway.tunnel.commands import in_netns
+from gateway.tunnel.control import socket_listening, uapi_socket_path
+from tests.control.test_registration import APP, NOW, make_ca, make_cvm, server_cert
+from tests.helpers.lab import lab_env, make_lab, pytest_runtest_makereport
+from tests.helpers.processes import start, stop_by_pid, wait_until
+
+__all__ = ["lab_env", "make_lab", "pytest_runtest_makereport"]
+
+pytestmark = [pytest.mark.netns, pytest.mark.slow]
+
+
+def test_cvm_registers_over_the_lab_network(make_lab: Callable[..., Lab], tmp_path: Path) -> None:
+    lab = make_lab(cvms=1, gateway_device=False)
+    (node,) = lab.nodes
+    pki = SimPki.create(not_before=NOW - 86400)
+    (tmp_path / "root.der").write_bytes(pki.root_ca_der)
+    (tmp_path / "collateral.json").write_text(pki.collateral(NOW).to_json())
+    ca = make_ca("lab KMS CA")
+    (tmp_path / "ca.pem").write_bytes(ca[0].public_bytes(serialization.Encoding.PEM))
+    cert_pem, key_pem = server_cert(ca, str(lab.underlay.ip))
+    (tmp_path / "rpc.pem").write_bytes(cert_pem)
+    (tmp_path / "rpc.key").write_bytes(key_pem)
+    cvm = make_cvm(pki, tmp_path / "cvm", b"\x77" * 20, ca)
+    iface = f"{lab.base}rp"
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        f"[core]\ndata_dir = '{tmp_path / 'data'}'\n"
+        f"[wg]\ninterface = '{iface}'\nnetns = ''\nlisten_port = {lab.wg_port}\n"
+        f"endpoint = '{lab.endpoint}'\nbackend = 'wireguard-go'\n"
+        f"[attest]\nroot_ca = '{tmp_path / 'root.der'}'\ncollateral_source = 'file'\n"
+        f"collateral_file = '{tmp_path / 'collateral.json'}'\n"
+        f"[admission]\napp_ids = ['{APP}']\n"
+        f"[rpc]\naddress = '{lab.underlay.ip}'\nport = 8010\ncert_file = '{tmp_path / 'rpc.pem'}'\n"
+        f"key_file = '{tmp_path / 'rpc.key'}'\nclient_ca_file = '{tmp_path / 'ca.pem'}'\n"
+    )
+    cmd = in_netns(lab.gw_netns, [sys.executable, "-m", "gateway", "rpc", "--config", str(config)])
+    url = f"https://{lab.underlay.ip}:8010/prpc/RegisterCvm"
+
+    def launch(log: Path) -> subprocess.Popen[bytes]:
+        proc = start(cmd, log)
+        wait_until(lambda: b"registration RPC on" in log.read_bytes(), proc, 20, "rpc up", log)
+        return proc
+
+    log1 = tmp_path / "rpc1.log"
+    proc = launch(log1)
+    try:
+        out = subprocess.run(
+            in_netns(
+                node.netns,
+                [
+                    "curl", "-sS", "--fail-with-body", "--cacert", str(tmp_path / "ca.pem"),
+                    "--cert", str(cvm.cert), "--key", str(cvm.key),
+                    "-H", "Content-Type: application/json",
+                    "--data", json.dumps({"client_public_key": node.public_key}), url,
+                ],
+            ),
+            capture_output=True, text=True, timeout=30, check=False,
+        )  # fmt: skip
+        assert out.returncode == 0, out.stdout + out.stderr + log1.read_text()
+        answer = json.loads(out.stdout)
+        (server,) = answer["wg"]["servers"]
+        assert server["endpoint"] == lab.endpoint and server["ip"] == "10.0.0.1/24"
+        lab.connect(
+            node, ipaddress.IPv4Address(answer["wg"]["client_ip"]), server_public_key=server["pk"]
+        )
+        assert lab.fetch_instance(node) == node.netns
+    finally:
+        assert stop_by_pid(proc, grace=10) == 0, log1.read_text()
+    assert not socket_listening(uapi_socket_path(iface))
+    assert lab.fetch_instance(node, timeout=1) is None
+
+    log2 = tmp_path / "rpc2.log"
+    proc = launch(log2)  # same data dir: key, registry; peers restored at start
+    try:
+        deadline = time.monotonic() + 15
+        while lab.fetch_instance(node, timeout=1) != node.netns:
+            assert time.monotonic() < deadline, "no traffic after restart\n" + log2.read_text()
+            time.sleep(0.1)
+        assert "peers restored: 1 added (1 with endpoint hints)" in log2.read_text()
+    finally:
+        assert stop_by_pid(proc, grace=10) == 0, log2.read_text()
