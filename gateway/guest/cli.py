@@ -283,6 +283,7 @@ async def _simulate(args: argparse.Namespace) -> int:
     from gateway.attest.quote import QuoteVerifier
     from gateway.guest import envcrypt
     from gateway.guest.kms_lab import KmsRoot, LabKms, create_kms_app, kms_ssl_context
+    from gateway.tee.sim_pccs import create_sim_pccs_app
 
     state = args.state_dir or args.socket.parent / ".dstack-sim"
     state.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -305,6 +306,22 @@ async def _simulate(args: argparse.Namespace) -> int:
     await kms_runner.setup()
     await web.SockSite(kms_runner, listener, ssl_context=kms_ssl_context(kms)).start()
     logger.info("lab KMS on %s", kms_url)
+    # a PCCS for the simulated PKI, so that anyone can verify this CVM's quotes
+    pccs_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    pccs_sock.bind(("127.0.0.1", 0))
+    pccs_sock.listen(64)
+    pccs_url = f"http://127.0.0.1:{pccs_sock.getsockname()[1]}"
+    pccs_runner = web.AppRunner(create_sim_pccs_app(pki), access_log=None)
+    await pccs_runner.setup()
+    await web.SockSite(pccs_runner, pccs_sock).start()
+    (state / "pccs-url.txt").write_text(pccs_url + "\n")
+    logger.info(
+        "quotes verify with: gateway attest verify --quote FILE --root-ca %s --pccs-url %s "
+        "--cache-dir %s",
+        state / "sim-root-ca.pem",
+        pccs_url,
+        state / "collateral-cache",  # per PKI: collateral of another sim root must not be reused
+    )
 
     shared = state / "host-shared"
     _prepare_host_shared(args.host_shared, shared, kms_url)
@@ -312,6 +329,7 @@ async def _simulate(args: argparse.Namespace) -> int:
         compose = AppCompose.parse((shared / "app-compose.json").read_bytes())
     except ValueError as exc:
         await kms_runner.cleanup()
+        await pccs_runner.cleanup()
         sys.stderr.write(f"error: {exc}\n")
         return 1
     runner: AppRunner | None = None
@@ -330,6 +348,7 @@ async def _simulate(args: argparse.Namespace) -> int:
         result = await boot.run()
     except BootError as exc:
         await kms_runner.cleanup()
+        await pccs_runner.cleanup()
         sys.stderr.write(f"error: {exc}\n")
         return 1
     pub = envcrypt.env_public_key(kms.env_crypt_key(result.app_id)).hex()
@@ -351,7 +370,7 @@ async def _simulate(args: argparse.Namespace) -> int:
         guest_api_socket=state / "guest-api.sock",
         use_vsock=False,  # a laptop simulator keeps to its own unix sockets
         on_ready=ready,
-        extra=[kms_runner],
+        extra=[kms_runner, pccs_runner],
     )
     return 0
 

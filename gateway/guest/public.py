@@ -1,8 +1,9 @@
 """The public HTTP port (8090 in dstack): app info, a dashboard, metrics.
 
 It reveals only what app-compose makes public: the tcb_info (and vm_config) only with
-``public_tcbinfo``, system facts and ``/metrics`` only with ``public_sysinfo``; never keys,
-env or logs (``public_logs`` container logs are not served by this shim). Every response
+``public_tcbinfo``, system facts and ``/metrics`` only with ``public_sysinfo``, container
+logs (``/logs/<name>?tail=N``, plain text) only with ``public_logs``; never keys or env.
+Every response
 carries ``X-App-Version``; each client address gets a token bucket so that a flood from one
 peer cannot starve the agent (HTTP 429 with ``Retry-After``).
 """
@@ -13,6 +14,7 @@ import html
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from aiohttp import web
 
@@ -74,9 +76,11 @@ def _dashboard(svc: AgentService, containers: list[dict[str, str]]) -> str:
         parts.append("</table>")
     parts.append("<h2>Containers</h2><table><tr><th>Name</th><th>Status</th></tr>")
     for c in containers:
-        parts.append(
-            f"<tr><td>{html.escape(c['name'])}</td><td>{html.escape(c['status'])}</td></tr>"
-        )
+        name = html.escape(c["name"])
+        if compose.public_logs:
+            href = html.escape(f"/logs/{quote(c['name'], safe='')}?tail=20")
+            name = f"<a href='{href}'>{name}</a>"
+        parts.append(f"<tr><td>{name}</td><td>{html.escape(c['status'])}</td></tr>")
     parts.append("</table><h2>TCB Info</h2>")
     if info["tcb_info"]:
         parts.append(f"<textarea readonly>{html.escape(info['tcb_info'])}</textarea>")
@@ -122,13 +126,32 @@ def create_public_app(
             text=sysinfo.metrics_text(sysinfo.sys_info()), content_type="text/plain"
         )
 
+    async def logs(request: web.Request) -> web.StreamResponse:
+        if not svc.state.compose.public_logs or runner is None:
+            raise web.HTTPNotFound(text="logs are not public for this app\n")
+        try:
+            tail = min(max(int(request.query.get("tail", "100")), 0), 10_000)
+        except ValueError:
+            raise web.HTTPBadRequest(text="tail must be an integer\n") from None
+        data = await runner.logs(request.match_info["name"], tail)
+        if data is None:
+            raise web.HTTPNotFound(text="no such container\n")
+        return web.Response(body=data, content_type="text/plain", charset="utf-8")
+
     async def worker_info(args: prpc.Args) -> object:
         return svc.info(external=True)
 
     async def worker_version(args: prpc.Args) -> object:
         return svc.version()
 
-    methods = {"Info": worker_info, "Version": worker_version}
+    async def attestation_for_app_key(args: prpc.Args) -> object:
+        return await svc.attestation_for_app_key(prpc.get_str(args, "algorithm"))
+
+    methods = {
+        "Info": worker_info,
+        "Version": worker_version,
+        "GetAttestationForAppKey": attestation_for_app_key,
+    }
 
     async def rpc(request: web.Request) -> web.StreamResponse:
         return await prpc.dispatch(
@@ -140,6 +163,7 @@ def create_public_app(
         [
             web.get("/", index),
             web.get("/metrics", metrics),
+            web.get("/logs/{name}", logs),
             web.get("/prpc/{method}", rpc),
             web.post("/prpc/{method}", rpc),
         ]

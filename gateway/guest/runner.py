@@ -30,6 +30,9 @@ __all__ = ["AppRunner", "DockerComposeRunner", "LocalProcessRunner", "RunnerErro
 logger = logging.getLogger(__name__)
 
 
+MAX_LOG_BYTES = 1024 * 1024
+
+
 class RunnerError(RuntimeError):
     """The app (or its pre-launch script) could not be started."""
 
@@ -53,6 +56,10 @@ class AppRunner(Protocol):
     async def start(self, compose: AppCompose, env: Mapping[str, str], work_dir: Path) -> None: ...
 
     async def list(self) -> list[Container]: ...
+
+    async def logs(self, name: str, tail: int) -> bytes | None:
+        """The last ``tail`` lines of container ``name``'s output, ``None`` if unknown."""
+        ...
 
     async def stop(self) -> None: ...
 
@@ -111,6 +118,7 @@ class LocalProcessRunner:
         self._pid: int | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._name = ""
+        self._log: Path | None = None
 
     async def pre_launch(self, compose: AppCompose, env: Mapping[str, str], work_dir: Path) -> None:
         await run_measured_scripts(compose, env, work_dir, self._timeout)
@@ -134,6 +142,7 @@ class LocalProcessRunner:
             )
         pid_file = work_dir / "app.pid"
         self._name = compose.name
+        self._log = work_dir / "app.log"
         if pid_file.exists():
             with contextlib.suppress(ValueError):
                 pid = int(pid_file.read_text())
@@ -172,6 +181,18 @@ class LocalProcessRunner:
                 status=f"pid {self._pid}",
             )
         ]
+
+    async def logs(self, name: str, tail: int) -> bytes | None:
+        if name != self._name or self._log is None:
+            return None
+        try:
+            with self._log.open("rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - MAX_LOG_BYTES))
+                data = fh.read()
+        except FileNotFoundError:
+            return b""
+        return b"".join(data.splitlines(keepends=True)[-tail:]) if tail > 0 else b""
 
     async def stop(self) -> None:
         """SIGTERM the app's process group (the PID we started), then reap it."""
@@ -227,6 +248,21 @@ class DockerComposeRunner:
                     Container(parts[0], tuple(parts[1].split(",")), parts[2], parts[3], parts[4])
                 )
         return rows
+
+    async def logs(self, name: str, tail: int) -> bytes | None:
+        if not all(c.isalnum() or c in "-_." for c in name) or not name:
+            return None
+        proc = await asyncio.create_subprocess_exec(
+            self._docker,
+            "logs",
+            "--tail",
+            str(tail),
+            name,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        return out[-MAX_LOG_BYTES:] if proc.returncode == 0 else None
 
     async def stop(self) -> None:
         return None

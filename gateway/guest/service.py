@@ -10,12 +10,14 @@ clients (the SDK gives up after 3 s).
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import hashlib
 import json
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -51,6 +53,7 @@ KmsSigner = Callable[[CertSigningRequestV2, bytes], Awaitable[list[str]]]
 
 AGENT_VERSION = "0.5.8"  # the dstack guest-agent API level this agent implements
 AGENT_REV = "gateway-guest"
+MAX_CERT_TIME = 253402300799  # 9999-12-31T23:59:59Z, the last X.509 GeneralizedTime
 MAX_EVENT_NAME = 256
 MAX_EVENT_PAYLOAD = 64 * 1024
 _EMPTY_SHA256 = hashlib.sha256(b"").digest()
@@ -94,7 +97,8 @@ class AgentService:
         self._app_cert = ""
         self._clock = clock
         self._rng = rng
-        self._emit_lock = asyncio.Lock()
+        # one quote and the log it is shown with must agree: no emit between the two
+        self._evidence_lock = threading.Lock()
 
     # --- evidence -------------------------------------------------------------------------
 
@@ -109,22 +113,26 @@ class AgentService:
         """
         return evidence.event_log(self.tee, self._boot_log)
 
-    async def _quote(self, report_data: bytes) -> bytes:
+    def _quote_and_log(self, report_data: bytes) -> tuple[bytes, tuple[TdxEvent, ...]]:
+        with self._evidence_lock:
+            return self.tee.get_quote(report_data), self.event_log()
+
+    async def _quote(self, report_data: bytes) -> tuple[bytes, tuple[TdxEvent, ...]]:
         try:
-            return await asyncio.to_thread(self.tee.get_quote, report_data)
+            return await asyncio.to_thread(self._quote_and_log, report_data)
         except TeeError as exc:
             raise RpcError(f"failed to get quote: {exc}") from None
+
+    def _locked_attestation(self, report_data: bytes) -> Attestation:
+        with self._evidence_lock:
+            return evidence.make_attestation(
+                self.tee, report_data, self.state.vm_config, self._boot_log
+            )
 
     async def attestation(self, report_data: bytes) -> Attestation:
         """A fresh ``VersionedAttestation`` (full event log) for 64-byte ``report_data``."""
         try:
-            return await asyncio.to_thread(
-                evidence.make_attestation,
-                self.tee,
-                report_data,
-                self.state.vm_config,
-                self._boot_log,
-            )
+            return await asyncio.to_thread(self._locked_attestation, report_data)
         except TeeError as exc:
             raise RpcError(f"failed to get quote: {exc}") from None
 
@@ -139,10 +147,10 @@ class AgentService:
 
     async def get_quote(self, report_data: bytes) -> dict[str, Any]:
         rd = _pad_report_data(report_data)
-        quote = await self._quote(rd)
+        quote, log = await self._quote(rd)
         return {
             "quote": quote.hex(),
-            "event_log": encode_event_log_json(self.event_log()),
+            "event_log": encode_event_log_json(log),
             "report_data": rd.hex(),
             "vm_config": self.state.vm_config,
         }
@@ -193,11 +201,15 @@ class AgentService:
             raise RpcError(f"event name must be 1..{MAX_EVENT_NAME} bytes")
         if len(payload) > MAX_EVENT_PAYLOAD:
             raise RpcError(f"event payload is larger than {MAX_EVENT_PAYLOAD} bytes")
-        async with self._emit_lock:
-            try:
-                await asyncio.to_thread(self.tee.emit_event, RuntimeEvent(name, payload))
-            except TeeError as exc:
-                raise RpcError(f"failed to emit event: {exc}") from None
+
+        def emit() -> None:
+            with self._evidence_lock:
+                self.tee.emit_event(RuntimeEvent(name, payload))
+
+        try:
+            await asyncio.to_thread(emit)
+        except TeeError as exc:
+            raise RpcError(f"failed to emit event: {exc}") from None
 
     def _derived_pub(self, derived: bytes, algorithm: str) -> bytes:
         if algorithm in ("secp256k1", "k256", ""):
@@ -269,6 +281,9 @@ class AgentService:
         key: ec.EllipticCurvePrivateKey | None = None,
     ) -> dict[str, Any]:
         """A fresh P-256 key and a certificate chain from the app CA."""
+        for name, value in (("not_before", req.not_before), ("not_after", req.not_after)):
+            if value is not None and value > MAX_CERT_TIME:
+                raise RpcError(f"{name} must be a unix time before the year 10000")
         if req.not_before is not None and req.not_after is not None:
             if req.not_before >= req.not_after:
                 raise RpcError("not_before must be earlier than not_after")
@@ -351,6 +366,24 @@ class AgentService:
             return await self._kms_signer(csr, csr.sign(key))
         except KeyProviderError as exc:
             raise RpcError(f"KMS SignCert failed: {exc}") from None
+
+    async def attestation_for_app_key(self, algorithm: str) -> dict[str, Any]:
+        """Worker.GetAttestationForAppKey: a quote committing to the Sign key (DIP-1).
+
+        ``report_data = prefix || base64url_nopad(pub)`` zero-padded to 64, with prefix
+        ``dip1::ed25519-pk:`` or ``dip1::secp256k1c-pk:`` (compressed point).
+        """
+        derived = kdf.derive_key(self.state.keys.k256_key, [b"vms"])
+        if algorithm == "ed25519":
+            prefix, pub = "dip1::ed25519-pk:", kdf.ed25519_pub(kdf.ed25519_key(derived))
+        elif algorithm in ("secp256k1", "k256", "secp256k1_prehashed"):
+            prefix, pub = "dip1::secp256k1c-pk:", kdf.compressed_k256_pub(kdf.k256_key(derived))
+        else:
+            raise RpcError("Unsupported algorithm")
+        text = (prefix + base64.urlsafe_b64encode(pub).decode().rstrip("=")).encode()
+        if len(text) > REPORT_DATA_SIZE:
+            raise RpcError(f"report data for {algorithm} does not fit in 64 bytes")
+        return await self.get_quote(text)
 
     async def refresh_app_cert(self) -> None:
         """Info's ``app_cert``: upstream's "demo cert" (client auth, RA-TLS), made once at

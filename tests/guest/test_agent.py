@@ -20,7 +20,8 @@ from gateway.guest import certs, kdf
 from gateway.guest.agent import create_agent_app, create_tappd_app
 from gateway.guest.keccak import keccak256
 from gateway.guest.service import AgentService
-from gateway.protocol.attestation import decode_attestation
+from gateway.protocol.attestation import decode_attestation, decode_event_log_json
+from gateway.protocol.tdx_quote import parse_tdx_quote
 from gateway.tee.base import RuntimeEvent, replay
 from gateway.tee.sim import SimTee
 from gateway.tee.sim_pki import SimPki
@@ -245,3 +246,103 @@ def test_hostile_requests_get_clean_errors(sock: Path) -> None:
         r = http.post("/EmitEvent", json={"event": "", "payload": ""})
         assert r.status_code == 400
         assert http.post("/Version", json={}).status_code == 200  # still serving
+
+
+def test_concurrent_emits_keep_log_and_rtmr3_consistent(sock: Path, sim_pki: SimPki) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    def emit(i: int) -> int:
+        transport = httpx.HTTPTransport(uds=str(sock))
+        with httpx.Client(transport=transport, base_url="http://localhost") as http:
+            for j in range(5):
+                r = http.post("/EmitEvent", json={"event": f"e{i}", "payload": f"{j:02x}"})
+                assert r.status_code == 200
+                got = http.post("/GetQuote", json={"report_data": "ab"}).json()
+                # each quote agrees with the log it came with, even while others emit
+                log = decode_event_log_json(got["event_log"])
+                events = [RuntimeEvent(e.event, e.event_payload) for e in log if e.imr == 3]
+                quoted = parse_tdx_quote(bytes.fromhex(got["quote"])).report.rt_mr3
+                assert replay(events) == quoted
+        return i
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sorted(pool.map(emit, range(8))) == list(range(8))
+    transport = httpx.HTTPTransport(uds=str(sock))
+    with httpx.Client(transport=transport, base_url="http://localhost") as http:
+        got = http.post("/GetQuote", json={"report_data": "cd"}).json()
+    events = [
+        RuntimeEvent(e.event, e.event_payload) for e in decode_event_log_json(got["event_log"])
+    ]
+    assert sum(e.name.startswith("e") and len(e.name) == 2 for e in events) == 40
+    assert replay(events) == verify(bytes.fromhex(got["quote"]), sim_pki).rt_mr3
+
+
+ARG_NAMES = [
+    "path", "purpose", "algorithm", "report_data", "event", "payload", "subject", "alt_names",
+    "usage_ra_tls", "usage_server_auth", "usage_client_auth", "not_before", "not_after",
+    "with_app_info", "data", "signature", "public_key",
+]  # fmt: skip
+METHODS = ["GetKey", "GetQuote", "Attest", "Info", "EmitEvent", "GetTlsKey", "Sign", "Verify"]
+
+
+def test_random_arguments_never_crash_a_method(sock: Path) -> None:
+    """Any JSON object to any method is answered 200 or 400, never 500."""
+    from hypothesis import HealthCheck, example, given, settings
+    from hypothesis import strategies as st
+
+    values = (
+        st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=10)
+        | st.sampled_from(["00" * 64, "0x" + "11" * 32, "ed25519", "secp256k1", "zz"])
+        | st.lists(st.text(max_size=5), max_size=3)
+        | st.dictionaries(st.text(max_size=3), st.none())
+        | st.sampled_from([2**64 - 1, 2**63, 253402300800, 0])
+    )  # fmt: skip
+    transport = httpx.HTTPTransport(uds=str(sock))
+    with httpx.Client(transport=transport, base_url="http://localhost") as http:
+
+        @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+        @example(method="GetTlsKey", args={"not_after": 2**64 - 1})
+        @example(method="GetTlsKey", args={"not_before": 253402300800})
+        @given(
+            method=st.sampled_from(METHODS),
+            args=st.dictionaries(st.sampled_from(ARG_NAMES), values, max_size=6),
+        )
+        def check(method: str, args: dict[str, object]) -> None:
+            r = http.post(f"/{method}", json=args)
+            assert r.status_code in (200, 400), (method, args, r.status_code, r.text)
+
+        check()
+
+
+def test_tappd_random_arguments_never_crash(tmp_path: Path, service: AgentService) -> None:
+    from hypothesis import HealthCheck, example, given, settings
+    from hypothesis import strategies as st
+
+    path = tmp_path / "tappd.sock"
+    values = (
+        st.none()
+        | st.booleans()
+        | st.integers()
+        | st.text(max_size=8)
+        | st.sampled_from(
+            ["00" * 64, "raw", "sha512", "keccak256", "sha3-256", "keccak512", "app-data:"]
+        )
+    )
+    names = ["report_data", "hash_algorithm", "prefix", "path", "purpose", "subject",
+             "random_seed", "usage_ra_tls", "alt_names"]  # fmt: skip
+    methods = ["TdxQuote", "RawQuote", "DeriveKey", "DeriveK256Key", "Info", "Version"]
+    with serve_unix(create_tappd_app(service), path):
+        transport = httpx.HTTPTransport(uds=str(path))
+        with httpx.Client(transport=transport, base_url="http://localhost") as http:
+
+            @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+            @example(method="TdxQuote", args={"report_data": "00", "hash_algorithm": "keccak256"})
+            @given(
+                method=st.sampled_from(methods),
+                args=st.dictionaries(st.sampled_from(names), values, max_size=4),
+            )
+            def check(method: str, args: dict[str, object]) -> None:
+                r = http.post(f"/prpc/Tappd.{method}", json=args)
+                assert r.status_code in (200, 400), (method, args, r.text)
+
+            check()

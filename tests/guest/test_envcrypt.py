@@ -131,3 +131,13 @@ def test_random_blobs_only_raise_env_error(blob: bytes) -> None:
 )
 def test_env_file_escaping(value: str, line: str) -> None:
     assert envcrypt.render_env_file({"K": value}) == line + "\n"
+
+
+def test_sdk_async_encryptor_too() -> None:
+    import asyncio
+
+    from dstack_sdk import encrypt_env_vars
+
+    pub = envcrypt.env_public_key(KEY).hex()
+    blob = bytes.fromhex(asyncio.run(encrypt_env_vars([EnvVar("A", "x y")], "0x" + pub)))
+    assert dict(envcrypt.filter_env(envcrypt.decrypt_env(KEY, blob), ["A"]).env) == {"A": "x y"}

@@ -17,9 +17,10 @@ from gateway.guest.keys import NoneKeyProvider
 from gateway.guest.public import RateLimiter, create_public_app
 from gateway.guest.service import AgentService
 from gateway.tee.sim import SimTee
-from tests.helpers.processes import free_port
+from gateway.tee.sim_pki import SimPki
+from tests.helpers.processes import free_port, wait_until
 
-from .conftest import serve_tcp, serve_unix
+from .conftest import serve_tcp, serve_unix, verify
 
 
 def test_rate_limiter_refills() -> None:
@@ -112,3 +113,62 @@ def test_host_api_from_sys_config_must_be_vsock(tmp_path: Path, tee: SimTee) -> 
     )
     asyncio.run(b.run())
     assert b.host_api is None  # a hostile host cannot point notifications at anything else
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "prefix"), [("ed25519", b"dip1::ed25519-pk:"), ("k256", b"dip1::secp256k1c-pk:")]
+)
+def test_attestation_for_app_key(
+    public: str, service: AgentService, sim_pki: SimPki, algorithm: str, prefix: bytes
+) -> None:
+    import base64
+
+    with httpx.Client(base_url=public) as http:
+        got = http.post(
+            "/prpc/Worker.GetAttestationForAppKey?json", json={"algorithm": algorithm}
+        ).json()
+        assert (
+            http.post("/prpc/GetAttestationForAppKey?json", json={"algorithm": "rsa"}).status_code
+            == 400
+        )
+    signed = service.sign("ed25519" if algorithm == "ed25519" else "secp256k1", b"x")
+    pub = bytes.fromhex(signed["public_key"])
+    want = (prefix + base64.urlsafe_b64encode(pub).rstrip(b"=")).ljust(64, b"\0")
+    assert bytes.fromhex(got["report_data"]) == want
+    assert verify(bytes.fromhex(got["quote"]), sim_pki).report_data == want
+
+
+def test_logs_only_when_public(tmp_path: Path, service: AgentService) -> None:
+    from dataclasses import replace
+
+    from gateway.guest.identity import AppCompose
+    from gateway.guest.runner import LocalProcessRunner
+
+    work = tmp_path / "work"
+    work.mkdir()
+    script = "for i in 1 2 3; do echo line$i; done; echo stderr=$K >&2"
+    doc = {
+        "manifest_version": 2,
+        "name": "logger",
+        "runner": "bash",
+        "public_logs": True,
+        "bash_script": script,
+    }
+    compose = AppCompose.parse(json.dumps(doc).encode())
+    runner = LocalProcessRunner()
+    asyncio.run(runner.start(compose, {"K": "v"}, work))
+    svc = AgentService(replace(service.state, compose=compose), service.tee)
+    port = free_port()
+    try:
+        with serve_tcp(create_public_app(svc, runner), port), httpx.Client() as http:
+            base = f"http://127.0.0.1:{port}"
+            wait_until(lambda: b"stderr" in (work / "app.log").read_bytes(), None, 10, "output")
+            assert http.get(f"{base}/logs/logger?tail=2").text == "line3\nstderr=v\n"
+            assert http.get(f"{base}/logs/other").status_code == 404
+            assert "<a href='/logs/logger?tail=20'>logger</a>" in http.get(base + "/").text
+        private = AgentService(service.state, service.tee)  # public_logs absent
+        port2 = free_port()
+        with serve_tcp(create_public_app(private, runner), port2), httpx.Client() as http:
+            assert http.get(f"http://127.0.0.1:{port2}/logs/logger").status_code == 404
+    finally:
+        asyncio.run(runner.stop())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -109,6 +110,20 @@ def test_simulator_end_to_end(
         assert replay(events) == later.rt_mr3
         # the simulated firmware log makes the SDK's own replay match every RTMR
         assert after.replay_rtmrs() == {i: mr.hex() for i, mr in enumerate(later.rtmrs)}
+        # ... and with the project's own verifier, collateral from the simulator's PCCS
+        quote_file = tmp_path / "quote.hex"
+        quote_file.write_text(quote.quote)
+        pccs = (tmp_path / "state" / "pccs-url.txt").read_text().strip()
+        check = subprocess.run(
+            [sys.executable, "-m", "gateway", "attest", "verify", "--quote", str(quote_file),
+             "--root-ca", str(tmp_path / "state" / "sim-root-ca.pem"), "--pccs-url", pccs,
+             "--cache-dir", str(tmp_path / "state" / "collateral-cache")],
+            capture_output=True, timeout=60,
+        )  # fmt: skip
+        assert check.returncode == 0, check.stdout + check.stderr
+        report = json.loads(check.stdout)
+        assert report["verdict"] == "accepted"
+        assert report["measurements"]["report_data"].startswith(b"nonce-1234".hex())
         assert info.app_name == "dev-app" and len(key.decode_key()) == 32
         assert len(tls.certificate_chain) == 3  # leaf, app CA, KMS root (KMS SignCert)
         # the public port reveals only what app-compose makes public
