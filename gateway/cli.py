@@ -24,11 +24,6 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
         "gateway.commands.certs_cmd",
         "issue/renew ACME certificates, status, custom domains",
     ),
-    (
-        "lab",
-        "gateway.lab.cli",
-        "WireGuard lab: gateway and CVM network namespaces (up/down/status)",
-    ),
     ("guest", "gateway.guest.cli", "the CVM side: boot, guest agent, dstack simulator"),
     ("guest-register", "gateway.guest.register_cmd", "the CVM side: attested gateway tunnel"),
     ("lab", "gateway.lab.cli", "WireGuard lab: gateway and CVM namespaces (up/down/status)"),

@@ -34,11 +34,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.attest import ratls
 from gateway.control.registration import rpc_ssl_context
+from gateway.control.rpc_identity_settings import RpcIdentitySettings
 from gateway.tee.base import TeeBackend, TeeError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CERT_FILE", "KEY_FILE", "RpcIdentity", "RpcIdentityError", "RpcIdentityOptions"]
+__all__ = [
+    "CERT_FILE",
+    "KEY_FILE",
+    "RpcIdentity",
+    "RpcIdentityError",
+    "RpcIdentityOptions",
+    "identity_from_settings",
+    "rpc_server_context",
+]
 
 CERT_FILE = "rpc-cert.pem"
 KEY_FILE = "rpc-key.pem"
@@ -188,3 +197,43 @@ class RpcIdentity:
             except (RpcIdentityError, OSError) as exc:
                 logger.error("RPC certificate renewal failed, retrying later: %s", exc)
             await asyncio.sleep(self.options.check_interval)
+
+
+def identity_from_settings(settings: RpcIdentitySettings, data_dir: Path) -> RpcIdentity | None:
+    """The configured identity (``[rpc_identity]``), or ``None`` when ``tee`` is empty."""
+    if not settings.tee:
+        return None
+    tee: TeeBackend
+    if settings.tee == "tdx":
+        from gateway.tee.tdx import TdxTee
+
+        tee = TdxTee()
+    else:
+        from gateway.tee.sim import SimTee
+
+        sim = Path(settings.sim_dir)
+        tee = SimTee.open(sim / "pki", sim / "tee")
+    directory = Path(settings.directory) if settings.directory else data_dir / "rpc-identity"
+    options = RpcIdentityOptions(
+        alt_names=settings.alt_names,
+        validity=dt.timedelta(days=settings.validity_days),
+        renew_before=dt.timedelta(hours=settings.renew_before_hours),
+    )
+    return RpcIdentity(tee, directory, options)
+
+
+def rpc_server_context(
+    identity: RpcIdentity | None,
+    cert_file: str,
+    key_file: str,
+    client_ca_file: Path | None,
+) -> ssl.SSLContext:
+    """The RPC listener's context: attested when ``identity`` is set, else the files."""
+    if identity is not None:
+        return identity.ssl_context(client_ca_file)
+    if not cert_file:
+        raise RpcIdentityError(
+            "the RPC listener needs a certificate: set [rpc_identity] tee, or [rpc] cert_file "
+            "and key_file"
+        )
+    return rpc_ssl_context(Path(cert_file), Path(key_file), client_ca_file)

@@ -33,6 +33,7 @@ from gateway.guest.wgconfig import render_wg_config
 from gateway.lab.harness import Lab, LabCvm, cleanup_leftovers
 from gateway.tee.sim_pki import SimPki
 from gateway.tunnel.commands import in_netns, run
+from gateway.tunnel.keys import generate_private_key, public_key
 from gateway.tunnel.wg import link_exists
 from tests.helpers.gateway_rpc import CVM_APP, GW_APP, OTHER_APP, make_ca, measured_tee, write_ca
 from tests.helpers.processes import free_port, start, stop_by_pid, wait_until
@@ -67,43 +68,72 @@ def _env_ok() -> None:
         pytest.skip("needs /dev/net/tun for wireguard-go")
 
 
+def _gateway_config(lab: Lab, tmp: Path, pki: SimPki, pki_dir: Path, ca_cert: Path) -> Path:
+    """``gateway rpc``'s configuration: RA-TLS identity through its simulated TDX backend."""
+    sim = tmp / "gw-sim"
+    sim.mkdir()
+    (sim / "pki").symlink_to(pki_dir)
+    measured_tee(pki, sim / "tee", GW_APP, b"\x99" * 20)  # the gateway CVM measured its app
+    (tmp / "root.der").write_bytes(pki.root_ca_der)
+    (tmp / "collateral.json").write_text(pki.collateral(int(time.time())).to_json())
+    config = tmp / "gateway.toml"
+    config.write_text(
+        f"[core]\ndata_dir = '{tmp / 'gw-data'}'\n"
+        f"[wg]\ninterface = '{lab.base}rp'\nnetns = ''\nlisten_port = {lab.wg_port}\n"
+        f"endpoint = '{lab.endpoint}'\nbackend = 'wireguard-go'\n"
+        f"[attest]\nroot_ca = '{tmp / 'root.der'}'\ncollateral_source = 'file'\n"
+        f"collateral_file = '{tmp / 'collateral.json'}'\n"
+        f"[admission]\napp_ids = ['{CVM_APP}']\n"
+        f"[rpc]\naddress = '{lab.underlay.ip}'\nport = {GOOD_PORT}\n"
+        f"client_ca_file = '{ca_cert}'\n"
+        f"[rpc_identity]\ntee = 'sim'\nsim_dir = '{sim}'\n"
+    )
+    return config
+
+
+GOOD_PORT = 8010
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     _env_ok()
     cleanup_leftovers(PREFIX)
     tmp = tmp_path_factory.mktemp("cvmreg")
     pki_dir = tmp / "pki"
-    SimPki.load_or_create(pki_dir)
+    pki = SimPki.load_or_create(pki_dir)
     ca_cert, ca_key = write_ca(make_ca("CVM client CA"), tmp, "client-ca")
-    key_file = tmp / "gw-wg.key"
-    procs: list[tuple[subprocess.Popen[bytes], Path]] = []
-    with Lab(cvms=2, workdir=tmp / "lab", prefix=PREFIX) as lab:
-        key_file.write_text(lab.gateway_private_key)
-        key_file.chmod(0o600)
-        urls: dict[str, str] = {}
+    key_file = tmp / "impostor-wg.key"
+    key_file.write_text(generate_private_key())
+    procs: list[subprocess.Popen[bytes]] = []
+    with Lab(cvms=2, workdir=tmp / "lab", prefix=PREFIX, gateway_device=False) as lab:
         dirs: dict[str, Path] = {}
+        urls: dict[str, str] = {}
         try:
-            for name, mode, app in [
-                ("good", "ratls", GW_APP),
-                ("plain", "plain", GW_APP),
-                ("other", "ratls", OTHER_APP),
-            ]:
+            # the real gateway node: `gateway rpc` (registration RPC + WireGuard + registry)
+            config = _gateway_config(lab, tmp, pki, pki_dir, ca_cert)
+            log = tmp / "gateway-rpc.log"
+            argv = [sys.executable, "-m", "gateway", "rpc", "--config", str(config)]
+            proc = start(in_netns(lab.gw_netns, argv), log, cwd=ROOT)
+            procs.append(proc)
+            wait_until(lambda: b"registration RPC on" in log.read_bytes(), proc, 30, "rpc", log)
+            urls["good"] = f"https://{lab.underlay.ip}:{GOOD_PORT}"
+            dirs["good"] = tmp / "gw-data"
+            # impostors: tunnel's RPC app with a plain certificate / another app's quote
+            for name, mode, app in [("plain", "plain", GW_APP), ("other", "ratls", OTHER_APP)]:
                 port = free_port()
                 d = tmp / f"gw-{name}"
                 d.mkdir()
-                ready = d / "ready"
-                log = d / "server.log"
+                ready, log = d / "ready", d / "server.log"
                 argv = [
                     sys.executable, "-m", "tests.helpers.gateway_rpc",
                     "--dir", str(d), "--pki", str(pki_dir), "--port", str(port),
                     "--client-ca", str(ca_cert), "--mode", mode, "--app", app,
-                    "--wg-iface", lab.gw_iface, "--wg-key-file", str(key_file),
-                    "--wg-ip", str(lab.wg_address), "--wg-endpoint", lab.endpoint,
+                    "--wg-key-file", str(key_file), "--wg-endpoint", lab.endpoint,
                     "--ready-file", str(ready),
                 ]  # fmt: skip
                 proc = start(in_netns(lab.gw_netns, argv), log, cwd=ROOT)
-                procs.append((proc, log))
-                wait_until(ready.exists, proc, 30, f"gateway {name}", log)
+                procs.append(proc)
+                wait_until(ready.exists, proc, 30, f"impostor {name}", log)
                 urls[name] = f"https://{lab.underlay.ip}:{port}"
                 dirs[name] = d
             yield World(
@@ -119,8 +149,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
                 dirs,
             )
         finally:
-            for proc, _ in procs:
-                stop_by_pid(proc)
+            for proc in procs:
+                stop_by_pid(proc, grace=10)
 
 
 def registrar(
@@ -204,15 +234,16 @@ def test_cvm_registers_past_impostors_and_is_reachable(world: World) -> None:
             0,
         )
 
-        # upstream's exact file, from the cached key and the registry's answer
+        # upstream's exact file, from the cached key and the gateway's key and address
         keys = GatewayKeys.from_json((work / "gateway-cache.json").read_bytes())
+        gateway_pk = public_key((world.dirs["good"] / "wg.key").read_text().strip())
         answer = RegisterResponse.from_json(
             {
                 "wg": {
                     "client_ip": client_ip,
                     "servers": [
                         {
-                            "pk": lab.gateway_public_key,
+                            "pk": gateway_pk,
                             "ip": str(lab.wg_address),
                             "endpoint": lab.endpoint,
                         }

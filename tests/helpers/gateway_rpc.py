@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--client-ca", type=Path, required=True)
     p.add_argument("--mode", choices=["ratls", "plain"], default="ratls")
     p.add_argument("--app", default=GW_APP, help="the app id this gateway's TD measured")
-    p.add_argument("--wg-iface", required=True)
+    p.add_argument("--wg-iface", help="an existing WireGuard device to drive (default: none)")
     p.add_argument("--wg-key-file", type=Path, required=True)
     p.add_argument("--wg-ip", default="10.0.0.1/24")
     p.add_argument("--wg-endpoint", required=True)
@@ -245,7 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         cert, key = plain_server_files(args.dir / "plain")
         ctx = rpc_ssl_context(cert, key, args.client_ca)
     wg_key = args.wg_key_file.read_text().strip()
-    device = WgDevice(DeviceSpec(args.wg_iface, wg_key, backend=Backend.WIREGUARD_GO)).open()
+    device = None
+    if args.wg_iface:
+        spec = DeviceSpec(args.wg_iface, wg_key, backend=Backend.WIREGUARD_GO)
+        device = WgDevice(spec).open()
     store = SqliteStore(args.dir / "registry.sqlite3")
     registry = Registry(store, PLAN, device=device, clock=time.time)
     from gateway.tunnel.keys import public_key
