@@ -121,14 +121,15 @@ class GatewayTrust:
     """What makes a server a gateway we register with.
 
     ``app_ids``: the pinned gateway app id(s). ``collateral`` and ``root_ca_der`` verify
-    RA-TLS quotes (``None`` root: Intel's; the simulator's root only when configured).
+    RA-TLS quotes (``None`` root: Intel's; the simulator's root only when configured);
+    ``tcb_policy``: the TCB statuses accepted (``UpToDate`` only unless more are named).
     ``kms_root_pem`` enables dstack-compatible KMS-chained server certificates.
     """
 
     app_ids: tuple[bytes, ...]
     collateral: CollateralSource | None
     root_ca_der: bytes | None = None
-    tcb_policy: TcbPolicy = ratls.PERMISSIVE_TCB
+    tcb_policy: TcbPolicy = field(default_factory=TcbPolicy)
     kms_root_pem: str | None = None
 
     def __post_init__(self) -> None:

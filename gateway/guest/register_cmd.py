@@ -39,6 +39,7 @@ from gateway.attest.collateral import (
     PccsCollateralSource,
     SimCollateralSource,
 )
+from gateway.attest.tcb import TcbPolicy
 from gateway.guest.gateway_cache import (
     CertIssuer,
     GatewayKeyStore,
@@ -91,6 +92,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-ca-key", type=Path)
     p.add_argument("--kms", action="store_true", help="client cert from the KMS (SignCert)")
     p.add_argument("--kms-root", type=Path, help="accept KMS-chained gateway certs too")
+    p.add_argument(
+        "--allow-tcb-status",
+        action="append",
+        default=[],
+        help="a TCB status accepted for the gateway besides UpToDate (repeatable)",
+    )
     p.add_argument("--port-policy", help='JSON, e.g. {"ports":[{"port":443,"pp":false}]}')
     p.add_argument("--interface", default=DEFAULT_IFACE)
     p.add_argument("--wg-config", type=Path, default=DEFAULT_CONFIG)
@@ -225,6 +232,10 @@ def build(args: argparse.Namespace) -> Registrar:
             "nothing to verify the gateway with: --trust-sim-root, --collateral-file, "
             "--pccs-url or --kms-root"
         )
+    try:
+        tcb = TcbPolicy.from_names(args.allow_tcb_status)
+    except ValueError as exc:
+        raise UsageError(f"--allow-tcb-status: {exc}") from None
     tee = _tee(args)
     policy = None
     if args.port_policy:
@@ -245,7 +256,7 @@ def build(args: argparse.Namespace) -> Registrar:
     return Registrar(
         urls=tuple(urls),
         client=GatewayClient(
-            GatewayTrust(app_ids, collateral, root, kms_root_pem=kms_root),
+            GatewayTrust(app_ids, collateral, root, tcb_policy=tcb, kms_root_pem=kms_root),
             tmp_dir=str(args.work_dir),
         ),
         keystore=GatewayKeyStore(args.work_dir),

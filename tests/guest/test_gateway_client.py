@@ -314,3 +314,33 @@ def test_kms_signed_client_certificate_registers(pki: SimPki, tmp_path: Path) ->
         (record,) = server.registry.store.list_instances()
         assert record.ip == answer.client_ip and record.instance_id == "18" * 20
         assert record.evidence["method"] == "ratls"  # the quote the KMS copied was verified
+
+
+class _OutOfDate:
+    """The gateway's platform as Intel's collateral would rate it after a TCB recovery."""
+
+    def __init__(self, pki: SimPki) -> None:
+        self.pki = pki
+
+    async def get(self, quote: bytes) -> object:
+        return self.pki.collateral(int(time.time()), tcb_status="OutOfDate")
+
+
+def test_gateway_tcb_status_must_be_allowed(
+    pki: SimPki, client_ca: CA, keys: GatewayKeys, tmp_path: Path
+) -> None:
+    from gateway.attest.tcb import TcbPolicy
+
+    source = _OutOfDate(pki)
+    strict = GatewayTrust(parse_app_ids(GW_APP), source, pki.root_ca_der)  # type: ignore[arg-type]
+    lenient = GatewayTrust(
+        parse_app_ids(GW_APP),
+        source,  # type: ignore[arg-type]
+        pki.root_ca_der,
+        tcb_policy=TcbPolicy.from_names(["OutOfDate"]),
+    )
+    with _server(tmp_path, pki, client_ca, "ratls") as server:
+        with pytest.raises(GatewayRejected, match="tcb_status"):
+            register(GatewayClient(strict), server, keys)
+        assert server.instances() == []
+        assert register(GatewayClient(lenient), server, keys).client_ip
