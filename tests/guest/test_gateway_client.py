@@ -332,10 +332,10 @@ def test_gateway_tcb_status_must_be_allowed(
     from gateway.attest.tcb import TcbPolicy
 
     source = _OutOfDate(pki)
-    strict = GatewayTrust(parse_app_ids(GW_APP), source, pki.root_ca_der)  # type: ignore[arg-type]
+    strict = GatewayTrust(parse_app_ids(GW_APP), source, pki.root_ca_der)
     lenient = GatewayTrust(
         parse_app_ids(GW_APP),
-        source,  # type: ignore[arg-type]
+        source,
         pki.root_ca_der,
         tcb_policy=TcbPolicy.from_names(["OutOfDate"]),
     )
