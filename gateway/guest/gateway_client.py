@@ -293,7 +293,8 @@ def _dechunk(data: bytes) -> bytes:
     return bytes(out)
 
 
-def _parse_reply(raw: bytes) -> tuple[int, bytes]:
+def parse_http_reply(raw: bytes) -> tuple[int, bytes]:
+    """(status, body) of a complete HTTP/1.1 reply read to EOF; raises ValueError."""
     header, sep, payload = raw.partition(b"\r\n\r\n")
     if not sep:
         raise ValueError("incomplete HTTP reply")
@@ -452,9 +453,9 @@ class GatewayClient:
         except BaseException:
             await _close(writer)
             raise
-        body = {"client_public_key": keys.wg_pk}
+        body: dict[str, Any] = {"client_public_key": keys.wg_pk}
         if port_policy is not None:
-            body["port_policy"] = port_policy.to_json()  # type: ignore[assignment]
+            body["port_policy"] = port_policy.to_json()
         data = json.dumps(body, separators=(",", ":")).encode()
         try:
             raw = await asyncio.wait_for(
@@ -464,7 +465,7 @@ class GatewayClient:
         except (OSError, ssl.SSLError, TimeoutError) as exc:
             raise GatewayUnavailable(url, f"RegisterCvm: {exc or type(exc).__name__}") from None
         try:
-            status, payload = _parse_reply(raw)
+            status, payload = parse_http_reply(raw)
         except ValueError as exc:
             raise GatewayUnavailable(url, f"RegisterCvm: {exc}") from None
         if status != 200:

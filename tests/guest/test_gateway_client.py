@@ -20,11 +20,13 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.attest.collateral import SimCollateralSource
 from gateway.control.registration import Advertised, rpc_ssl_context
 from gateway.control.rpc_identity import RpcIdentity, RpcIdentityOptions
-from gateway.guest.gateway_cache import GatewayKeys, GatewayKeyStore, TeeCertIssuer
+from gateway.guest.gateway_cache import CacheError, GatewayKeys, GatewayKeyStore, TeeCertIssuer
 from gateway.guest.gateway_client import (
     GatewayClient,
     GatewayRejected,
@@ -33,6 +35,7 @@ from gateway.guest.gateway_client import (
     PortPolicy,
     RegisterResponse,
     parse_app_ids,
+    parse_http_reply,
     rpc_base,
 )
 from gateway.registry.service import Registry
@@ -344,3 +347,52 @@ def test_gateway_tcb_status_must_be_allowed(
             register(GatewayClient(strict), server, keys)
         assert server.instances() == []
         assert register(GatewayClient(lenient), server, keys).client_ip
+
+
+# --- properties: gateway answers and cache files are input; only our errors escape -----------
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=20),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["wg", "client_ip", "servers", "pk", "ip", "endpoint", "agent", "x"]),
+            children,
+            max_size=4,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(doc=_json)
+def test_any_answer_is_a_value_or_value_error(doc: object) -> None:
+    try:
+        answer = RegisterResponse.from_json(doc)
+    except ValueError:
+        return
+    assert answer.servers and all(s.endpoint for s in answer.servers)
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=300))
+def test_any_http_reply_parses_or_raises_value_error(raw: bytes) -> None:
+    try:
+        status, _ = parse_http_reply(b"HTTP/1.1 200 OK\r\n" + raw)
+    except ValueError:
+        return
+    assert status == 200
+
+
+@settings(max_examples=100, deadline=None)
+@given(raw=st.binary(max_size=200), cut=st.integers(0, 400))
+def test_any_cache_file_loads_or_raises_cache_error(raw: bytes, cut: int) -> None:
+    sk = generate_private_key()
+    good = GatewayKeys("cert", "key", 1, sk, public_key(sk), "cert")
+    assert GatewayKeys.from_json(good.to_json()) == good
+    for data in (raw, good.to_json()[:cut] + raw):
+        try:
+            GatewayKeys.from_json(data)
+        except CacheError:
+            pass
