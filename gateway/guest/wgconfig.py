@@ -25,8 +25,9 @@ from pathlib import Path
 from gateway.guest.files import write_atomic
 from gateway.guest.gateway_client import RegisterResponse, WgServer
 from gateway.guest.wgfilter import FilterBackend, apply_wg_filter, endpoint_ips
+from gateway.tunnel.commands import run
 from gateway.tunnel.uapi import PeerConfig
-from gateway.tunnel.wg import Backend, DeviceSpec, WgDevice
+from gateway.tunnel.wg import Backend, DeviceSpec, WgDevice, link_exists
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,9 @@ class Tunnel:
         self.config_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomic(self.config_path, text.encode(), 0o600)
         self.down()
+        if link_exists(self.iface, self.netns):  # left by an earlier run: start clean
+            logger.info("removing the existing %s before bringing it up", self.iface)
+            run(["ip", *(["-n", self.netns] if self.netns else []), "link", "del", self.iface])
         sources = endpoint_ips(s.endpoint_host for s in answer.servers)
         apply_wg_filter(self.listen_port, sources, backend=self.firewall, netns=self.netns)
         gw_nets = tuple(

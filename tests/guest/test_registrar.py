@@ -52,7 +52,8 @@ from gateway.registry.sqlite import SqliteStore
 from gateway.tee.sim_pki import SimPki
 from gateway.tunnel.commands import run
 from gateway.tunnel.keys import generate_private_key, public_key
-from gateway.tunnel.wg import Backend, link_exists
+from gateway.tunnel.uapi import PeerConfig
+from gateway.tunnel.wg import Backend, DeviceSpec, WgDevice, link_exists
 from tests.helpers.gateway_rpc import (
     CA,
     CVM_APP,
@@ -390,3 +391,28 @@ def test_filter_drops_other_sources(backend: FilterBackend, netns: str) -> None:
     if backend is FilterBackend.IPTABLES:
         jumps = run(["iptables", "-S", "INPUT"], netns=netns).stdout.count("-j DSTACK_WG")
         assert jumps == 1
+
+
+@pytest.mark.netns
+def test_an_interface_left_by_an_earlier_run_is_replaced(
+    tmp_path: Path, pki: SimPki, client_ca: CA, netns: str
+) -> None:
+    """After a crash the link may still exist with stale peers: bring it up clean."""
+    stale = WgDevice(
+        DeviceSpec(f"{netns}w", generate_private_key(), netns=netns, backend=Backend.WIREGUARD_GO)
+    ).open()
+    stale.set_peer(PeerConfig(K1, (ipaddress.IPv4Network("10.9.9.9/32"),)))
+    with gateway(tmp_path / "gw", pki, client_ca) as good:
+        reg = make_registrar(tmp_path, pki, client_ca, netns, [f"https://127.0.0.1:{good.port}"])
+
+        async def scenario() -> list[str]:
+            try:
+                assert await reg.refresh(force=True)
+                assert reg.tunnel.device is not None
+                return [p.public_key for p in reg.tunnel.device.state().peers]
+            finally:
+                await reg.close()
+
+        peers = asyncio.run(scenario())
+    stale.close()
+    assert peers == [good.service.advertised.wg_public_key]  # the stale peer is gone
