@@ -33,7 +33,12 @@ from gateway.attest.eventlog import replay_boot_rtmrs
 from gateway.guest import ccel, evidence
 from gateway.guest.agent import create_agent_app, create_tappd_app
 from gateway.guest.boot import Boot, BootError, load_state
-from gateway.guest.guestapi import VsockSite, create_guest_api_app, vsock_socket
+from gateway.guest.guestapi import (
+    GUEST_API_VSOCK_PORT,
+    VsockSite,
+    create_guest_api_app,
+    vsock_socket,
+)
 from gateway.guest.hostapi import HostApi
 from gateway.guest.identity import AppCompose, KeyProviderKind
 from gateway.guest.keys import KeyProvider, LocalKeyProvider, NoneKeyProvider
@@ -95,6 +100,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     agent.add_argument("--guest-api-socket", type=Path, help="unix socket when vsock is absent")
     agent.add_argument(
         "--runner", choices=["docker", "none"], default="none", help="for ListContainers"
+    )
+    agent.add_argument(
+        "--power-off",
+        action="store_true",
+        help="Guest API Shutdown powers the VM off (systemctl poweroff), as dstack does; "
+        "without it, Shutdown only stops the agent",
     )
     tee_args(agent)
 
@@ -164,12 +175,16 @@ async def _serve(
     use_vsock: bool = True,
     on_ready: Callable[[], None] = lambda: None,
     extra: list[web.AppRunner] | None = None,
+    power_off: bool = False,
 ) -> None:
     runners: list[web.AppRunner] = list(extra or [])
 
     async def shutdown() -> None:
         logger.info("shutdown requested through the guest API")
         stop.set()
+        if power_off:  # dstack: "shutdown.progress powering off", then systemctl poweroff
+            proc = await asyncio.create_subprocess_exec("systemctl", "poweroff")
+            await proc.wait()
 
     async def start(app: web.Application, make: Callable[[web.AppRunner], web.BaseSite]) -> None:
         r = web.AppRunner(app, access_log=None)
@@ -194,11 +209,13 @@ async def _serve(
             host, port = public
             await start(create_public_app(svc, runner), lambda r: web.TCPSite(r, host, port))
         guest_api = create_guest_api_app(svc, runner, shutdown)
-        vsock = vsock_socket() if use_vsock else None
-        if vsock is not None:
-            await start(guest_api, lambda r: VsockSite(r, vsock))
-        elif guest_api_socket is not None:
+        if guest_api_socket is not None:  # explicit (the lab): a unix socket
             await start(guest_api, unix(guest_api_socket))
+        elif use_vsock and (vsock := vsock_socket()) is not None:
+            await start(guest_api, lambda r: VsockSite(r, vsock))
+            logger.info("guest API on vsock port %d", GUEST_API_VSOCK_PORT)
+        else:
+            logger.warning("no vsock here and no --guest-api-socket: the Guest API is off")
         spawn(svc.refresh_app_cert(), name="guest-app-cert")
         logger.info("guest agent serving on %s", socket_path)
         on_ready()
@@ -251,6 +268,7 @@ async def _agent(args: argparse.Namespace) -> int:
         tappd_socket=args.tappd_socket,
         public=(args.public_host, args.public_port) if args.public_port else None,
         guest_api_socket=args.guest_api_socket,
+        power_off=args.power_off,
     )
     return 0
 

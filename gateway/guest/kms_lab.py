@@ -293,24 +293,27 @@ class LabKms:
                 )
             )
         ca_key, ca_cert = self.app_ca(ident.app_id)
-        leaf = certs.issue_leaf(
-            certs.LeafRequest(
-                subject=c.subject,
-                alt_names=c.subject_alt_names,
-                usage_server_auth=c.usage_server_auth,
-                usage_client_auth=c.usage_client_auth,
-                not_before=c.not_before,
-                not_after=c.not_after,
-                attestation=req.attestation if c.ext_quote else None,
-                app_info=info,
-                app_id=ident.app_id,
-            ),
-            pub,
-            ca_key,
-            ca_cert,
-            dt.datetime.now(dt.UTC),
-            int.from_bytes(os.urandom(15), "big") + 1,
-        )
+        try:
+            leaf = certs.issue_leaf(
+                certs.LeafRequest(
+                    subject=c.subject,
+                    alt_names=c.subject_alt_names,
+                    usage_server_auth=c.usage_server_auth,
+                    usage_client_auth=c.usage_client_auth,
+                    not_before=c.not_before,
+                    not_after=c.not_after,
+                    attestation=req.attestation if c.ext_quote else None,
+                    app_info=info,
+                    app_id=ident.app_id,
+                ),
+                pub,
+                ca_key,
+                ca_cert,
+                dt.datetime.now(dt.UTC),
+                int.from_bytes(os.urandom(15), "big") + 1,
+            )
+        except ValueError as exc:  # a name or time X.509 cannot carry
+            raise prpc.RpcError(f"cannot issue this certificate: {exc}") from None
         return [_pem(leaf), _pem(ca_cert), _pem(self.root.ca_cert)]
 
     def env_pubkey(self, app_id: bytes, now: int) -> dict[str, Any]:

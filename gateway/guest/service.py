@@ -281,6 +281,8 @@ class AgentService:
         key: ec.EllipticCurvePrivateKey | None = None,
     ) -> dict[str, Any]:
         """A fresh P-256 key and a certificate chain from the app CA."""
+        if len(req.subject) > 64:
+            raise RpcError("subject must be at most 64 characters (X.509 common name)")
         for name, value in (("not_before", req.not_before), ("not_after", req.not_after)):
             if value is not None and value > MAX_CERT_TIME:
                 raise RpcError(f"{name} must be a unix time before the year 10000")
@@ -321,14 +323,17 @@ class AgentService:
         if not keys.ca_key:
             chain = await self._sign_at_kms(req, key, attestation, usage_ra_tls, with_app_info)
             return {"key": key_pem, "certificate_chain": chain}
-        leaf = certs.issue_leaf(
-            replace(req, attestation=attestation, app_info=info),
-            key,
-            keys.ca_private_key(),
-            keys.signing_ca_cert(),
-            self._clock(),
-            secrets.randbits(127) + 1,
-        )
+        try:
+            leaf = certs.issue_leaf(
+                replace(req, attestation=attestation, app_info=info),
+                key,
+                keys.ca_private_key(),
+                keys.signing_ca_cert(),
+                self._clock(),
+                secrets.randbits(127) + 1,
+            )
+        except ValueError as exc:  # a name X.509 cannot carry
+            raise RpcError(f"cannot issue this certificate: {exc}") from None
         chain = [leaf.public_bytes(serialization.Encoding.PEM).decode(), *keys.chain_pems()]
         return {"key": key_pem, "certificate_chain": chain}
 

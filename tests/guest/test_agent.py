@@ -303,6 +303,8 @@ def test_random_arguments_never_crash_a_method(sock: Path) -> None:
         @settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
         @example(method="GetTlsKey", args={"not_after": 2**64 - 1})
         @example(method="GetTlsKey", args={"not_before": 253402300800})
+        @example(method="GetTlsKey", args={"subject": "s" * 65})
+        @example(method="GetTlsKey", args={"alt_names": ["\u00e9 x", "", "*", "1.2.3.999"]})
         @given(
             method=st.sampled_from(METHODS),
             args=st.dictionaries(st.sampled_from(ARG_NAMES), values, max_size=6),
@@ -337,6 +339,8 @@ def test_tappd_random_arguments_never_crash(tmp_path: Path, service: AgentServic
 
             @settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
             @example(method="TdxQuote", args={"report_data": "00", "hash_algorithm": "keccak256"})
+            @example(method="DeriveKey", args={"path": "0" * 128})
+            @example(method="DeriveKey", args={"path": "p", "alt_names": ["\u00e9 x", "", "*"]})
             @given(
                 method=st.sampled_from(methods),
                 args=st.dictionaries(st.sampled_from(names), values, max_size=4),

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 from dstack_sdk import DstackClient
 
@@ -36,8 +37,18 @@ def test_boot_then_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
     assert b"boot done" in boot.stderr
     sock = tmp_path / "dstack.sock"
     log = tmp_path / "agent.log"
-    cmd = [*base, "agent", "--work-dir", str(work), "--socket", str(sock)]
-    with running(cmd, log, ready=sock.exists, timeout=20):
+    api = tmp_path / "guest-api.sock"
+    cmd = [
+        *base,
+        "agent",
+        "--work-dir",
+        str(work),
+        "--socket",
+        str(sock),
+        "--guest-api-socket",
+        str(api),
+    ]
+    with running(cmd, log, ready=lambda: sock.exists() and api.exists(), timeout=20) as agent:
         monkeypatch.setenv("DSTACK_SIMULATOR_ENDPOINT", str(sock))
         client = DstackClient()
         client.__enter__()
@@ -45,6 +56,12 @@ def test_boot_then_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
             info = client.info()
         finally:
             client.__exit__(None, None, None)
+        # the Guest API's Shutdown stops the agent cleanly
+        transport = httpx.HTTPTransport(uds=str(api))
+        with httpx.Client(transport=transport, base_url="http://localhost") as http:
+            r = http.post("/api/Shutdown", json={})
+            assert r.status_code == 200 and r.text == "null"
+        assert agent.wait(timeout=15) == 0
     assert info.app_name == "cli-app"
     assert (
         info.compose_hash == AppCompose.parse((shared / "app-compose.json").read_bytes()).hash.hex()
