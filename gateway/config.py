@@ -188,7 +188,6 @@ from gateway.attest.settings import AttestSettings  # noqa: E402
 from gateway.certs.settings import AcmeSettings, DnsSettings  # noqa: E402
 from gateway.control.registration_settings import RpcSettings  # noqa: E402
 from gateway.control.rpc_identity_settings import RpcIdentitySettings  # noqa: E402
-from gateway.control.settings import AdminSettings  # noqa: E402  (after the generic decoder)
 from gateway.control.settings import AdminSettings  # noqa: E402
 from gateway.registry.settings import RegistrySettings  # noqa: E402
 from gateway.settings import CoreSettings  # noqa: E402
