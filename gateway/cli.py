@@ -28,6 +28,8 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("rpc", "gateway.control.rpc_cmd", "serve the registration RPC and the WireGuard tunnel"),
     ("guest", "gateway.guest.cli", "the CVM side: boot, guest agent, dstack simulator"),
     ("attest", "gateway.attest.cli", "verify TDX quotes; create simulated TDX PKIs and quotes"),
+    ("serve", "gateway.commands.serve", "run the gateway's TLS proxy (data plane)"),
+    ("demo", "gateway.commands.demo", "run the gateway with a demo app on loopback, no setup"),
 )
 
 

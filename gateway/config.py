@@ -191,6 +191,8 @@ from gateway.control.settings import AdminSettings  # noqa: E402
 from gateway.registry.settings import RegistrySettings  # noqa: E402
 from gateway.settings import CoreSettings  # noqa: E402
 from gateway.tunnel.settings import WgSettings  # noqa: E402
+from gateway.proxy.settings import ProxySettings  # noqa: E402
+from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -206,6 +208,7 @@ class Config:
     rpc: RpcSettings = dataclasses.field(default_factory=RpcSettings)
     attest: AttestSettings = dataclasses.field(default_factory=AttestSettings)
     admission: AdmissionPolicy = dataclasses.field(default_factory=AdmissionPolicy)
+    proxy: ProxySettings = dataclasses.field(default_factory=ProxySettings)
 
 
 def parse_config(text: str, source: str = "<string>") -> Config:
