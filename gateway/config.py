@@ -187,6 +187,7 @@ from gateway.attest.policy_settings import AdmissionPolicy  # noqa: E402
 from gateway.attest.settings import AttestSettings  # noqa: E402
 from gateway.certs.settings import AcmeSettings, DnsSettings  # noqa: E402
 from gateway.control.registration_settings import RpcSettings  # noqa: E402
+from gateway.control.rpc_identity_settings import RpcIdentitySettings  # noqa: E402
 from gateway.control.settings import AdminSettings  # noqa: E402
 from gateway.proxy.settings import ProxySettings  # noqa: E402
 from gateway.registry.settings import RegistrySettings  # noqa: E402
@@ -205,6 +206,7 @@ class Config:
     wg: WgSettings = dataclasses.field(default_factory=WgSettings)
     registry: RegistrySettings = dataclasses.field(default_factory=RegistrySettings)
     rpc: RpcSettings = dataclasses.field(default_factory=RpcSettings)
+    rpc_identity: RpcIdentitySettings = dataclasses.field(default_factory=RpcIdentitySettings)
     attest: AttestSettings = dataclasses.field(default_factory=AttestSettings)
     admission: AdmissionPolicy = dataclasses.field(default_factory=AdmissionPolicy)
     proxy: ProxySettings = dataclasses.field(default_factory=ProxySettings)

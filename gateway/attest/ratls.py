@@ -23,6 +23,7 @@ import datetime as dt
 import hashlib
 import hmac
 import ipaddress
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -31,6 +32,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import (
     Criticality,
@@ -184,22 +186,28 @@ def _is_pem(data: bytes) -> bool:
 
 def load_certificate(data: bytes) -> x509.Certificate:
     """A certificate from PEM or DER bytes (the first one of a PEM bundle)."""
-    try:
-        if _is_pem(data):
-            return x509.load_pem_x509_certificate(data)
-        return x509.load_der_x509_certificate(data)
-    except ValueError as exc:
-        raise EvidenceError(RejectReason.MALFORMED, f"not an X.509 certificate: {exc}") from None
+    return load_chain(data)[0]
 
 
 def load_chain(data: bytes) -> list[x509.Certificate]:
-    """All certificates of a PEM bundle (leaf first), or one DER certificate."""
+    """All certificates of a PEM bundle (leaf first), or one DER certificate.
+
+    Certificates that ``cryptography`` only warns about (e.g. a non-positive serial, which
+    RFC 5280 forbids and a future release will refuse) are refused here already: evidence
+    is judged strictly and the same way whatever the library version.
+    """
     try:
-        if _is_pem(data):
-            return x509.load_pem_x509_certificates(data)
-        return [x509.load_der_x509_certificate(data)]
-    except ValueError as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", CryptographyDeprecationWarning)
+            if _is_pem(data):
+                chain = x509.load_pem_x509_certificates(data)
+            else:
+                chain = [x509.load_der_x509_certificate(data)]
+    except (ValueError, CryptographyDeprecationWarning) as exc:
         raise EvidenceError(RejectReason.MALFORMED, f"not an X.509 certificate: {exc}") from None
+    if not chain:
+        raise EvidenceError(RejectReason.MALFORMED, "no certificate in the PEM data")
+    return chain
 
 
 # --- building --------------------------------------------------------------------------------

@@ -29,10 +29,15 @@ from gateway.control.registration import (
     advertised_from_config,
     create_rpc_app,
     evidence_check,
-    rpc_ssl_context,
+)
+from gateway.control.rpc_identity import (
+    RpcIdentityError,
+    identity_from_settings,
+    rpc_server_context,
 )
 from gateway.registry.runtime import open_tunnel
 from gateway.tunnel.errors import TunnelError
+from gateway.util.tasks import spawn
 
 logger = logging.getLogger(__name__)
 
@@ -49,11 +54,9 @@ def _undecodable(quote: bytes) -> object:
 async def serve(cfg: Config, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set; raises on start-up failures (nothing is left running)."""
     rpc = cfg.rpc
-    ctx = rpc_ssl_context(
-        Path(rpc.cert_file),
-        Path(rpc.key_file),
-        Path(rpc.client_ca_file) if rpc.client_ca_file else None,
-    )
+    identity = identity_from_settings(cfg.rpc_identity, cfg.core.data_dir)  # RA-TLS, renewed
+    client_ca = Path(rpc.client_ca_file) if rpc.client_ca_file else None
+    ctx = rpc_server_context(identity, rpc.cert_file, rpc.key_file, client_ca)
     verifier = verifier_from_settings(cfg.attest)  # logs a non-Intel root loudly
     anchors = TrustAnchors(
         collateral=_undecodable,
@@ -71,11 +74,15 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
         )
         runner = web.AppRunner(create_rpc_app(service), access_log=None)
         await runner.setup()
+        renew = None
         try:
             await web.TCPSite(runner, rpc.address, rpc.port, ssl_context=ctx).start()
             logger.info("registration RPC on https://%s:%d", rpc.address, rpc.port)
+            renew = spawn(identity.run(ctx), name="rpc-identity") if identity else None
             await stop.wait()
         finally:
+            if renew is not None:
+                renew.cancel()
             await runner.cleanup()
 
 
@@ -86,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    if not cfg.rpc.cert_file:
-        sys.stderr.write("error: rpc.cert_file and rpc.key_file are needed to serve TLS\n")
+    if not cfg.rpc.cert_file and not cfg.rpc_identity.tee:
+        sys.stderr.write("error: set [rpc_identity] tee, or rpc.cert_file and rpc.key_file\n")
         return 2
 
     async def main() -> None:
@@ -99,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
-    except (TunnelError, CollateralError, OSError, ValueError) as exc:
+    except (TunnelError, CollateralError, RpcIdentityError, OSError, ValueError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
     return 0

@@ -232,3 +232,17 @@ def test_verify_with_an_async_collateral_source(
         return ok.verdict.accepted, junk.verdict.reason
 
     assert asyncio.run(main()) == (True, RejectReason.MALFORMED)
+
+
+def test_negative_serial_is_refused_not_warned(
+    cert_der: bytes, sim_pki: SimPki, sim_now: int
+) -> None:
+    """Found by the mutation test: a serial with its sign bit set used to escape as a
+    CryptographyDeprecationWarning; it is malformed evidence."""
+    wire = bytearray(cert_der)
+    at = wire.index(b"\xa0\x03\x02\x01\x02\x02") + 6  # version [0] v3, then the serial INTEGER
+    wire[at + 1] |= 0x80  # first content byte: negative number
+    r = verify_evidence(anchors=anchors(sim_pki, sim_now), policy=ALLOW, now=sim_now,
+                        cert=bytes(wire))  # fmt: skip
+    assert not r.verdict.accepted
+    assert r.verdict.reason is not None and r.verdict.reason.value == "malformed"
