@@ -67,7 +67,7 @@ from gateway.registry.store import Conflict, Store
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OperatorState"]
+__all__ = ["OperatorState", "drained_instances", "port_policy_overrides"]
 
 
 # --- the state -----------------------------------------------------------------------------
@@ -343,3 +343,17 @@ class OperatorState:
 
 def _under(name: str, base: str) -> bool:
     return name == base or name.endswith("." + base)
+
+
+def port_policy_overrides(store: Store) -> dict[str, dict[str, Any]]:
+    """instance id -> admin port policy (JSON), read straight from a store.
+
+    For readers without an :class:`OperatorState` (the proxy workers' registry route feed:
+    ``RegistryRouteFeed(overrides=port_policy_overrides)``).
+    """
+    return {e.key: dict(e.value) for e in store.kv_list(T_PORT_POLICY)}
+
+
+def drained_instances(store: Store) -> frozenset[str]:
+    """The instances that get no new connections, read straight from a store."""
+    return frozenset(e.key for e in store.kv_list(T_DRAIN))

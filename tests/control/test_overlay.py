@@ -7,8 +7,14 @@ from pathlib import Path
 import pytest
 
 from gateway.control.models import CustomRoute, PortPolicyOverride
-from gateway.control.overlay import Overlay, overlay_path, read_overlay, write_overlay
-from gateway.control.state import OperatorState
+from gateway.control.overlay import (
+    Overlay,
+    OverlayRoutes,
+    overlay_path,
+    read_overlay,
+    write_overlay,
+)
+from gateway.control.state import OperatorState, drained_instances, port_policy_overrides
 from gateway.registry.sqlite import SqliteStore
 
 APP = "9a" * 20
@@ -53,3 +59,36 @@ def test_corrupt_overlay_is_a_value_error(tmp_path: Path, text: str) -> None:
     path.write_text(text)
     with pytest.raises(ValueError, match="routing overlay"):
         read_overlay(path)
+
+
+def test_registry_routes_take_admin_overrides_and_drains_from_the_store(tmp_path: Path) -> None:
+    """What a worker's registry route feed reads: overrides replace reported policies (an
+    instance that reported none becomes reachable), drained instances are skipped."""
+    import time
+
+    from gateway.proxy.registry_routes import RegistryRouteFeed
+    from gateway.registry.service import Registration, Registry
+    from gateway.tunnel.keys import generate_private_key, public_key
+    from gateway.tunnel.settings import WgSettings
+
+    db = tmp_path / "r.sqlite3"
+    with SqliteStore(db) as store:
+        registry = Registry(store, WgSettings().plan(), clock=time.time)
+        for inst in ("i-a", "i-b"):
+            registry.register(Registration(inst, APP, public_key(generate_private_key())))
+        state = OperatorState(store)
+        state.put_port_policy(PortPolicyOverride.from_json("i-a", {"restrict_mode": False}))
+        state.set_drain("i-b", True)
+    feed = RegistryRouteFeed(lambda: SqliteStore(db), overrides=port_policy_overrides)
+    table = feed.poll()
+    assert table is not None
+    (a,) = table.lookup("i-a", 3)
+    assert a.policy is not None and a.policy.allows(8080)  # the override, not "unknown"
+    (b,) = table.lookup("i-b", 3)
+    assert b.policy is None  # reported none, no override: denied
+    with SqliteStore(db) as store:
+        drained = drained_instances(store)
+    overlay = Overlay(drained=drained)
+    assert OverlayRoutes(table, overlay).lookup("i-b", 3) == ()
+    assert OverlayRoutes(table, overlay).lookup("i-a", 3) == (a,)
+    feed.close()
