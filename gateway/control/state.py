@@ -121,6 +121,8 @@ class OperatorState:
             if create:
                 raise Exists(f"{key} already exists") from None
             raise RevisionMismatch(str(exc)) from None
+        # an audit line per change: names and revisions only, never values (secrets)
+        logger.info("operator state: %s/%s set (revision %d)", table, key, entry.revision)
         if topic is not None:
             self._notify(topic)
         return entry
@@ -132,6 +134,7 @@ class OperatorState:
             raise RevisionMismatch(str(exc)) from None
         if not found:
             raise NotFound(f"{key} does not exist")
+        logger.info("operator state: %s/%s deleted", table, key)
         self._notify(topic)
 
     # --- base domains ----------------------------------------------------------------------
@@ -338,6 +341,9 @@ class OperatorState:
         if not found:
             raise NotFound("no runtime admission policy is set; the configuration's applies")
         self._policy, self._policy_revision = self.config_policy, 0
+        logger.info(
+            "operator state: %s/%s deleted (the file's policy applies)", T_ADMISSION, POLICY_KEY
+        )
         self._notify(Topic.ADMISSION)
 
 

@@ -307,6 +307,7 @@ def test_dns_credentials_never_reveal_secrets(
     for r in responses:
         assert TSIG_SECRET not in r.text and CF_TOKEN not in r.text
     assert TSIG_SECRET not in caplog.text and CF_TOKEN not in caplog.text
+    assert "operator state: op_dns/knot-res set" in caplog.text  # audited, without the value
     # but the store has it, for the DNS provider
     assert admin.state.credential("knot-res").secret == TSIG_SECRET
 
