@@ -222,7 +222,14 @@ def test_plane_serves_on_a_unix_socket(tmp_path: Path) -> None:
         out = ctl(["--unix", str(sock)], "domains", "list")
         assert ok(out).strip() == "(none)"
         assert js(ctl(["--unix", str(sock)], "--json", "admission", "get"))["source"] == "config"
-        ok(ctl(["--unix", str(sock)], "admission", "set", data={"allow_any_app": True}))
+        first = ctl(["--unix", str(sock)], "admission", "set", data={"allow_any_app": False})
+        tag = [x.split(": ", 1)[1] for x in first.stderr.splitlines() if x.startswith("etag: ")]
+        assert first.returncode == 0 and tag, first.stderr
+        ok(ctl(["--unix", str(sock)], "--if-match", tag[0], "admission", "set",
+               data={"allow_any_app": True}))  # fmt: skip
+        stale = ctl(["--unix", str(sock)], "--if-match", tag[0], "admission", "set",
+                    data={"allow_any_app": False})  # fmt: skip
+        assert stale.returncode == 1 and "HTTP 412" in stale.stderr
     # the plane did not close a store it was given, and wrote into it
     assert OperatorState(store).admission()[1] == "admin"
     store.close()
