@@ -1,6 +1,8 @@
 """``gateway rpc --config FILE``: the tunnel node alone (registration RPC + WireGuard).
 
-Serves ``/prpc/RegisterCvm`` and ``/prpc/Info`` on ``[rpc]`` over TLS, with the device,
+Serves ``/prpc/RegisterCvm`` and ``/prpc/Info`` on ``[rpc]`` over TLS (pyOpenSSL,
+:class:`gateway.control.tls_server.TlsSite`, so self-signed RA-TLS client certificates and
+KMS chains reach the evidence check), with the device,
 registry and maintenance task of :func:`gateway.registry.runtime.open_tunnel`; evidence is
 checked against ``[attest]`` and ``[admission]``. Runs until SIGTERM/SIGINT, then stops the
 listener, the maintenance task and our wireguard-go (by PID). Useful on its own (a gateway
@@ -18,6 +20,7 @@ import sys
 from pathlib import Path
 
 from aiohttp import web
+from cryptography import x509
 
 from gateway.attest.collateral import CollateralError, collateral_source_from_settings
 from gateway.attest.evidence import EvidenceError, RejectReason
@@ -33,8 +36,9 @@ from gateway.control.registration import (
 from gateway.control.rpc_identity import (
     RpcIdentityError,
     identity_from_settings,
-    rpc_server_context,
+    rpc_server_credentials,
 )
+from gateway.control.tls_server import TlsServerError, TlsSite
 from gateway.registry.runtime import open_tunnel
 from gateway.tunnel.errors import TunnelError
 from gateway.util.tasks import spawn
@@ -51,16 +55,29 @@ def _undecodable(quote: bytes) -> object:
     raise EvidenceError(RejectReason.MALFORMED, "the presented quote does not decode")
 
 
+def load_kms_root(path: str) -> x509.Certificate | None:
+    """``[rpc] kms_root_file`` (PEM), or ``None`` when unset (KMS-signed chains refused)."""
+    if not path:
+        return None
+    try:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"rpc.kms_root_file {path}: not a readable PEM certificate: {exc}"
+        ) from None
+
+
 async def serve(cfg: Config, stop: asyncio.Event) -> None:
     """Run until ``stop`` is set; raises on start-up failures (nothing is left running)."""
     rpc = cfg.rpc
     identity = identity_from_settings(cfg.rpc_identity, cfg.core.data_dir)  # RA-TLS, renewed
     client_ca = Path(rpc.client_ca_file) if rpc.client_ca_file else None
-    ctx = rpc_server_context(identity, rpc.cert_file, rpc.key_file, client_ca)
+    creds = rpc_server_credentials(identity, rpc.cert_file, rpc.key_file, client_ca)
     verifier = verifier_from_settings(cfg.attest)  # logs a non-Intel root loudly
     anchors = TrustAnchors(
         collateral=_undecodable,
         root_ca_der=None if verifier.uses_intel_root else verifier.root_ca_der,
+        kms_root=load_kms_root(rpc.kms_root_file),
         tcb_policy=cfg.attest.tcb_policy(),
     )
     check = evidence_check(
@@ -76,9 +93,12 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
         await runner.setup()
         renew = None
         try:
-            await web.TCPSite(runner, rpc.address, rpc.port, ssl_context=ctx).start()
+            site = TlsSite(
+                runner, rpc.address, rpc.port, creds, handshake_timeout=rpc.handshake_timeout
+            )
+            await site.start()
             logger.info("registration RPC on https://%s:%d", rpc.address, rpc.port)
-            renew = spawn(identity.run(ctx), name="rpc-identity") if identity else None
+            renew = spawn(identity.run(site.reload), name="rpc-identity") if identity else None
             await stop.wait()
         finally:
             if renew is not None:
@@ -106,7 +126,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
-    except (TunnelError, CollateralError, RpcIdentityError, OSError, ValueError) as exc:
+    except (
+        TunnelError,
+        CollateralError,
+        RpcIdentityError,
+        TlsServerError,
+        OSError,
+        ValueError,
+    ) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
     return 0

@@ -38,8 +38,8 @@ from gateway.control.registration import (
     RegistrationService,
     create_rpc_app,
     evidence_check,
-    rpc_ssl_context,
 )
+from gateway.control.tls_server import TlsCredentials, TlsSite
 from gateway.lab.harness import Lab
 from gateway.registry.service import Registry
 from gateway.registry.sqlite import SqliteStore
@@ -50,7 +50,6 @@ from gateway.tee.sim_pki import SimPki
 from gateway.tunnel.ipalloc import AddressPlan
 from gateway.tunnel.keys import generate_private_key, public_key
 from tests.helpers.lab import lab_env, make_lab, pytest_runtest_makereport
-from tests.helpers.processes import free_port
 
 __all__ = ["lab_env", "make_lab", "pytest_runtest_makereport"]
 
@@ -161,6 +160,7 @@ class Rpc:
     registry: Registry
     policy: list[AdmissionPolicy]
     service: RegistrationService
+    site: TlsSite
 
     def post(
         self,
@@ -215,37 +215,47 @@ def serve(
     kms_ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
     registry: Registry,
     advertised: Advertised,
+    *,
+    client_ca: bool = False,
+    kms_root: x509.Certificate | None = None,
+    handshake_timeout: float = 10.0,
 ) -> Iterator[Rpc]:
-    """Run the RPC app on 127.0.0.1 in a thread with its own loop; stop it afterwards."""
+    """Run the RPC app (TlsSite) on 127.0.0.1 in a thread with its own loop; stop it after.
+
+    ``ca_file`` (the KMS CA) signs the server certificate; it is the TLS-layer client CA
+    only with ``client_ca`` (no longer needed: the evidence decides).
+    """
     ca_file = tmp_path / "ca.pem"
     ca_file.write_bytes(kms_ca[0].public_bytes(serialization.Encoding.PEM))
     cert_pem, key_pem = server_cert(kms_ca)
     (tmp_path / "server.pem").write_bytes(cert_pem)
     (tmp_path / "server.key").write_bytes(key_pem)
-    ctx = rpc_ssl_context(tmp_path / "server.pem", tmp_path / "server.key", ca_file)
-    policy = [AdmissionPolicy(app_ids=(APP,))]
+    creds = TlsCredentials(
+        tmp_path / "server.pem", tmp_path / "server.key", ca_file if client_ca else None
+    )
+    policy = [AdmissionPolicy(app_ids=(APP,), allow_kms_cert=True)]
     check = evidence_check(
         source=SimCollateralSource(pki, clock=lambda: NOW),
-        anchors=TrustAnchors(collateral=None, root_ca_der=pki.root_ca_der),
+        anchors=TrustAnchors(collateral=None, root_ca_der=pki.root_ca_der, kms_root=kms_root),
         policy=lambda: policy[0],
         clock=lambda: NOW,
     )
     service = RegistrationService(registry, check, advertised)
-    port = free_port()
     loop = asyncio.new_event_loop()
-    started = threading.Event()
     runner = web.AppRunner(create_rpc_app(service))
+    sites: list[TlsSite] = []
 
     async def start() -> None:
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
-        started.set()
+        site = TlsSite(runner, "127.0.0.1", 0, creds, handshake_timeout=handshake_timeout)
+        await site.start()
+        sites.append(site)
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
     try:
-        yield Rpc(port, ca_file, registry.store, registry, policy, service)
+        yield Rpc(sites[0].port, ca_file, registry.store, registry, policy, service, sites[0])
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
@@ -365,11 +375,21 @@ def test_key_held_by_another_instance_is_a_conflict(
     assert (status, err["reason"]) == (409, "key_in_use")
 
 
-def test_client_cert_outside_the_client_ca_fails_tls(rpc: Rpc, pki: SimPki, tmp_path: Path) -> None:
-    cvm = make_cvm(pki, tmp_path / "cvm", b"\x51" * 20, None)  # self-signed RA-TLS
-    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
-        rpc.post(cvm, {"client_public_key": public_key(generate_private_key())})
-    assert rpc.store.list_instances() == []
+def test_client_ca_when_configured_is_an_extra_tls_requirement(
+    pki: SimPki, kms_ca: Any, tmp_path: Path
+) -> None:
+    store = SqliteStore(tmp_path / "registry.sqlite3")
+    registry = Registry(store, PLAN, clock=time.time)
+    adv = Advertised(public_key(generate_private_key()), "10.0.0.1/24", "192.0.2.1:51820")
+    with serve(tmp_path, pki, kms_ca, registry, adv, client_ca=True) as rpc:
+        outside = make_cvm(pki, tmp_path / "cvm", b"\x51" * 20, None)  # self-signed RA-TLS
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+            rpc.post(outside, {"client_public_key": public_key(generate_private_key())})
+        assert rpc.store.list_instances() == []
+        inside = make_cvm(pki, tmp_path / "cvm2", b"\x52" * 20, kms_ca)
+        status, ok = rpc.post(inside, {"client_public_key": public_key(generate_private_key())})
+        assert status == 200 and ok["wg"]["client_ip"]
+    store.close()
 
 
 @pytest.mark.netns
