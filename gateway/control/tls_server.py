@@ -104,6 +104,7 @@ def server_context(creds: TlsCredentials) -> SSL.Context:
     else:
         try:
             ctx.load_verify_locations(str(creds.client_ca_file))
+            ctx.load_client_ca(str(creds.client_ca_file).encode())  # named in the request
         except (SSL.Error, OSError) as exc:
             raise TlsServerError(
                 f"cannot load the client CA {creds.client_ca_file}: {exc}"
