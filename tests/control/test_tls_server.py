@@ -5,7 +5,6 @@ TLS versions, certificate reload, shutdown with handshakes pending."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import http.client
 import json
