@@ -1,5 +1,5 @@
 """``gateway rpc`` as a real process in the gateway namespace; a CVM registers over the lab
-network with curl and its RA-TLS certificate and is then reached through the tunnel, also
+network with curl and its self-signed RA-TLS certificate (no client CA configured) and is then reached through the tunnel, also
 after the gateway process restarts (peers restored without re-registration)."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_cvm_registers_over_the_lab_network(make_lab: Callable[..., Lab], tmp_pa
     cert_pem, key_pem = server_cert(ca, str(lab.underlay.ip))
     (tmp_path / "rpc.pem").write_bytes(cert_pem)
     (tmp_path / "rpc.key").write_bytes(key_pem)
-    cvm = make_cvm(pki, tmp_path / "cvm", b"\x77" * 20, ca)
+    cvm = make_cvm(pki, tmp_path / "cvm", b"\x77" * 20, None)  # self-signed RA-TLS
     iface = f"{lab.base}rp"
     config = tmp_path / "gateway.toml"
     config.write_text(
@@ -50,7 +50,7 @@ def test_cvm_registers_over_the_lab_network(make_lab: Callable[..., Lab], tmp_pa
         f"collateral_file = '{tmp_path / 'collateral.json'}'\n"
         f"[admission]\napp_ids = ['{APP}']\n"
         f"[rpc]\naddress = '{lab.underlay.ip}'\nport = 8010\ncert_file = '{tmp_path / 'rpc.pem'}'\n"
-        f"key_file = '{tmp_path / 'rpc.key'}'\nclient_ca_file = '{tmp_path / 'ca.pem'}'\n"
+        f"key_file = '{tmp_path / 'rpc.key'}'\n"  # no client CA: the evidence decides
     )
     cmd = in_netns(lab.gw_netns, [sys.executable, "-m", "gateway", "rpc", "--config", str(config)])
     url = f"https://{lab.underlay.ip}:8010/prpc/RegisterCvm"
