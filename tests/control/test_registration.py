@@ -8,6 +8,7 @@ carries HTTP through the tunnel the answer describes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import http.client
@@ -683,3 +684,37 @@ def test_hostile_tls_is_refused_and_registration_still_works(
         status, info = rpc.post(None, {}, path="/prpc/Info")
         assert status == 200 and info["version"]
     store.close()
+
+
+def test_a_certificate_only_openssl_accepts_is_malformed_evidence(rpc: Rpc, tmp_path: Path) -> None:
+    """OpenSSL takes a negative serial; cryptography refuses it: 403 malformed, no crash.
+
+    The serial is patched in the DER after signing (the signature no longer matches, which
+    the accept-any TLS layer does not check: the evidence would)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = dt.datetime.fromtimestamp(NOW - 3600, dt.UTC)
+    der = (
+        x509.CertificateBuilder()
+        .subject_name(_name("negative-serial"))
+        .issuer_name(_name("negative-serial"))
+        .public_key(key.public_key())
+        .serial_number(7)
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    marker = bytes.fromhex("a003020102020107")  # version v3, then serial INTEGER 7
+    assert der.count(marker) == 1
+    der = der.replace(marker, marker[:-1] + b"\xf9")  # serial -7
+    pem = (
+        b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der) + b"-----END CERTIFICATE-----\n"
+    )
+    (tmp_path / "neg.pem").write_bytes(pem)
+    (tmp_path / "neg.key").write_bytes(pem_key(key))
+    cvm = Cvm(tmp_path / "neg.pem", tmp_path / "neg.key", "")
+    status, err = rpc.post(cvm, {"client_public_key": public_key(generate_private_key())})
+    assert (status, err["reason"]) == (403, "malformed"), err
+    assert "client certificate 0" in err["error"]
+    status, _ = rpc.post(None, {}, path="/prpc/Info")
+    assert status == 200
