@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -210,8 +211,13 @@ class TlsProtocol(asyncio.Protocol):
         self.app: asyncio.Protocol | None = None
         self.closing = False
         self.app_paused = False
+        self._write_paused = False
         self._lost = False
-        self.outcome = "handshaking"  # for logs and tests: why the connection ended
+        # how the connection went, counted by TlsSite.stats: "handshaking" (closed by the
+        # peer mid-handshake), "refused" (TLS error in the handshake), "timeout",
+        # "established"; ``reason`` is the detail of the last failure
+        self.outcome = "handshaking"
+        self.reason = ""
 
     # --- asyncio.Protocol (the TCP side) ---------------------------------------------------
 
@@ -262,10 +268,12 @@ class TlsProtocol(asyncio.Protocol):
             self._on_done(self)
 
     def pause_writing(self) -> None:
+        self._write_paused = True
         if self.app is not None:
             self.app.pause_writing()
 
     def resume_writing(self) -> None:
+        self._write_paused = False
         if self.app is not None:
             self.app.resume_writing()
 
@@ -281,6 +289,7 @@ class TlsProtocol(asyncio.Protocol):
             return
         except SSL.Error as exc:
             self._flush()  # the alert, if OpenSSL wrote one
+            self.outcome = "refused"
             self._fail(f"TLS handshake failed: {_describe(exc)}")
             return
         if self._timer is not None:
@@ -296,16 +305,19 @@ class TlsProtocol(asyncio.Protocol):
             "cipher": conn.get_cipher_name(),
             "alpn_protocol": None,
         }
-        self.outcome = "open"
+        self.outcome = "established"
         app = self._factory()
         self.app = app
         app.connection_made(_AppTransport(self))
+        if self._write_paused:  # the handshake's flights already filled the buffer
+            app.pause_writing()
         if not self._lost and transport is not None and not transport.is_closing():
             self._pump_read()  # application data that came with the last flight
 
     def _handshake_expired(self) -> None:
         self._timer = None
         if self.app is None and not self._lost:
+            self.outcome = "timeout"
             self._fail(f"TLS handshake not finished within {self._handshake_timeout:g}s")
 
     # --- data pumps ------------------------------------------------------------------------
@@ -417,10 +429,10 @@ class TlsProtocol(asyncio.Protocol):
             self._transport.set_write_buffer_limits(high, low)
 
     def _fail(self, why: str) -> None:
-        if self.outcome == "handshaking":
-            self.outcome = why
+        self.reason = why
         peer = self._transport.get_extra_info("peername") if self._transport else None
-        logger.info("TLS connection from %s closed: %s", peer, why)
+        # debug: a port scan must not flood the log; tests read ``outcome``
+        logger.debug("TLS connection from %s closed: %s", peer, why)
         self.closing = True
         if self._transport is not None:
             self._transport.close()  # flushes the alert already written
@@ -441,10 +453,20 @@ class TlsSite(web.BaseSite):
     """An aiohttp site on ``host:port`` whose TLS is :class:`TlsProtocol`.
 
     ``runner.cleanup()`` stops it like any site; connections still handshaking are aborted
-    then too (aiohttp only knows those that finished).
+    then too (aiohttp only knows those that finished). ``stats`` counts ended connections
+    by :attr:`TlsProtocol.outcome` (for metrics and tests).
     """
 
-    __slots__ = ("_host", "_port", "_creds", "_ctx", "_handshake_timeout", "_pending", "_listener")
+    __slots__ = (
+        "_host",
+        "_port",
+        "_creds",
+        "_ctx",
+        "_handshake_timeout",
+        "_pending",
+        "_listener",
+        "stats",
+    )
 
     def __init__(
         self,
@@ -464,6 +486,7 @@ class TlsSite(web.BaseSite):
         self._handshake_timeout = handshake_timeout
         self._pending: set[TlsProtocol] = set()
         self._listener: asyncio.Server | None = None
+        self.stats: Counter[str] = Counter()
 
     @property
     def name(self) -> str:
@@ -495,10 +518,14 @@ class TlsSite(web.BaseSite):
             lambda: self._ctx,
             server,
             handshake_timeout=self._handshake_timeout,
-            on_done=self._pending.discard,
+            on_done=self._ended,
         )
         self._pending.add(proto)
         return proto
+
+    def _ended(self, proto: TlsProtocol) -> None:
+        self._pending.discard(proto)
+        self.stats[proto.outcome] += 1
 
     async def start(self) -> None:
         await super().start()

@@ -245,6 +245,8 @@ def serve(
     )
     service = RegistrationService(registry, check, advertised)
     loop = asyncio.new_event_loop()
+    errors: list[dict[str, Any]] = []  # anything that escaped to the loop is a server bug
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
     runner = web.AppRunner(create_rpc_app(service))
     sites: list[TlsSite] = []
 
@@ -264,6 +266,7 @@ def serve(
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+    assert errors == []
 
 
 @pytest.fixture
@@ -683,6 +686,11 @@ def test_hostile_tls_is_refused_and_registration_still_works(
             idle.close()
         status, info = rpc.post(None, {}, path="/prpc/Info")
         assert status == 200 and info["version"]
+        stats = dict(rpc.site.stats)
+        assert stats.get("refused", 0) >= 2, stats  # the two garbage connections
+        assert stats.get("handshaking", 0) >= 1, stats  # the truncated one
+        assert stats.get("timeout", 0) >= 2, stats  # slowloris and the stalled client
+        assert stats.get("established", 0) >= 1, stats  # the last may still be closing
     store.close()
 
 

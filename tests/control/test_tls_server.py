@@ -105,6 +105,8 @@ def server(tmp_path: Path) -> Iterator[Server]:
         [web.get("/whoami", whoami), web.post("/upload", upload), web.get("/big", download)]
     )
     loop = asyncio.new_event_loop()
+    errors: list[dict[str, Any]] = []  # anything that escaped to the loop is a server bug
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
     runner = web.AppRunner(app)
     sites: list[TlsSite] = []
 
@@ -124,6 +126,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+    assert errors == []
 
 
 @pytest.fixture
