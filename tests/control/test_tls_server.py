@@ -5,9 +5,11 @@ TLS versions, certificate reload, shutdown with handshakes pending."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.client
 import json
+import random
 import socket
 import ssl
 import subprocess
@@ -317,3 +319,50 @@ def test_bad_credentials_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(TlsServerError, match="client CA"):
         server_context(TlsCredentials(cert, key, tmp_path / "bad-ca.pem"))
     assert server_context(TlsCredentials(cert, key, tmp_path / "s" / "cert.pem")) is not None
+
+
+def test_client_renegotiation_is_refused(server: Server) -> None:
+    proc = subprocess.Popen(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{server.port}", "-tls1_2"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        assert proc.stdin is not None
+        proc.stdin.write(b"R\n")  # s_client's command: renegotiate
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=10)  # the server's alert ends it
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert b"RENEGOTIATING" in out and b"no renegotiation" in out, out
+    assert _get(server, "/whoami")["chain"] == []
+
+
+def test_mutated_client_hellos_never_break_the_server(server: Server) -> None:
+    """Random byte flips, truncations and extensions of a real ClientHello, each on its own
+    connection: each ends in an alert or a close, and the server keeps serving."""
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    hello = outgoing.read()
+    rng = random.Random(20261126)
+    for i in range(60):
+        data = bytearray(hello)
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        if i % 3 == 1:
+            data = data[: rng.randrange(1, len(data))]
+        elif i % 3 == 2:
+            data += rng.randbytes(rng.randint(1, 2000))
+        with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                sock.sendall(bytes(data))
+                sock.shutdown(socket.SHUT_WR)
+                while sock.recv(65536):
+                    pass
+    assert _get(server, "/whoami")["chain"] == []
+    stats = dict(server.site.stats)
+    assert sum(stats.values()) >= 59 and stats.get("established", 0) <= 1, stats
