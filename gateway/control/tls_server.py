@@ -236,7 +236,7 @@ class TlsProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         conn = self._conn
-        if conn is None or self._lost:
+        if conn is None or self._lost or self.closing:
             return
         try:
             conn.bio_write(data)
@@ -319,6 +319,8 @@ class TlsProtocol(asyncio.Protocol):
         if self.app is None and not self._lost:
             self.outcome = "timeout"
             self._fail(f"TLS handshake not finished within {self._handshake_timeout:g}s")
+            if self._transport is not None:
+                self._transport.abort()  # a client that stopped reading cannot hold it open
 
     # --- data pumps ------------------------------------------------------------------------
 
