@@ -19,6 +19,7 @@ from collections.abc import Sequence
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("config", "gateway.commands.config_cmd", "check a configuration file and print it resolved"),
     ("ctl", "gateway.control.ctl", "operate a running gateway through its admin API"),
+    ("control", "gateway.control.cli", "run the control plane alone (admin API, certbot)"),
     (
         "certs",
         "gateway.commands.certs_cmd",
