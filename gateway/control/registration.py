@@ -76,6 +76,7 @@ __all__ = [
     "create_rpc_app",
     "evidence_check",
     "load_der_chain",
+    "load_kms_root",
     "rpc_ssl_context",
 ]
 
@@ -395,6 +396,18 @@ def rpc_ssl_context(cert_file: Path, key_file: Path, client_ca_file: Path | None
         ctx.verify_mode = ssl.CERT_OPTIONAL
         ctx.load_verify_locations(cafile=str(client_ca_file))
     return ctx
+
+
+def load_kms_root(path: str) -> x509.Certificate | None:
+    """``[rpc] kms_root_file`` (PEM), or ``None`` when unset (KMS-signed chains refused)."""
+    if not path:
+        return None
+    try:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"rpc.kms_root_file {path}: not a readable PEM certificate: {exc}"
+        ) from None
 
 
 def load_der_chain(chain: list[bytes]) -> list[x509.Certificate]:

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 from aiohttp import web
-from cryptography import x509
 
 from gateway.attest.collateral import CollateralError, collateral_source_from_settings
 from gateway.attest.evidence import EvidenceError, RejectReason
@@ -32,6 +31,7 @@ from gateway.control.registration import (
     advertised_from_config,
     create_rpc_app,
     evidence_check,
+    load_kms_root,
 )
 from gateway.control.rpc_identity import (
     RpcIdentityError,
@@ -53,18 +53,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _undecodable(quote: bytes) -> object:
     """Placeholder collateral: only reached when the presented quote did not decode."""
     raise EvidenceError(RejectReason.MALFORMED, "the presented quote does not decode")
-
-
-def load_kms_root(path: str) -> x509.Certificate | None:
-    """``[rpc] kms_root_file`` (PEM), or ``None`` when unset (KMS-signed chains refused)."""
-    if not path:
-        return None
-    try:
-        return x509.load_pem_x509_certificate(Path(path).read_bytes())
-    except (OSError, ValueError) as exc:
-        raise ValueError(
-            f"rpc.kms_root_file {path}: not a readable PEM certificate: {exc}"
-        ) from None
 
 
 async def serve(cfg: Config, stop: asyncio.Event) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from gateway.control.rpc_cmd import load_kms_root
+from gateway.control.registration import load_kms_root
 from gateway.lab.harness import Lab
 from gateway.tee.sim_pki import SimPki
 from gateway.tunnel.commands import in_netns
