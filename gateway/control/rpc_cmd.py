@@ -38,7 +38,7 @@ from gateway.control.rpc_identity import (
     identity_from_settings,
     rpc_server_credentials,
 )
-from gateway.control.tls_server import TlsServerError, TlsSite
+from gateway.control.tls_server import TlsServerError, TlsSite, server_context
 from gateway.registry.runtime import open_tunnel
 from gateway.tunnel.errors import TunnelError
 from gateway.util.tasks import spawn
@@ -61,6 +61,7 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     identity = identity_from_settings(cfg.rpc_identity, cfg.core.data_dir)  # RA-TLS, renewed
     client_ca = Path(rpc.client_ca_file) if rpc.client_ca_file else None
     creds = rpc_server_credentials(identity, rpc.cert_file, rpc.key_file, client_ca)
+    server_context(creds)  # unreadable or mismatched files: fail before opening the tunnel
     verifier = verifier_from_settings(cfg.attest)  # logs a non-Intel root loudly
     anchors = TrustAnchors(
         collateral=_undecodable,

@@ -55,8 +55,11 @@ HANDSHAKE_TIMEOUT = 10.0
 _CHUNK = 64 * 1024
 
 
-class TlsServerError(RuntimeError):
-    """The certificate, key or client CA could not be loaded; the message names the file."""
+class TlsServerError(OSError):
+    """The certificate, key or client CA could not be loaded; the message names the file.
+
+    An ``OSError``, as ``ssl.SSLError`` is, so the commands' handlers of certificate-loading
+    failures (``gateway rpc``, ``gateway control``) report it without a traceback."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +83,12 @@ def _keep_openssl_verdict(
     return bool(ok)
 
 
+def _why(path: Path, exc: Exception) -> str:
+    if not path.is_file():
+        return "no such file"
+    return _describe(exc) if isinstance(exc, SSL.Error) else str(exc)
+
+
 def server_context(creds: TlsCredentials) -> SSL.Context:
     """A TLS 1.2+ server context that asks for (but does not require) a client certificate.
 
@@ -92,13 +101,16 @@ def server_context(creds: TlsCredentials) -> SSL.Context:
     try:
         ctx.use_certificate_chain_file(str(creds.cert_file))
     except (SSL.Error, OSError) as exc:
-        raise TlsServerError(f"cannot load the certificate {creds.cert_file}: {exc}") from None
+        raise TlsServerError(
+            f"cannot load the certificate {creds.cert_file}: {_why(creds.cert_file, exc)}"
+        ) from None
     try:
         ctx.use_privatekey_file(str(creds.key_file))
         ctx.check_privatekey()
     except (SSL.Error, OSError) as exc:
         raise TlsServerError(
-            f"cannot load the key {creds.key_file} (or it does not match the certificate): {exc}"
+            f"cannot load the key {creds.key_file} (or it does not match the certificate): "
+            f"{_why(creds.key_file, exc)}"
         ) from None
     if creds.client_ca_file is None:
         ctx.set_verify(SSL.VERIFY_PEER, _accept_any)
@@ -108,7 +120,8 @@ def server_context(creds: TlsCredentials) -> SSL.Context:
             ctx.load_client_ca(str(creds.client_ca_file).encode())  # named in the request
         except (SSL.Error, OSError) as exc:
             raise TlsServerError(
-                f"cannot load the client CA {creds.client_ca_file}: {exc}"
+                f"cannot load the client CA {creds.client_ca_file}: "
+                f"{_why(creds.client_ca_file, exc)}"
             ) from None
         ctx.set_verify(SSL.VERIFY_PEER, _keep_openssl_verdict)
     ctx.set_session_id(b"gateway-rpc")
