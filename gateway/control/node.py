@@ -35,8 +35,9 @@ from gateway.control.registration import (
     advertised_from_config,
     create_rpc_app,
     evidence_check,
-    rpc_ssl_context,
+    load_kms_root,
 )
+from gateway.control.tls_server import TlsCredentials, TlsSite
 from gateway.registry.runtime import Tunnel, open_tunnel
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ async def _serve_rpc(
     cfg: Config, plane: ControlPlane, tunnel: Tunnel, stack: AsyncExitStack
 ) -> None:
     rpc = cfg.rpc
-    ctx = rpc_ssl_context(
+    creds = TlsCredentials(  # pyOpenSSL: self-signed RA-TLS and KMS chains reach the check
         Path(rpc.cert_file),
         Path(rpc.key_file),
         Path(rpc.client_ca_file) if rpc.client_ca_file else None,
@@ -62,6 +63,7 @@ async def _serve_rpc(
     anchors = TrustAnchors(
         collateral=_undecodable,
         root_ca_der=None if verifier.uses_intel_root else verifier.root_ca_der,
+        kms_root=load_kms_root(rpc.kms_root_file),
         tcb_policy=cfg.attest.tcb_policy(),
     )
     check = evidence_check(
@@ -86,7 +88,9 @@ async def _serve_rpc(
     runner = web.AppRunner(create_rpc_app(service), access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
-    await web.TCPSite(runner, rpc.address, rpc.port, ssl_context=ctx).start()
+    await TlsSite(
+        runner, rpc.address, rpc.port, creds, handshake_timeout=rpc.handshake_timeout
+    ).start()
     logger.info("registration RPC on https://%s:%d", rpc.address, rpc.port)
 
 
