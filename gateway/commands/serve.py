@@ -51,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.proxy,
         stats_dir=cfg.core.data_dir / "run" / "proxy",
         reload_routes=reload_routes if path is not None else None,
+        resolver=cfg.dns.resolver,
     )
     pid_file = cfg.core.data_dir / "run" / "gateway.pid"
     try:

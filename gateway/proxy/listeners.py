@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+from gateway.certs.custom_domains import AppAddressResolver
 from gateway.certs.store import CertStore
 from gateway.proxy.conn import Conn, Phase
 from gateway.proxy.decide import Decision, Snapshot
@@ -73,6 +74,7 @@ class Worker:
         stats_dir: Path | None = None,
         info: GatewayInfo | None = None,
         reload_routes: Callable[[], RouteTable] | None = None,
+        resolver: AppAddressResolver | None = None,
     ) -> None:
         self.loop = loop
         self.settings = settings
@@ -82,6 +84,7 @@ class Worker:
         self.stats_dir = stats_dir
         self.info = info or GatewayInfo()
         self.reload_routes = reload_routes
+        self.resolver = resolver  # custom domains' TXT lookups; None = custom domains off
         self.snapshot = Snapshot(
             base_domains=settings.base_domains,
             certs=certs.snapshot,
