@@ -10,6 +10,8 @@ gateway's ``certs_dir``, so it is terminated.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import ssl
 import subprocess
@@ -199,6 +201,32 @@ def test_reasons_are_counted_and_logged(gw: Gateway, ca: Path) -> None:
     wait_until(
         lambda: all(line in gw.log_text() for line in lines), gw.proc, 5, "access log", gw.log
     )
+
+
+def _fetches(port: int, name: str, ca: Path) -> bool:
+    try:  # a TLS client against a plain port would wait for an answer: keep it short
+        with tls_connect(port, name, ca, timeout=1) as s:
+            return get(s, "/health", name)[1] == b"ok"
+    except (ssl.SSLError, OSError):
+        return False
+
+
+def test_installing_a_certificate_switches_to_terminate(
+    gw: Gateway, root: Path, origin: Origin, knot: LocalStack, ca: Path
+) -> None:
+    name = f"late.{ZONE}"
+    put(knot, f"_dstack-app-address.{name}.", f"app:{origin.http}")
+    # no certificate yet: passed through, to a port that speaks no TLS
+    assert not _fetches(gw.port, name, ca)
+    wait_until(
+        lambda: f"sni={name} mode=passthrough" in gw.log_text(), gw.proc, 5, "passthrough", gw.log
+    )
+    # the operator installs a certificate for the name and sends SIGHUP: now terminated
+    dev = ensure_dev_ca(root / "ca")
+    leaf, key = issue_wildcard(dev, [name])
+    write_cert_dir(root / "certs", name, [leaf, dev.load()[0]], key)
+    os.kill(gw.proc.pid, signal.SIGHUP)
+    wait_until(lambda: _fetches(gw.port, name, ca), gw.proc, 10, "terminated after SIGHUP", gw.log)
 
 
 def test_resolver_timeout_alerts_within_the_handshake_timeout(
