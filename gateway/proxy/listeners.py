@@ -74,7 +74,6 @@ class Worker:
         stats_dir: Path | None = None,
         info: GatewayInfo | None = None,
         reload_routes: Callable[[], RouteTable] | None = None,
-        resolver: AppAddressResolver | None = None,
     ) -> None:
         self.loop = loop
         self.settings = settings
@@ -84,7 +83,6 @@ class Worker:
         self.stats_dir = stats_dir
         self.info = info or GatewayInfo()
         self.reload_routes = reload_routes
-        self.resolver = resolver  # custom domains' TXT lookups; None = custom domains off
         self.snapshot = Snapshot(
             base_domains=settings.base_domains,
             certs=certs.snapshot,
@@ -98,6 +96,8 @@ class Worker:
         self.decisions: dict[str | None, Decision] = {}  # per snapshot, by SNI
         self.conns: set[Conn] = set()
         self.pipes = PipePool()
+        # custom domains' TXT lookups (gateway/proxy/custom.py); None = custom domains off
+        self.resolver: AppAddressResolver | None = None
         self.listeners: list[tuple[socket.socket, int]] = []
         self.access_enabled = settings.access_log and logging.getLogger(
             "gateway.access"

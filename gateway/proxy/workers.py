@@ -66,17 +66,8 @@ def run_worker(
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     state = WorkerState(index, os.getpid())
-    worker = Worker(
-        loop,
-        settings,
-        certs,
-        routes,
-        state,
-        stats_dir,
-        info,
-        reload_routes,
-        resolver=make_resolver(settings, resolver),
-    )
+    worker = Worker(loop, settings, certs, routes, state, stats_dir, info, reload_routes)
+    worker.resolver = make_resolver(settings, resolver)  # per worker: its own cache and loop
 
     async def main() -> None:
         worker.stopping = loop.create_future()
@@ -113,10 +104,10 @@ class Supervisor:
         resolver: ResolverSettings | None = None,
     ) -> None:
         self.settings = settings
-        self.resolver = resolver  # [dns.resolver], for custom domains
         self.stats_dir = stats_dir
         self.reload_routes = reload_routes
         self.info = info
+        self.resolver = resolver  # [dns.resolver], for custom domains
         self.count = settings.worker_count()
         self.children: dict[int, int] = {}  # pid -> worker index
         self.failures: dict[int, int] = {}  # worker index -> consecutive quick deaths

@@ -53,10 +53,10 @@ def test_closed_connections_leave_no_cycles(tmp_path: Path, origin: int, path: s
         CertStore(settings.certs_dir, settings.tls_versions),
         StaticRoutes(settings.routes),
         WorkerState(),
-        # a name server that never answers, and a short lookup timeout: the RESOLVING path
-        resolver=AppAddressResolver(
-            ResolverSettings(nameservers=(f"127.0.0.1:{free_port()}",), timeout=0.05)
-        ),
+    )
+    # a name server that never answers, and a short lookup timeout: the RESOLVING path
+    worker.resolver = AppAddressResolver(
+        ResolverSettings(nameservers=(f"127.0.0.1:{free_port()}",), timeout=0.05)
     )
     worker.listen()
     name = {
