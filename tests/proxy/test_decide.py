@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from gateway.certs.custom_domains import AddressMiss, AppAddress, MissReason
 from gateway.certs.devca import ensure_dev_ca, ensure_dev_wildcard, issue_wildcard, write_cert_dir
@@ -304,3 +306,34 @@ def test_custom_rejected(
         assert isinstance(d, Reject)
         assert (d.alert, d.reason) == (expected[alert], reason)
         assert sni in d.detail
+
+
+_LABEL = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=10)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    labels=st.lists(_LABEL, min_size=1, max_size=4),
+    tld=st.sampled_from(["custom.test", "wild.test", "gw.test", "example.com"]),
+    app=st.sampled_from(["app", "i1", "strict", "unknown", "mixed", "stale", "nope", "A-b_c"]),
+    port=st.integers(1, 65535),
+)
+def test_custom_decision_properties(
+    certs: CertSnapshot, labels: list[str], tld: str, app: str, port: int
+) -> None:
+    """Whatever the name and record: one of three outcomes; terminate iff a certificate
+    matches; every target is allowed by its instance's port policy."""
+    sni = ".".join([*labels, tld])
+    d = decide_custom(sni, AppAddress(app, port, "r"), CONN, snap(certs))
+    assert isinstance(d, Terminate | Passthrough | Reject)
+    if isinstance(d, Reject):
+        assert d.reason in {"unknown_app", "port_denied"} and sni in d.detail
+        return
+    assert isinstance(d, Terminate) == (certs.lookup(sni) is not None)
+    assert d.upstream.port == port and d.upstream.targets
+    table = Table()
+    for t in d.upstream.targets:
+        policy = table.instances[t.instance_id].policy
+        assert policy is not None and policy.allows(port)
