@@ -13,9 +13,12 @@ Rules, in order (the parser has lower-cased and validated the SNI):
    * otherwise the label is an address ``<id>[-<port>][s|g]`` looked up in the route table,
      candidates filtered by port policy (fail-closed); ``s`` passes TLS through, anything else
      terminates (``g``: ALPN ``h2`` only) with the certificate for the SNI;
-3. any other name is a custom domain: ``decide`` returns :class:`Resolve`, the edge looks up
-   the TXT record ``_dstack-app-address.<sni>`` (or the wildcard fallback) asynchronously and
-   hands the answer to :func:`decide_custom`, the second pure function:
+3. any other name is a custom domain. If the route table carries an operator route for it
+   (:class:`CustomRouteTable`, e.g. ``gateway ctl custom-domains add`` through the control
+   plane's overlay), that ``<app_id>:<port>`` goes straight to :func:`decide_custom` (no DNS,
+   cached per SNI like any decision). Otherwise ``decide`` returns :class:`Resolve`, the edge
+   looks up the TXT record ``_dstack-app-address.<sni>`` (or the wildcard fallback)
+   asynchronously and hands the answer to :func:`decide_custom`, the second pure function:
    * a miss (not found, malformed, timeout, server error) -> reject ``custom_<why>``;
    * ``<app_id>:<port>`` -> the route table and port policy as in rule 2 (fail-closed);
    * a certificate in the store for the SNI (exact or one-level wildcard) -> terminate with
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from gateway.certs.custom_domains import AddressMiss, AppAddress
 from gateway.certs.store import CertSnapshot
@@ -37,6 +41,7 @@ from gateway.proxy.routes import OPEN_POLICY, Candidate, RouteTable
 
 __all__ = [
     "ConnInfo",
+    "CustomRouteTable",
     "Decision",
     "Gateway",
     "Passthrough",
@@ -193,8 +198,33 @@ def _upstream(sni: str, cands: tuple[Candidate, ...], port: int) -> Upstream | R
     return Upstream(cands[0].app_id, port, targets)
 
 
+class _RouteTarget(Protocol):
+    @property
+    def app_id(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
+@runtime_checkable
+class CustomRouteTable(Protocol):
+    """A route table that also knows operator-set custom-domain routes."""
+
+    def custom_route(self, sni: str) -> _RouteTarget | None: ...
+
+
+OPERATOR_ROUTE = "operator route"  # AppAddress.record for routes that did not come from DNS
+
+
 def _custom_domain(sni: str, conn: ConnInfo, snap: Snapshot) -> Decision:
-    """Custom domains need a DNS lookup, which is I/O: hand it to the edge."""
+    """An operator route wins and needs no I/O; anything else needs a DNS lookup, which is
+    I/O: hand it to the edge."""
+    routes = snap.routes
+    if isinstance(routes, CustomRouteTable):
+        target = routes.custom_route(sni)
+        if target is not None:
+            answer = AppAddress(target.app_id, target.port, OPERATOR_ROUTE)
+            return decide_custom(sni, answer, conn, snap)
     return Resolve(sni)
 
 

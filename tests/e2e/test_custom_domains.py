@@ -19,11 +19,13 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import MappingProxyType
 
 import pytest
 from cryptography import x509
 
 from gateway.certs.devca import ensure_dev_ca, issue_wildcard, write_cert_dir
+from gateway.control.overlay import Overlay, RouteTarget, overlay_path, write_overlay
 from gateway.protocol.hello_builder import build_client_hello
 from gateway.proxy.stats import read_stats
 from tests.certs.localstack import LocalStack, binaries_present
@@ -73,7 +75,7 @@ def ca(root: Path) -> Path:
     ca_cert, _ = dev.load()
     leaf, key = issue_wildcard(dev, ["secure.custom.test"])
     write_cert_dir(certs_dir, "secure.custom.test", [leaf, ca_cert], key)
-    leaf, key = issue_wildcard(dev, ["app.custom.test", "*.wild.custom.test"])
+    leaf, key = issue_wildcard(dev, ["app.custom.test", "*.wild.custom.test", "op.custom.test"])
     write_cert_dir(root / "origin-certs", "app", [leaf, ca_cert], key)
     return ca_pem
 
@@ -128,7 +130,7 @@ def test_passthrough_to_the_apps_own_tls(gw: Gateway, origin: Origin, ca: Path) 
     for _ in range(4):  # the first ones resolve, later ones may hit a worker's cache
         with tls_connect(gw.port, f"app.{ZONE}", ca) as s:
             # the origin's certificate: the gateway holds none for this name
-            assert peer_names(s) == ["app.custom.test", "*.wild.custom.test"]
+            assert peer_names(s)[:2] == ["app.custom.test", "*.wild.custom.test"]
             head, body = get(s, "/", f"app.{ZONE}")
             assert head.startswith(b"HTTP/1.1 200")
             assert f"port {origin.tls}, TLS".encode() in body
@@ -227,6 +229,18 @@ def test_installing_a_certificate_switches_to_terminate(
     write_cert_dir(root / "certs", name, [leaf, dev.load()[0]], key)
     os.kill(gw.proc.pid, signal.SIGHUP)
     wait_until(lambda: _fetches(gw.port, name, ca), gw.proc, 10, "terminated after SIGHUP", gw.log)
+
+
+def test_operator_route_comes_before_dns(gw: Gateway, origin: Origin, ca: Path) -> None:
+    """A route set through the control plane (its overlay file + SIGHUP) needs no TXT."""
+    name = f"op.{ZONE}"
+    assert recv_alert(gw.port, build_client_hello(name)) == ALERT_UNRECOGNIZED_NAME  # no TXT
+    routes = MappingProxyType({name: RouteTarget("app", origin.tls)})
+    write_overlay(overlay_path(gw.data_dir), Overlay(revision=1, routes=routes))
+    os.kill(gw.proc.pid, signal.SIGHUP)
+    wait_until(lambda: _fetches(gw.port, name, ca), gw.proc, 10, "operator route", gw.log)
+    with tls_connect(gw.port, name, ca) as s:
+        assert f"port {origin.tls}, TLS".encode() in get(s, "/", name)[1]  # passed through
 
 
 def test_resolver_timeout_alerts_within_the_handshake_timeout(

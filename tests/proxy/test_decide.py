@@ -337,3 +337,44 @@ def test_custom_decision_properties(
     for t in d.upstream.targets:
         policy = table.instances[t.instance_id].policy
         assert policy is not None and policy.allows(port)
+
+
+class OperatorTable(Table):
+    """A table that also carries operator custom-domain routes (as ``OverlayRoutes`` does)."""
+
+    def __init__(self, routes: dict[str, tuple[str, int]]) -> None:
+        super().__init__()
+        self.routes = routes
+
+    def custom_route(self, sni: str) -> AppAddress | None:
+        hit = self.routes.get(sni)
+        return AppAddress(hit[0], hit[1], "x") if hit else None
+
+
+@pytest.mark.parametrize(
+    ("sni", "kind", "reason"),
+    [
+        ("op.example.com", Passthrough, ""),  # no DNS: routed in decide()
+        ("shop.custom.test", Terminate, ""),  # a certificate for the name: terminate
+        ("denied.example.com", Reject, "port_denied"),  # policy still applies
+        ("gone.example.com", Reject, "unknown_app"),
+        ("other.example.com", Resolve, ""),  # no operator route: DNS
+    ],
+)
+def test_operator_routes_come_before_dns(
+    certs: CertSnapshot, sni: str, kind: type, reason: str
+) -> None:
+    table = OperatorTable(
+        {
+            "op.example.com": ("app", 8443),
+            "shop.custom.test": ("app", 8080),
+            "denied.example.com": ("strict", 9999),
+            "gone.example.com": ("nope", 443),
+        }
+    )
+    d = decide(hello(sni), CONN, snap(certs, routes=table))
+    assert isinstance(d, kind)
+    if isinstance(d, Reject):
+        assert d.reason == reason
+    if isinstance(d, Passthrough | Terminate):
+        assert d.upstream.app_id == "app" and d.upstream.targets == (T2, T3)
