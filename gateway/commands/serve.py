@@ -71,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.proxy,
         stats_dir=stats_dir,
         reload_routes=reload_routes if path is not None or control else None,
+        resolver=cfg.dns.resolver,
     )
     child: subprocess.Popen[bytes] | None = None
     if control:

@@ -165,6 +165,10 @@ class OverlayRoutes:
             for k, p in overlay.port_policies.items()
         }
 
+    def custom_route(self, sni: str) -> RouteTarget | None:
+        """The operator's route for a custom domain (``decide`` checks it before DNS)."""
+        return self._overlay.custom_route(sni)
+
     def lookup(self, ident: str, top_n: int) -> tuple[proxy_routes.Candidate, ...]:
         drained = self._overlay.drained
         found = self._inner.lookup(ident, top_n + len(drained))

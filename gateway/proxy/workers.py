@@ -27,7 +27,9 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from gateway.certs.settings import ResolverSettings
 from gateway.certs.store import CertStore
+from gateway.proxy.custom import make_resolver
 from gateway.proxy.endpoints import GatewayInfo
 from gateway.proxy.listeners import Worker, probe_listeners
 from gateway.proxy.routes import RouteTable, StaticRoutes
@@ -49,6 +51,7 @@ def run_worker(
     stats_dir: Path | None,
     reload_routes: Callable[[], RouteTable] | None,
     info: GatewayInfo | None = None,
+    resolver: ResolverSettings | None = None,
 ) -> int:
     """A worker process's main: its own uvloop loop until drained. Returns the exit code."""
     import uvloop
@@ -64,6 +67,7 @@ def run_worker(
     asyncio.set_event_loop(loop)
     state = WorkerState(index, os.getpid())
     worker = Worker(loop, settings, certs, routes, state, stats_dir, info, reload_routes)
+    worker.resolver = make_resolver(settings, resolver)  # per worker: its own cache and loop
 
     async def main() -> None:
         worker.stopping = loop.create_future()
@@ -97,11 +101,13 @@ class Supervisor:
         stats_dir: Path | None = None,
         reload_routes: Callable[[], RouteTable] | None = None,
         info: GatewayInfo | None = None,
+        resolver: ResolverSettings | None = None,
     ) -> None:
         self.settings = settings
         self.stats_dir = stats_dir
         self.reload_routes = reload_routes
         self.info = info
+        self.resolver = resolver  # [dns.resolver], for custom domains
         self.count = settings.worker_count()
         self.children: dict[int, int] = {}  # pid -> worker index
         self.failures: dict[int, int] = {}  # worker index -> consecutive quick deaths
@@ -174,6 +180,7 @@ class Supervisor:
                     self.stats_dir,
                     self.reload_routes,
                     self.info,
+                    self.resolver,
                 )
             except BaseException:  # noqa: BLE001 - last resort before os._exit
                 logger.exception("worker %d crashed", index)

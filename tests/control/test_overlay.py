@@ -10,11 +10,14 @@ from gateway.control.models import CustomRoute, PortPolicyOverride
 from gateway.control.overlay import (
     Overlay,
     OverlayRoutes,
+    RouteTarget,
     overlay_path,
     read_overlay,
     write_overlay,
 )
 from gateway.control.state import OperatorState, drained_instances, port_policy_overrides
+from gateway.proxy.decide import CustomRouteTable
+from gateway.proxy.routes import StaticRoutes
 from gateway.registry.sqlite import SqliteStore
 
 APP = "9a" * 20
@@ -92,3 +95,14 @@ def test_registry_routes_take_admin_overrides_and_drains_from_the_store(tmp_path
     assert OverlayRoutes(table, overlay).lookup("i-b", 3) == ()
     assert OverlayRoutes(table, overlay).lookup("i-a", 3) == (a,)
     feed.close()
+
+
+def test_overlay_routes_carry_custom_routes_for_the_proxy() -> None:
+    """The workers' table answers ``custom_route``, which ``decide`` checks before DNS."""
+    from types import MappingProxyType
+
+    overlay = Overlay(routes=MappingProxyType({"shop.example.org": RouteTarget(APP, 443)}))
+    table = OverlayRoutes(StaticRoutes(()), overlay)
+    assert isinstance(table, CustomRouteTable)
+    assert table.custom_route("Shop.example.org") == RouteTarget(APP, 443)
+    assert table.custom_route("other.example.org") is None
