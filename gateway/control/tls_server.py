@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from aiohttp import web
 from OpenSSL import SSL, crypto
@@ -235,8 +235,10 @@ class TlsProtocol(asyncio.Protocol):
     # --- asyncio.Protocol (the TCP side) ---------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop's TCP transport implements asyncio.Transport without subclassing it, so no
+        # isinstance check here (it failed every connection under uvloop).
+        self._transport = cast(asyncio.Transport, transport)
+        transport = self._transport
         try:
             conn = SSL.Connection(self._context(), None)
         except SSL.Error as exc:  # pragma: no cover - out of memory and the like

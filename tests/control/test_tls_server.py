@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
 from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -97,7 +98,9 @@ def _write_server_files(directory: Path, ca: Any) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Server]:
+def server(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Server]:
+    """The site on a background loop: asyncio's, or uvloop's with ``indirect`` "uvloop"."""
+    kind = getattr(request, "param", "asyncio")
     ca = make_ca("test server CA")
     ca_file = tmp_path / "ca.pem"
     ca_file.write_bytes(ca[0].public_bytes(serialization.Encoding.PEM))
@@ -106,7 +109,7 @@ def server(tmp_path: Path) -> Iterator[Server]:
     app.router.add_routes(
         [web.get("/whoami", whoami), web.post("/upload", upload), web.get("/big", download)]
     )
-    loop = asyncio.new_event_loop()
+    loop = uvloop.new_event_loop() if kind == "uvloop" else asyncio.new_event_loop()
     errors: list[dict[str, Any]] = []  # anything that escaped to the loop is a server bug
     loop.set_exception_handler(lambda _loop, context: errors.append(context))
     runner = web.AppRunner(app)
@@ -159,6 +162,7 @@ def _get(server: Server, path: str, client: Client | None = None, **kw: Any) -> 
         conn.close()
 
 
+@pytest.mark.parametrize("server", ["asyncio", "uvloop"], indirect=True)
 @pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
 def test_whole_chain_reaches_the_handler(
     server: Server, client: Client, version: ssl.TLSVersion
