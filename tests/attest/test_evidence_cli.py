@@ -62,10 +62,10 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | int]:
 
 
 def verify_cert(sim: dict[str, Path | int], *extra: str | Path) -> subprocess.CompletedProcess[str]:
-    d = sim["dir"]
-    assert isinstance(d, Path)
+    d, root = sim["dir"], sim["root"]
+    assert isinstance(d, Path) and isinstance(root, Path)
     return gateway(
-        "verify", "--cert", d / "cert.pem", "--root-ca", sim["root"],
+        "verify", "--cert", d / "cert.pem", "--root-ca", root,
         "--collateral", d / "col.json", "--at", str(sim["now"]), *extra,
     )  # fmt: skip
 
@@ -104,9 +104,9 @@ def test_verify_cert_under_intel_root_is_rejected(sim: dict[str, Path | int]) ->
 
 def test_verify_fixture_attestation_fails_closed(sim: dict[str, Path | int]) -> None:
     # The fixture's quote is a simulator's: no root we hold verifies it.
-    d = sim["dir"]
-    assert isinstance(d, Path)
-    r = gateway("verify", "--attestation", FIXTURE, "--root-ca", sim["root"],
+    d, root = sim["dir"], sim["root"]
+    assert isinstance(d, Path) and isinstance(root, Path)
+    r = gateway("verify", "--attestation", FIXTURE, "--root-ca", root,
                 "--collateral", d / "col.json", "--at", str(sim["now"]))  # fmt: skip
     assert r.returncode == 1, r.stdout + r.stderr
     assert json.loads(r.stdout)["reason"] == "quote_invalid"

@@ -3,20 +3,27 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.attest import ratls
-from gateway.attest.evidence import EvidenceError, EvidenceMethod, RejectReason
+from gateway.attest.evidence import EvidenceError, EvidenceMethod, RejectReason, VerifiedEvidence
 from gateway.protocol.appinfo import AppInfo, encode_app_info
-from gateway.protocol.attestation import decode_attestation, encode_attestation_v0
+from gateway.protocol.attestation import (
+    AttestedEvent,
+    decode_attestation,
+    encode_attestation_v0,
+)
 from gateway.tee.base import RuntimeEvent
 from gateway.tee.sim import SimImage, SimTee
 from gateway.tee.sim_pki import SimPki
@@ -55,12 +62,12 @@ def key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def verify(cert: x509.Certificate | bytes, pki: SimPki, now: int, **col: object):  # type: ignore[no-untyped-def]
+def verify(cert: x509.Certificate | bytes, pki: SimPki, now: int, **col: Any) -> VerifiedEvidence:
     return ratls.verify_ratls_cert(
         cert,
         collateral=pki.collateral(now, **col),
         root_ca_der=pki.root_ca_der,
-        now=now,  # type: ignore[arg-type]
+        now=now,
     )
 
 
@@ -152,7 +159,12 @@ def test_key_not_bound(
     assert err.value.reason is RejectReason.KEY_BINDING
 
 
-def _with_events(cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, edit) -> x509.Certificate:  # type: ignore[no-untyped-def]
+EditEvents = Callable[[list[AttestedEvent]], list[AttestedEvent]]
+
+
+def _with_events(
+    cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, edit: EditEvents
+) -> x509.Certificate:
     att = decode_attestation(ratls.read_extension(cert, ratls.OID_ATTESTATION) or b"")
     att = replace(att, runtime_events=tuple(edit(list(att.runtime_events))))
     return reissue(cert, key, x8=encode_attestation_v0(att))
@@ -172,8 +184,8 @@ def test_rtmr3_mismatch(
     key: ec.EllipticCurvePrivateKey,
     sim_pki: SimPki,
     sim_now: int,
-    edit,
-    detail: str,  # type: ignore[no-untyped-def]
+    edit: EditEvents,
+    detail: str,
 ) -> None:
     cert = ratls.build_ratls_cert(key, tee, ratls.CertRequest("x"), now=when(sim_now))
     with pytest.raises(EvidenceError) as err:
@@ -328,9 +340,7 @@ def kms(sim_now: int) -> tuple[x509.Certificate, list[x509.Certificate]]:
         .serial_number(7)
         .not_valid_before(when(sim_now - 60))
         .not_valid_after(when(sim_now + 86400 * 10))
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
-        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         .add_extension(ratls._ext(ratls.OID_APP_ID, APP_ID), critical=False)
         .add_extension(
             ratls._ext(

@@ -125,8 +125,8 @@ def test_ctl_drives_every_resource_with_real_acme(
             "ttl": 10,
             "check_port": stack.dns_port,
         }
-        out = ok(ctl(url, "dns-credentials", "add", data=cred))
-        assert stack.tsig_secret not in out and "tsig_secret" in out
+        added = ok(ctl(url, "dns-credentials", "add", data=cred))
+        assert stack.tsig_secret not in added and "tsig_secret" in added
         listed = ok(ctl(url, "dns-credentials", "list"))
         assert listed.splitlines()[0].split()[:2] == ["ID", "KIND"]
         assert stack.tsig_secret not in listed

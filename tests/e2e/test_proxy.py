@@ -6,6 +6,7 @@ close_notify, idle) and adds names, alerts, port policy, PROXY headers, h2, relo
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -564,10 +565,10 @@ def _abuse(port: int, names: list[str], ca: Path, seed: int, until: float) -> in
                 s.sendall(hello[: rng.randrange(1, len(hello))])
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, rst)
             elif kind == 2:
-                hello = bytearray(build_client_hello(rng.choice(names)))
+                mutated = bytearray(build_client_hello(rng.choice(names)))
                 for _ in range(rng.randrange(1, 5)):
-                    hello[rng.randrange(len(hello))] = rng.randrange(256)
-                s.sendall(bytes(hello))
+                    mutated[rng.randrange(len(mutated))] = rng.randrange(256)
+                s.sendall(bytes(mutated))
                 s.recv(100)
             else:
                 ctx = ssl.create_default_context(cafile=str(ca))
@@ -633,7 +634,7 @@ def test_listen_port_range(root: Path, origin: Origin, ca: Path) -> None:
     cfg = write_config(root, "range", origin, workers=1, listen=[f"127.0.0.1:{first}-{first + 2}"])
     with run_gateway(cfg) as g:
         for port in range(first, first + 3):
-            wait_until(lambda p=port: port_open("127.0.0.1", p), g.proc, 10, f"port {port}")
+            wait_until(functools.partial(port_open, "127.0.0.1", port), g.proc, 10, f"port {port}")
             with tls_connect(port, sni(f"app-{origin.http}"), ca) as s:
                 assert get(s, "/health")[1] == b"ok"
 

@@ -87,11 +87,12 @@ def make_shared(tmp_path: Path, kms_url: str, compose: dict[str, object]) -> Pat
 
 
 def providers(kind: KeyProviderKind) -> KeyProvider:
-    return {
+    table: dict[KeyProviderKind, KeyProvider] = {
         KeyProviderKind.KMS: KmsKeyProvider(timeout=10),
         KeyProviderKind.NONE: NoneKeyProvider(),
         KeyProviderKind.LOCAL: LocalKeyProvider(),
-    }[kind]
+    }
+    return table[kind]
 
 
 def app_id_of(shared: Path) -> bytes:

@@ -60,9 +60,11 @@ hashes = st.binary(min_size=0, max_size=40)
     st.booleans(),
 )
 def test_round_trip(
-    fields: tuple[bytes, ...], scripts: tuple[bytes, ...] | None, named: bool
+    fields: tuple[bytes, bytes, bytes, bytes, bytes, bytes, bytes, bytes],
+    scripts: tuple[bytes, ...] | None,
+    named: bool,
 ) -> None:
-    info = AppInfo(*fields, init_script_hashes=scripts)  # type: ignore[misc]
+    info = AppInfo(*fields, init_script_hashes=scripts)
     assert decode_app_info(encode_app_info(info, named=named)) == info
 
 

@@ -265,8 +265,9 @@ def test_splice_takes_over_after_the_threshold_and_keeps_order() -> None:
     from gateway.proxy.relay import PipePool
 
     ca, cb, ba, bb = _pairs()
-    loop, done, pool = FakeLoop(), [], PipePool(size=65536)
-    relay = Relay(loop, Side(ca), Side(ba), 4096, done.append, pool, splice_after=10)  # type: ignore[arg-type]
+    loop, pool = FakeLoop(), PipePool(size=65536)
+    done: list[str] = []
+    relay = Relay(loop, Side(ca), Side(ba), 4096, done.append, pool, splice_after=10)
     try:
         relay.start()
         cb.send(b"0123456789ab")

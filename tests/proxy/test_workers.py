@@ -7,6 +7,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from tests.helpers.processes import free_port, port_open
 
 
 @pytest.fixture
-def restore_signals():  # type: ignore[no-untyped-def]
+def restore_signals() -> Iterator[None]:
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     yield
     for s, h in saved.items():
