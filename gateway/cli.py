@@ -18,6 +18,7 @@ from collections.abc import Sequence
 # (command, module, one-line help)
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("config", "gateway.commands.config_cmd", "check a configuration file and print it resolved"),
+    ("serve", "gateway.commands.serve", "run the gateway's TLS proxy (data plane)"),
 )
 
 

@@ -183,6 +183,7 @@ def decode(cls: type[T], data: Any, path: str = "") -> T:
 # --- the top-level model -------------------------------------------------------------------
 # Sections are imported from their packages; each package owns its settings module.
 
+from gateway.proxy.settings import ProxySettings  # noqa: E402
 from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
 
 
@@ -191,6 +192,7 @@ class Config:
     """The whole gateway configuration. Every section has defaults: an empty file is valid."""
 
     core: CoreSettings = dataclasses.field(default_factory=CoreSettings)
+    proxy: ProxySettings = dataclasses.field(default_factory=ProxySettings)
 
 
 def parse_config(text: str, source: str = "<string>") -> Config:

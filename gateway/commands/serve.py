@@ -1,0 +1,57 @@
+"""``gateway serve --config FILE``: run the data plane (supervisor plus worker processes).
+
+Configuration errors are reported before anything binds (exit code 2). SIGHUP re-reads
+certificates and the ``[[proxy.routes]]`` of the same file in every worker; SIGTERM or Ctrl-C
+drains (see ``docs/proxy.md``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from gateway.config import ConfigError, load_config
+from gateway.proxy.routes import RouteTable, StaticRoutes
+from gateway.util.logs import setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, default=None, help="TOML configuration file")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="override proxy.workers (0 = one per CPU)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from gateway.proxy.workers import Supervisor
+
+    try:
+        cfg = load_config(args.config)
+        if args.workers is not None:
+            cfg = replace(cfg, proxy=replace(cfg.proxy, workers=args.workers))
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.core.log_level, cfg.core.log_format)
+    path = args.config
+
+    def reload_routes() -> RouteTable:
+        return StaticRoutes(load_config(path).proxy.routes)
+
+    supervisor = Supervisor(
+        cfg.proxy,
+        stats_dir=cfg.core.data_dir / "run" / "proxy",
+        reload_routes=reload_routes if path is not None else None,
+    )
+    try:
+        return supervisor.run()
+    except OSError as exc:
+        logger.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,180 @@
+"""What to do with a connection, given its ClientHello: a pure function and its result types.
+
+``decide`` has no awaits, no logging, no clock and no I/O, so every routing rule is a row in a
+table test (``tests/proxy/test_decide.py``). The edge (``gateway/proxy/conn.py``) carries the
+decision out and writes ``Reject.reason``/``detail`` into the connection's access-log line.
+
+Rules, in order (SNI compared lower-case):
+
+1. no SNI -> reject (``no_sni``);
+2. SNI ``<label>.<base>`` for a configured base domain (exactly one label below it):
+   * ``gateway`` (no port, no flag) -> the gateway's own HTTPS endpoints; ``health`` likewise;
+   * ``localhost[-port][s|g]`` -> 127.0.0.1, only with ``insecure_localhost_backend``;
+   * otherwise the label is an address ``<id>[-<port>][s|g]`` looked up in the route table,
+     candidates filtered by port policy (fail-closed); ``s`` passes TLS through, anything else
+     terminates (``g``: ALPN ``h2`` only) with the certificate for the SNI;
+3. any other name is a custom domain: routed later by DNS TXT records (another component plugs
+   in at :func:`_custom_domain`); until then it is rejected with reason ``custom_domain``.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+
+from gateway.certs.store import CertSnapshot
+from gateway.certs.tls import ALPN_H1, ALPN_H2
+from gateway.protocol.address import Mode, parse_address, split_sni
+from gateway.protocol.clienthello import ClientHello
+from gateway.protocol.errors import AddressError, TlsAlert
+from gateway.proxy.routes import OPEN_POLICY, Candidate, RouteTable
+
+__all__ = [
+    "ConnInfo",
+    "Decision",
+    "Gateway",
+    "Passthrough",
+    "Reject",
+    "Snapshot",
+    "Target",
+    "Terminate",
+    "Upstream",
+    "decide",
+]
+
+LOCALHOST_ID = "localhost"
+GATEWAY_LABELS = frozenset({"gateway", "health"})
+
+
+@dataclass(frozen=True, slots=True)
+class ConnInfo:
+    """What the edge knows about the connection besides the hello."""
+
+    client: tuple[str, int]
+    local_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """Everything ``decide`` reads; replaced whole on reload, never mutated."""
+
+    base_domains: tuple[str, ...]
+    certs: CertSnapshot
+    routes: RouteTable
+    top_n: int = 3
+    localhost_backend: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One backend to try: where, and whether it wants an outbound PROXY header first."""
+
+    instance_id: str
+    host: str
+    pp: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Where the relay goes: an app (for limits and logs), a port and candidates, best first."""
+
+    app_id: str
+    port: int
+    targets: tuple[Target, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Terminate:
+    upstream: Upstream
+    context: ssl.SSLContext
+    alpn: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    upstream: Upstream
+
+
+@dataclass(frozen=True, slots=True)
+class Gateway:
+    """Serve the gateway's own endpoints (``/health``, ``/index``, ...) over TLS."""
+
+    context: ssl.SSLContext
+    legacy_health: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """Send ``alert`` and close. ``reason`` is a short stable token (a counter key)."""
+
+    alert: TlsAlert
+    reason: str
+    detail: str = ""
+
+
+Decision = Terminate | Passthrough | Gateway | Reject
+
+
+def decide(hello: ClientHello, conn: ConnInfo, snap: Snapshot) -> Decision:
+    """Map a parsed ClientHello to a :data:`Decision`. Pure."""
+    if not hello.sni:
+        return Reject(TlsAlert.UNRECOGNIZED_NAME, "no_sni", "the ClientHello has no server name")
+    sni = hello.sni.lower()
+    split = split_sni(sni, snap.base_domains)
+    if split is None:
+        return _custom_domain(sni, conn, snap)
+    label, _base = split
+    try:
+        addr = parse_address(label)
+    except AddressError as exc:
+        return Reject(exc.alert, "bad_address", f"{sni}: {exc}")
+
+    cert = snap.certs.lookup(sni)
+    if addr.id in GATEWAY_LABELS and addr.mode is Mode.TERMINATE and label in GATEWAY_LABELS:
+        if cert is None:
+            return Reject(TlsAlert.UNRECOGNIZED_NAME, "no_cert", f"no certificate for {sni}")
+        return Gateway(cert.context(ALPN_H1), legacy_health=addr.id == "health")
+
+    if addr.id == LOCALHOST_ID and snap.localhost_backend:
+        cands: tuple[Candidate, ...] = (
+            Candidate(LOCALHOST_ID, LOCALHOST_ID, "127.0.0.1", OPEN_POLICY),
+        )
+    else:
+        cands = snap.routes.lookup(addr.id, snap.top_n)
+        if not cands:
+            return Reject(
+                TlsAlert.UNRECOGNIZED_NAME, "unknown_app", f"{sni}: no app or instance {addr.id!r}"
+            )
+
+    targets = tuple(
+        Target(c.instance_id, c.host, c.policy.wants_pp(addr.port))
+        for c in cands
+        if c.policy is not None and c.policy.allows(addr.port)
+    )
+    if not targets:
+        return Reject(
+            TlsAlert.HANDSHAKE_FAILURE,
+            "port_denied",
+            f"{sni}: port {addr.port} denied by the app's port policy",
+        )
+    upstream = Upstream(cands[0].app_id, addr.port, targets)
+
+    if addr.mode is Mode.PASSTHROUGH:
+        return Passthrough(upstream)
+    if cert is None:
+        return Reject(TlsAlert.UNRECOGNIZED_NAME, "no_cert", f"no certificate for {sni}")
+    alpn = ALPN_H2 if addr.mode is Mode.H2 else ALPN_H1
+    return Terminate(upstream, cert.context(alpn), alpn)
+
+
+def _custom_domain(sni: str, conn: ConnInfo, snap: Snapshot) -> Decision:
+    """Hook for custom domains (DNS TXT ``_dstack-app-address.<sni>`` -> passthrough).
+
+    Resolution needs I/O, so the custom-domain component will add a decision kind that the
+    edge resolves asynchronously (or a pre-resolved map in the snapshot). Until then: reject.
+    """
+    return Reject(
+        TlsAlert.UNRECOGNIZED_NAME,
+        "custom_domain",
+        f"{sni} is not under a base domain and custom domains are not routed yet",
+    )

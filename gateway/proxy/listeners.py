@@ -1,0 +1,201 @@
+"""One worker process's event-loop side: its listeners, live connections, reload and drain.
+
+Each worker binds its own ``SO_REUSEPORT`` listener per (address, port), so the kernel spreads
+new connections across workers without a shared accept queue. A :class:`Worker` is what every
+connection gets (as uvicorn's ``ServerState``): settings, the current decision snapshot,
+counters, the live-connection set. Nothing here is global.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from gateway.certs.store import CertStore
+from gateway.proxy.conn import Conn, Phase
+from gateway.proxy.decide import Snapshot
+from gateway.proxy.endpoints import GatewayInfo
+from gateway.proxy.routes import RouteTable
+from gateway.proxy.settings import ListenSpec, ProxySettings, Timeouts
+from gateway.proxy.stats import WorkerState, write_stats
+
+__all__ = ["Worker", "bind_listener", "probe_listeners"]
+
+logger = logging.getLogger(__name__)
+
+_ACCEPT_BATCH = 64
+
+
+def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
+    """A non-blocking ``SO_REUSEPORT`` listener; raises ``OSError`` naming the address."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        where = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+        raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from None
+    return sock
+
+
+def probe_listeners(specs: tuple[ListenSpec, ...], backlog: int) -> None:
+    """Bind (and release) every listener once, so a taken port fails before any fork."""
+    for spec in specs:
+        for port in spec.ports():
+            bind_listener(spec.host, port, backlog).close()
+
+
+class Worker:
+    """Per-process data-plane state shared by every connection of this worker."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        settings: ProxySettings,
+        certs: CertStore,
+        routes: RouteTable,
+        state: WorkerState,
+        stats_dir: Path | None = None,
+        info: GatewayInfo | None = None,
+        reload_routes: Callable[[], RouteTable] | None = None,
+    ) -> None:
+        self.loop = loop
+        self.settings = settings
+        self.timeouts: Timeouts = settings.timeouts
+        self.certs = certs
+        self.state = state
+        self.stats_dir = stats_dir
+        self.info = info or GatewayInfo()
+        self.reload_routes = reload_routes
+        self.snapshot = Snapshot(
+            base_domains=settings.base_domains,
+            certs=certs.snapshot,
+            routes=routes,
+            top_n=settings.connect_top_n,
+            localhost_backend=settings.insecure_localhost_backend,
+        )
+        workers = settings.worker_count()
+        limit = settings.max_connections_per_app
+        self.app_limit = math.ceil(limit / workers) if limit else 0
+        self.conns: set[Conn] = set()
+        self.listeners: list[tuple[socket.socket, int]] = []
+        self.access_enabled = logging.getLogger("gateway.access").isEnabledFor(logging.INFO)
+        self._stats_handle: asyncio.TimerHandle | None = None
+        self._parent = os.getppid()
+        self.stopping: asyncio.Future[None] | None = None
+
+    # -- listening ------------------------------------------------------------------------
+
+    def listen(self) -> None:
+        for spec in self.settings.listen_specs():
+            for port in spec.ports():
+                sock = bind_listener(spec.host, port, self.settings.backlog)
+                self.listeners.append((sock, port))
+                self.loop.add_reader(sock.fileno(), self._on_accept, sock, port)
+        self._schedule_stats()
+
+    def _on_accept(self, lsock: socket.socket, port: int) -> None:
+        state = self.state
+        conns = self.conns
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE, ENOBUFS...: count, let the poller retry later
+                state.error("accept_failed")
+                logger.warning("accept failed on port %d: %s", port, exc)
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            state.accepted += 1
+            state.open += 1
+            conn = Conn(self, sock, addr, port)
+            conns.add(conn)
+            conn.start()
+
+    # -- reload ---------------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Swap in new certificates and routes; live connections keep what they have."""
+        certs = self.certs.reload()
+        routes = self.snapshot.routes
+        if self.reload_routes is not None:
+            try:
+                routes = self.reload_routes()
+            except Exception as exc:  # a bad edit must not take the worker down
+                logger.error("route reload failed, keeping the old routes: %s", exc)
+        self.snapshot = replace(self.snapshot, certs=certs, routes=routes)
+        logger.info("worker %d reloaded: %d certificates", self.state.index, len(certs))
+
+    # -- stats ----------------------------------------------------------------------------
+
+    def _schedule_stats(self) -> None:
+        self._stats_handle = self.loop.call_later(self.settings.stats_interval, self._tick)
+
+    def _tick(self) -> None:
+        self.write_stats()
+        if os.getppid() != self._parent and not self.state.draining:
+            logger.error("worker %d: supervisor went away; draining", self.state.index)
+            self.begin_drain()
+            return
+        self._schedule_stats()
+
+    def write_stats(self) -> None:
+        if self.stats_dir is None:
+            return
+        try:
+            write_stats(self.stats_dir, self.state)
+        except OSError as exc:
+            logger.warning("cannot write stats to %s: %s", self.stats_dir, exc)
+
+    # -- drain ----------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        """Start :meth:`drain` as a task (called from a signal handler via the loop)."""
+        if self.state.draining:
+            return
+        self.state.draining = True
+        from gateway.util.tasks import spawn
+
+        spawn(self.drain(), name=f"drain-worker-{self.state.index}")
+
+    async def drain(self) -> None:
+        """The fixed order: stop listening, drop handshakes, let relays finish, close the rest."""
+        self.state.draining = True
+        for sock, _port in self.listeners:
+            self.loop.remove_reader(sock.fileno())
+            sock.close()
+        self.listeners.clear()
+        for conn in list(self.conns):
+            conn.shutdown()
+        deadline = self.loop.time() + self.timeouts.drain
+        while self.conns and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        left = [c for c in self.conns if c.phase is not Phase.CLOSED]
+        for conn in left:
+            conn.close("drain_timeout")
+        logger.info(
+            "worker %d drained: %d connections closed at the deadline, %d handled in total",
+            self.state.index,
+            len(left),
+            self.state.accepted,
+        )
+        if self._stats_handle is not None:
+            self._stats_handle.cancel()
+        self.write_stats()
+        if self.stopping is not None and not self.stopping.done():
+            self.stopping.set_result(None)

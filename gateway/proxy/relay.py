@@ -1,0 +1,251 @@
+"""The byte relay between a client and a backend: readiness callbacks, no tasks, no copies.
+
+Each side is a non-blocking socket, or for terminated TLS the C-level ``_ssl._SSLSocket``
+over the client socket (OpenSSL reads and writes the file descriptor itself: "socket BIO").
+A :class:`Side` holds that side's bound ``recv``/``send`` methods, so a chunk costs one
+readiness callback, one ``recv`` and one ``send``: the received ``bytes`` object is handed to
+the peer unchanged, and only a counter is bumped.
+
+Backpressure: when a ``send`` does not take the whole chunk, the rest is kept as ``pending``,
+reading from the other side stops, and a writer callback flushes; reading resumes when the
+buffer is empty. So each direction holds at most one chunk in memory.
+
+Half-close: EOF from one side (FIN, TLS close_notify, or a ragged TLS EOF, treated as clean as
+upstream does) becomes ``shutdown(SHUT_WR)`` towards the other once its pending bytes are
+flushed, and the other direction keeps flowing. A TLS side cannot be half-closed portably,
+so a backend EOF on a terminated connection flushes, sends close_notify and closes. The relay
+is finished when both directions are done, or on the first error.
+
+The loop is any object with ``add_reader``/``remove_reader``/``add_writer``/``remove_writer``
+(uvloop in production, a fake in the unit tests).
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any, Protocol
+
+__all__ = ["Relay", "Side"]
+
+_WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
+_CLEAN_EOF = (ssl.SSLZeroReturnError, ssl.SSLEOFError)
+_NO_CLOSE_NOTIFY = frozenset({"reset", "tls_error"})  # the TLS stream is unusable after these
+
+
+class ReadyLoop(Protocol):
+    def add_reader(self, fd: int, callback: Callable[..., Any], *args: Any) -> None: ...
+    def remove_reader(self, fd: int) -> bool: ...
+    def add_writer(self, fd: int, callback: Callable[..., Any], *args: Any) -> None: ...
+    def remove_writer(self, fd: int) -> bool: ...
+
+
+class Side:
+    """One end of the relay: its socket, bound I/O methods, and flow state."""
+
+    __slots__ = (
+        "sock",
+        "fd",
+        "tls",
+        "recv",
+        "send",
+        "peer",
+        "pending",
+        "reading",
+        "writing",
+        "eof",
+        "shut",
+        "shut_after_flush",
+        "nread",
+    )
+
+    def __init__(self, sock: socket.socket, tls: Any = None) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.tls = tls  # the _ssl._SSLSocket for a terminated client, else None
+        io: Any = tls if tls is not None else sock
+        self.recv: Callable[[int], bytes] = io.read if tls is not None else io.recv
+        self.send: Callable[[Any], int] = io.write if tls is not None else io.send
+        self.peer: Side = self
+        self.pending: bytes | memoryview | None = None
+        self.reading = False
+        self.writing = False
+        self.eof = False  # we read EOF from this side
+        self.shut = False  # we sent EOF to this side
+        self.shut_after_flush = False
+        self.nread = 0
+
+
+class Relay:
+    """Moves bytes both ways until both directions end or one fails; then closes both sockets.
+
+    ``on_done(reason)`` is called once, with ``"done"`` for a clean end, else the error
+    reason (``"reset"``, ``"tls_error"``) or whatever :meth:`finish` was given.
+    """
+
+    __slots__ = ("loop", "client", "backend", "bufsize", "on_done", "done", "progress")
+
+    def __init__(
+        self,
+        loop: ReadyLoop,
+        client: Side,
+        backend: Side,
+        bufsize: int,
+        on_done: Callable[[str], None],
+    ) -> None:
+        self.loop = loop
+        self.client = client
+        self.backend = backend
+        client.peer = backend
+        backend.peer = client
+        self.bufsize = bufsize
+        self.on_done = on_done
+        self.done = False
+        self.progress = 0  # bytes flushed from pending buffers (the idle watchdog adds nread)
+
+    # -- public ---------------------------------------------------------------------------
+
+    def start(self, first_to_backend: bytes | None = None) -> None:
+        """Begin relaying; ``first_to_backend`` (a PROXY header) goes out before any data."""
+        if first_to_backend:
+            self._send(self.backend, first_to_backend)
+            if self.done:
+                return
+        if self.backend.pending is None:
+            self._want_read(self.client)
+        self._want_read(self.backend)
+
+    def activity(self) -> int:
+        """A number that grows whenever bytes move (compared by the idle watchdog)."""
+        return self.client.nread + self.backend.nread + self.progress
+
+    def finish(self, reason: str, notify: bool = True) -> None:
+        """Stop both directions and close both sockets.
+
+        A terminated client gets close_notify first unless the stream already failed, so a
+        timeout or drain looks like a clean end to TLS clients rather than a truncation.
+        """
+        if self.done:
+            return
+        self.done = True
+        loop = self.loop
+        for side in (self.client, self.backend):
+            if side.reading:
+                loop.remove_reader(side.fd)
+                side.reading = False
+            if side.writing:
+                loop.remove_writer(side.fd)
+                side.writing = False
+        tls = self.client.tls
+        if tls is not None and reason not in _NO_CLOSE_NOTIFY:
+            try:
+                tls.shutdown()  # sends close_notify; the peer's reply is not awaited
+            except (OSError, ValueError):
+                pass
+        self.client.sock.close()
+        self.backend.sock.close()
+        if notify:
+            self.on_done(reason)
+
+    # -- callbacks ------------------------------------------------------------------------
+
+    def _on_read(self, src: Side) -> None:
+        try:
+            data = src.recv(self.bufsize)
+        except _WOULD_BLOCK:
+            return
+        except _CLEAN_EOF:
+            data = b""
+        except ssl.SSLError:
+            self.finish("tls_error")
+            return
+        except OSError:
+            self.finish("reset")
+            return
+        if data:
+            src.nread += len(data)
+            self._send(src.peer, data)
+        else:
+            self._on_eof(src)
+
+    def _on_writable(self, dst: Side) -> None:
+        data = dst.pending
+        assert data is not None
+        try:
+            n = dst.send(data)
+        except _WOULD_BLOCK:
+            return
+        except ssl.SSLError:
+            self.finish("tls_error")
+            return
+        except OSError:
+            self.finish("reset")
+            return
+        self.progress += n
+        if n < len(data):
+            dst.pending = memoryview(data)[n:]
+            return
+        dst.pending = None
+        self.loop.remove_writer(dst.fd)
+        dst.writing = False
+        if dst.shut_after_flush:
+            self._shut(dst)
+        else:
+            self._want_read(dst.peer)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _want_read(self, side: Side) -> None:
+        if not side.reading and not side.eof:
+            self.loop.add_reader(side.fd, self._on_read, side)
+            side.reading = True
+
+    def _send(self, dst: Side, data: bytes) -> None:
+        if dst.pending is not None:  # only reachable with a PROXY header still queued
+            dst.pending = bytes(dst.pending) + data
+            return
+        try:
+            n = dst.send(data)
+        except _WOULD_BLOCK:
+            n = 0
+        except ssl.SSLError:
+            self.finish("tls_error")
+            return
+        except OSError:
+            self.finish("reset")
+            return
+        if n == len(data):
+            return
+        # TLS must retry the very same buffer; a plain socket continues after what it took
+        dst.pending = data if (n == 0 or dst.tls is not None) else memoryview(data)[n:]
+        src = dst.peer
+        if src.reading:
+            self.loop.remove_reader(src.fd)
+            src.reading = False
+        self.loop.add_writer(dst.fd, self._on_writable, dst)
+        dst.writing = True
+
+    def _on_eof(self, src: Side) -> None:
+        src.eof = True
+        if src.reading:
+            self.loop.remove_reader(src.fd)
+            src.reading = False
+        dst = src.peer
+        if dst.pending is not None:
+            dst.shut_after_flush = True
+        else:
+            self._shut(dst)
+
+    def _shut(self, dst: Side) -> None:
+        if dst.tls is not None:
+            self.finish("done")  # no TLS half-close: flushed, close_notify, close
+            return
+        try:
+            dst.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.finish("reset")
+            return
+        dst.shut = True
+        if dst.peer.shut:
+            self.finish("done")

@@ -1,0 +1,107 @@
+"""Where an app or instance id leads: candidate backends, freshest first.
+
+:class:`RouteTable` is the interface the data plane reads; :class:`StaticRoutes` serves the
+``[[proxy.routes]]`` config section, and the tunnel registry will provide another
+implementation later. Either way a table is an immutable snapshot: the control plane builds a
+new one and the worker swaps it in whole, so a connection never sees a half-updated table.
+
+Lookup rules (from the upstream gateway, ``select_top_n_hosts``):
+
+1. ``id`` names an instance -> exactly that instance, whatever its freshness;
+2. else ``id`` names an app -> its instances that have ever been seen (finite freshness),
+   sorted freshest first, at most ``top_n``;
+3. else nothing.
+
+Port policy is fail-closed: a candidate whose policy is unknown (``None``) is never used.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Protocol
+
+from gateway.proxy.settings import StaticRoute
+
+__all__ = ["OPEN_POLICY", "Candidate", "PortPolicy", "RouteTable", "StaticRoutes"]
+
+
+@dataclass(frozen=True, slots=True)
+class PortPolicy:
+    """Which ports of an instance are reachable, and which want an outbound PROXY header."""
+
+    restrict_mode: bool = False
+    pp_ports: Mapping[int, bool] = field(default_factory=lambda: MappingProxyType({}))
+
+    def allows(self, port: int) -> bool:
+        return not self.restrict_mode or port in self.pp_ports
+
+    def wants_pp(self, port: int) -> bool:
+        return self.pp_ports.get(port, False)
+
+
+OPEN_POLICY = PortPolicy()
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One backend an id may lead to.
+
+    ``freshness`` is the age in seconds of the instance's last sign of life (the WireGuard
+    handshake, later); ``math.inf`` means never seen. ``policy`` ``None`` means unknown and
+    therefore denied.
+    """
+
+    instance_id: str
+    app_id: str
+    host: str
+    policy: PortPolicy | None
+    freshness: float = 0.0
+
+
+class RouteTable(Protocol):
+    """Read-only routing snapshot used by :func:`gateway.proxy.decide.decide`."""
+
+    def lookup(self, ident: str, top_n: int) -> tuple[Candidate, ...]:
+        """Candidates for an instance or app id, best first (empty: unknown id)."""
+        ...
+
+
+class StaticRoutes:
+    """Routes from configuration; freshness is 0 for every backend (always eligible)."""
+
+    __slots__ = ("_by_app", "_by_instance")
+
+    def __init__(self, routes: Iterable[StaticRoute]) -> None:
+        by_app: dict[str, tuple[Candidate, ...]] = {}
+        by_instance: dict[str, Candidate] = {}
+        for route in routes:
+            policy = PortPolicy(
+                route.restrict_mode, MappingProxyType({r.port: r.pp for r in route.ports})
+            )
+            ids = route.instance_ids or tuple("" for _ in route.backends)
+            cands = tuple(
+                Candidate(instance_id=iid, app_id=route.app_id, host=host, policy=policy)
+                for iid, host in zip(ids, route.backends, strict=True)
+            )
+            by_app[route.app_id] = tuple(
+                sorted((c for c in cands if not math.isinf(c.freshness)), key=_age)
+            )
+            for cand in cands:
+                if cand.instance_id:
+                    by_instance[cand.instance_id] = cand
+        self._by_app: Mapping[str, tuple[Candidate, ...]] = MappingProxyType(by_app)
+        self._by_instance: Mapping[str, Candidate] = MappingProxyType(by_instance)
+
+    def lookup(self, ident: str, top_n: int) -> tuple[Candidate, ...]:
+        inst = self._by_instance.get(ident)
+        if inst is not None:
+            return (inst,)
+        cands = self._by_app.get(ident, ())
+        return cands if len(cands) <= top_n else cands[:top_n]
+
+
+def _age(c: Candidate) -> float:
+    return c.freshness

@@ -1,0 +1,114 @@
+"""Per-worker counters, and how the admin API reads them across worker processes.
+
+Each worker owns one :class:`WorkerState` (passed to every connection; no globals). Counters
+are plain ints bumped on the event loop thread. Aggregation across processes is deliberately
+simple: every ``stats_interval`` seconds (and at exit) a worker writes ``snapshot()`` as JSON to
+``<stats_dir>/worker-<index>.json`` (temp file + rename), and :func:`read_stats` sums the
+files. The figures are therefore at most one interval old; that is fine for dashboards and
+keeps the hot path free of IPC.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+__all__ = ["WorkerState", "read_stats", "write_stats"]
+
+
+class WorkerState:
+    """Counters of one worker process. ``app_open`` also backs the per-app connection limit."""
+
+    __slots__ = (
+        "index",
+        "pid",
+        "accepted",
+        "open",
+        "closed",
+        "bytes_up",
+        "bytes_down",
+        "terminated",
+        "passthrough",
+        "gateway",
+        "errors",
+        "app_open",
+        "draining",
+    )
+
+    def __init__(self, index: int = 0, pid: int = 0) -> None:
+        self.index = index
+        self.pid = pid
+        self.accepted = 0
+        self.open = 0
+        self.closed = 0
+        self.bytes_up = 0  # client -> backend
+        self.bytes_down = 0  # backend -> client
+        self.terminated = 0
+        self.passthrough = 0
+        self.gateway = 0
+        self.errors: Counter[str] = Counter()  # close reason (not "done") -> count
+        self.app_open: Counter[str] = Counter()
+        self.draining = False
+
+    def error(self, reason: str) -> None:
+        self.errors[reason] += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """A JSON-ready copy of every counter."""
+        return {
+            "index": self.index,
+            "pid": self.pid,
+            "accepted": self.accepted,
+            "open": self.open,
+            "closed": self.closed,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "terminated": self.terminated,
+            "passthrough": self.passthrough,
+            "gateway": self.gateway,
+            "errors": dict(self.errors),
+            "app_open": {k: v for k, v in self.app_open.items() if v},
+            "draining": self.draining,
+        }
+
+
+def write_stats(stats_dir: Path, state: WorkerState) -> None:
+    """Write this worker's snapshot atomically; errors are the caller's to log."""
+    stats_dir.mkdir(parents=True, exist_ok=True)
+    final = stats_dir / f"worker-{state.index}.json"
+    tmp = stats_dir / f".worker-{state.index}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(state.snapshot()), encoding="utf-8")
+    os.replace(tmp, final)
+
+
+def read_stats(stats_dir: Path) -> dict[str, Any]:
+    """Sum every worker's last snapshot: totals plus the per-worker list."""
+    workers: list[dict[str, Any]] = []
+    for path in sorted(stats_dir.glob("worker-*.json")):
+        try:
+            workers.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            continue  # replaced between glob and read, or a torn legacy file
+    total: dict[str, Any] = {"workers": workers}
+    for key in (
+        "accepted",
+        "open",
+        "closed",
+        "bytes_up",
+        "bytes_down",
+        "terminated",
+        "passthrough",
+        "gateway",
+    ):
+        total[key] = sum(int(w.get(key, 0)) for w in workers)
+    errors: Counter[str] = Counter()
+    apps: Counter[str] = Counter()
+    for w in workers:
+        errors.update(w.get("errors", {}))
+        apps.update(w.get("app_open", {}))
+    total["errors"] = dict(errors)
+    total["app_open"] = dict(apps)
+    return total

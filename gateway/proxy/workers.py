@@ -1,0 +1,223 @@
+"""The supervisor: fork N workers, keep them alive, forward reload and drain.
+
+* Certificates are loaded **before** forking, so every worker starts with the same
+  ``SSLContext`` objects and therefore the same TLS session-ticket keys: a client resuming on
+  another worker still resumes. (After a SIGHUP each worker reloads on its own and ticket keys
+  diverge until restart; resumption then works per worker only. Python has no API to set the
+  keys.)
+* Every worker binds its own ``SO_REUSEPORT`` listeners. When one closes (drain, crash), the
+  connections still in its accept queue are reset unless ``net.ipv4.tcp_migrate_req=1``; we do
+  not change that system-wide sysctl, and log a hint at start when it is off.
+* Signal handlers only set flags or queue the signal; the supervisor's loop and the workers'
+  event loops do the work. SIGTERM/SIGINT: forward SIGTERM, wait up to ``drain`` + 5 s, then
+  SIGKILL stragglers. SIGHUP: forward to every worker (each reloads certificates and routes
+  without dropping connections). A worker that dies unexpectedly is replaced (with back-off).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+
+from gateway.certs.store import CertStore
+from gateway.proxy.endpoints import GatewayInfo
+from gateway.proxy.listeners import Worker, probe_listeners
+from gateway.proxy.routes import RouteTable, StaticRoutes
+from gateway.proxy.settings import ProxySettings
+from gateway.proxy.stats import WorkerState
+
+__all__ = ["Supervisor", "run_worker"]
+
+logger = logging.getLogger(__name__)
+
+_RESTART_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+def run_worker(
+    index: int,
+    settings: ProxySettings,
+    certs: CertStore,
+    routes: RouteTable,
+    stats_dir: Path | None,
+    reload_routes: Callable[[], RouteTable] | None,
+    info: GatewayInfo | None = None,
+) -> int:
+    """A worker process's main: its own uvloop loop until drained. Returns the exit code."""
+    import uvloop
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor turns Ctrl-C into SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    state = WorkerState(index, os.getpid())
+    worker = Worker(loop, settings, certs, routes, state, stats_dir, info, reload_routes)
+
+    async def main() -> None:
+        worker.stopping = loop.create_future()
+        loop.add_signal_handler(signal.SIGTERM, worker.begin_drain)
+        loop.add_signal_handler(signal.SIGHUP, worker.reload)
+        worker.listen()
+        logger.info("worker %d (pid %d) listening", index, os.getpid())
+        await worker.stopping
+
+    try:
+        loop.run_until_complete(main())
+    except OSError as exc:
+        logger.error("worker %d: %s", index, exc)
+        return 1
+    finally:
+        loop.close()
+    return 0
+
+
+class Supervisor:
+    """Forks and watches the workers. :meth:`run` blocks until shutdown; returns exit code."""
+
+    def __init__(
+        self,
+        settings: ProxySettings,
+        stats_dir: Path | None = None,
+        reload_routes: Callable[[], RouteTable] | None = None,
+        info: GatewayInfo | None = None,
+    ) -> None:
+        self.settings = settings
+        self.stats_dir = stats_dir
+        self.reload_routes = reload_routes
+        self.info = info
+        self.count = settings.worker_count()
+        self.children: dict[int, int] = {}  # pid -> worker index
+        self.failures: dict[int, int] = {}  # worker index -> consecutive quick deaths
+        self.signals: list[int] = []  # queued by the handler, consumed by run()
+        self.certs: CertStore | None = None
+        self.routes: RouteTable = StaticRoutes(settings.routes)
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self.signals.append(signum)  # only queue it; run() acts on it
+
+    def run(self) -> int:
+        probe_listeners(self.settings.listen_specs(), self.settings.backlog)
+        self.certs = CertStore(self.settings.certs_dir, self.settings.tls_versions)
+        logger.info(
+            "certificates: %d loaded from %s", len(self.certs.snapshot), self.settings.certs_dir
+        )
+        _hint_migrate_req()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
+        for index in range(self.count):
+            self._spawn(index)
+        logger.info("gateway proxy: %d workers on %s", self.count, ", ".join(self.settings.listen))
+        while True:
+            while self.signals:
+                signum = self.signals.pop(0)
+                if signum == signal.SIGHUP:
+                    self._forward(signal.SIGHUP)
+                    if self.certs is not None:
+                        self.certs.reload()  # future forks start from the new set
+                    logger.info(
+                        "reload requested: forwarded SIGHUP to %d workers", len(self.children)
+                    )
+                else:
+                    return self._shutdown()
+            self._reap()
+            time.sleep(0.05)
+
+    def _spawn(self, index: int) -> None:
+        assert self.certs is not None
+        pid = os.fork()
+        if pid == 0:  # the child never returns from here
+            code = 1
+            try:
+                code = run_worker(
+                    index,
+                    self.settings,
+                    self.certs,
+                    self.routes,
+                    self.stats_dir,
+                    self.reload_routes,
+                    self.info,
+                )
+            except BaseException:  # noqa: BLE001 - last resort before os._exit
+                logger.exception("worker %d crashed", index)
+            finally:
+                logging.shutdown()
+                os._exit(code)
+        self.children[pid] = index
+
+    def _forward(self, sig: int) -> None:
+        for pid in list(self.children):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def _reap(self) -> None:
+        while self.children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            index = self.children.pop(pid, None)
+            if index is None:
+                continue
+            fails = self.failures.get(index, 0)
+            delay = _RESTART_BACKOFF[min(fails, len(_RESTART_BACKOFF) - 1)]
+            logger.error(
+                "worker %d (pid %d) exited (%s); restarting in %.1fs",
+                index,
+                pid,
+                _describe(status),
+                delay,
+            )
+            self.failures[index] = fails + 1
+            time.sleep(delay)
+            self._spawn(index)
+
+    def _shutdown(self) -> int:
+        logger.info("shutting down: draining %d workers", len(self.children))
+        self._forward(signal.SIGTERM)
+        deadline = time.monotonic() + self.settings.timeouts.drain + 5.0
+        while self.children and time.monotonic() < deadline:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                time.sleep(0.05)
+                continue
+            self.children.pop(pid, None)
+        if self.children:
+            logger.error("killing %d workers that did not drain in time", len(self.children))
+            self._forward(signal.SIGKILL)
+            for pid in list(self.children):
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+            self.children.clear()
+        logger.info("gateway proxy stopped")
+        return 0
+
+
+def _describe(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        return f"signal {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exit code {os.waitstatus_to_exitcode(status)}"
+
+
+def _hint_migrate_req() -> None:
+    try:
+        value = Path("/proc/sys/net/ipv4/tcp_migrate_req").read_text().strip()
+    except OSError:
+        return
+    if value != "1":
+        logger.info(
+            "net.ipv4.tcp_migrate_req=%s: connections queued on a worker that stops are reset; "
+            "set it to 1 to migrate them to the other workers",
+            value,
+        )

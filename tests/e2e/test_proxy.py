@@ -1,0 +1,427 @@
+"""End to end: a real ``gateway serve`` (2 workers) between real clients and the demo origin.
+
+Mirrors upstream's ``test_proxy.sh`` data-path groups (fetch, concurrency, half-close,
+close_notify, idle) and adds names, alerts, port policy, PROXY headers, h2, reload and drain.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gateway.certs.devca import DevCa, issue_wildcard, write_cert_dir
+from gateway.protocol.hello_builder import build_client_hello
+from gateway.protocol.proxy_header import ProxyHeader, encode_proxy_header
+from gateway.proxy.origin import pattern_bytes
+from tests.helpers.gateway import (
+    BASE,
+    Gateway,
+    Origin,
+    get,
+    make_certs,
+    read_response,
+    read_until_eof,
+    recv_alert,
+    run_gateway,
+    run_origin,
+    tls_connect,
+    worker_pids,
+    write_config,
+)
+from tests.helpers.processes import wait_until
+
+pytestmark = pytest.mark.slow
+
+ALERT_UNRECOGNIZED_NAME = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 112])
+ALERT_HANDSHAKE_FAILURE = bytes([0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 40])
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("gw")
+
+
+@pytest.fixture(scope="module")
+def ca(root: Path) -> Path:
+    return make_certs(root)[0]
+
+
+@pytest.fixture(scope="module")
+def origin(root: Path, ca: Path) -> Iterator[Origin]:
+    with run_origin(root) as o:
+        yield o
+
+
+@pytest.fixture(scope="module")
+def gw(root: Path, origin: Origin) -> Iterator[Gateway]:
+    with run_gateway(write_config(root, "main", origin)) as g:
+        yield g
+
+
+def sni(label: str) -> str:
+    return f"{label}.{BASE}"
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- data path ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1024, 1 << 20])
+@pytest.mark.parametrize("mode", ["terminate", "passthrough"])
+def test_fetch_is_intact(gw: Gateway, origin: Origin, ca: Path, mode: str, size: int) -> None:
+    label = f"app-{origin.http}" if mode == "terminate" else f"app-{origin.tls}s"
+    with tls_connect(gw.port, sni(label), ca) as s:
+        head, body = get(s, f"/bytes/{size}")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert sha(body) == sha(pattern_bytes(size))
+        # keep-alive: a second request on the same connection
+        _, body2 = get(s, "/bytes/10")
+        assert body2 == pattern_bytes(10)
+
+
+def test_upload_is_intact(gw: Gateway, origin: Origin, ca: Path) -> None:
+    payload = os.urandom(1 << 20)
+    with tls_connect(gw.port, sni(f"app-{origin.http}"), ca) as s:
+        s.sendall(b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(payload))
+        s.sendall(payload)
+        _, body = read_response(s)
+    assert json.loads(body) == {"length": len(payload), "sha256": sha(payload)}
+
+
+def test_curl_terminate_and_passthrough(gw: Gateway, origin: Origin, ca: Path) -> None:
+    for label in (f"app-{origin.http}", f"app-{origin.tls}s"):
+        name = sni(label)
+        out = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--fail",
+                "--cacert",
+                str(ca),
+                "--resolve",
+                f"{name}:{gw.port}:127.0.0.1",
+                f"https://{name}:{gw.port}/bytes/5000",
+            ],
+            capture_output=True,
+            timeout=20,
+            check=True,
+        )
+        assert out.stdout == pattern_bytes(5000)
+
+
+def test_sixteen_concurrent_transfers(gw: Gateway, origin: Origin, ca: Path) -> None:
+    size = 256 * 1024
+
+    def one(i: int) -> str:
+        label = f"app-{origin.http}" if i % 2 else f"app-{origin.tls}s"
+        with tls_connect(gw.port, sni(label), ca) as s:
+            return sha(get(s, f"/bytes/{size}")[1])
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(one, range(16)))
+    assert results == [sha(pattern_bytes(size))] * 16
+
+
+def test_instance_id_and_failover(gw: Gateway, origin: Origin, ca: Path) -> None:
+    # "inst1" is app's instance; "multi" races 127.0.0.2/.1/.3 and only .1 listens
+    for label in (f"inst1-{origin.http}", f"multi-{origin.http}"):
+        with tls_connect(gw.port, sni(label), ca) as s:
+            assert get(s, "/health")[1] == b"ok"
+
+
+# -- half-close and close_notify -------------------------------------------------------------
+
+
+def _tls_halfclose(port: int, name: str, ca: Path) -> bytes:
+    """Send a request, then close_notify + SHUT_WR at once; return what comes back."""
+    ctx = ssl.create_default_context(cafile=str(ca))
+    raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    inc, out = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(inc, out, server_hostname=name)
+
+    def pump_out() -> None:
+        data = out.read()
+        if data:
+            raw.sendall(data)
+
+    while True:
+        try:
+            obj.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            pump_out()
+            inc.write(raw.recv(65536))
+    obj.write(b"GET /halfclose HTTP/1.1\r\nHost: x\r\n\r\n")
+    try:
+        obj.unwrap()
+    except ssl.SSLWantReadError:
+        pass
+    pump_out()
+    raw.shutdown(socket.SHUT_WR)
+    got = b""
+    while True:
+        chunk = raw.recv(65536)
+        if not chunk:
+            break
+        inc.write(chunk)
+        while True:
+            try:
+                data = obj.read(65536)
+            except (ssl.SSLWantReadError, ssl.SSLZeroReturnError):
+                break
+            if not data:
+                break
+            got += data
+    raw.close()
+    return got
+
+
+@pytest.mark.parametrize("mode", ["terminate", "passthrough"])
+def test_halfclose_returns_full_reply(gw: Gateway, origin: Origin, ca: Path, mode: str) -> None:
+    label = f"app-{origin.http}" if mode == "terminate" else f"app-{origin.tls}s"
+    assert _tls_halfclose(gw.port, sni(label), ca) == pattern_bytes(4096)
+
+
+@pytest.mark.parametrize("mode", ["terminate", "passthrough"])
+def test_close_notify_after_app_closes(gw: Gateway, origin: Origin, ca: Path, mode: str) -> None:
+    label = f"app-{origin.http}" if mode == "terminate" else f"app-{origin.tls}s"
+    with tls_connect(gw.port, sni(label), ca) as s:
+        s.sendall(b"GET /close/1048576 HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = read_until_eof(s)  # raises SSLEOFError on a truncated (ragged) end
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert sha(body) == sha(pattern_bytes(1 << 20))
+
+
+# -- timeouts --------------------------------------------------------------------------------
+
+
+def test_idle_connection_is_reaped(gw: Gateway, origin: Origin, ca: Path) -> None:
+    with tls_connect(gw.port, sni(f"app-{origin.http}"), ca) as s:
+        assert get(s, "/health")[1] == b"ok"
+        start = time.monotonic()
+        s.settimeout(10)
+        assert s.recv(10) == b""  # close_notify then EOF, after idle (1.5 s) .. 2 x idle
+        assert 1.2 < time.monotonic() - start < 4.5
+
+
+def test_slow_hello_is_dropped_after_handshake_timeout(gw: Gateway) -> None:
+    hello = build_client_hello(sni(f"app-{80}"))
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        s.sendall(hello[:10])  # slowloris: part of a hello, then silence
+        start = time.monotonic()
+        assert s.recv(100) == b""
+        assert 0.8 < time.monotonic() - start < 3.0
+
+
+def test_trickled_hello_is_assembled(gw: Gateway, origin: Origin) -> None:
+    hello = build_client_hello(sni(f"nope-{origin.http}"), fragment=100)
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        for i in range(0, len(hello), 37):
+            s.sendall(hello[i : i + 37])
+            time.sleep(0.01)
+        assert s.recv(100) == ALERT_UNRECOGNIZED_NAME  # parsed whole, then routed
+
+
+def test_connect_timeout_or_refusal_closes(gw: Gateway, origin: Origin, ca: Path) -> None:
+    port = origin.http + 1 if origin.http < 65535 else origin.http - 1
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        with tls_connect(gw.port, sni(f"app-{port}"), ca) as s:
+            s.sendall(b"GET / HTTP/1.1\r\n\r\n")
+            assert s.recv(100) == b""
+            raise ConnectionError("closed as expected")
+
+
+# -- names, alerts, policy -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["nope.gw.test", "a-b-c.gw.test", "example.com", "x.y.gw.test"],
+)
+def test_unrouted_names_get_unrecognized_name(gw: Gateway, name: str) -> None:
+    assert recv_alert(gw.port, build_client_hello(name)) == ALERT_UNRECOGNIZED_NAME
+
+
+def test_python_client_sees_the_alert(gw: Gateway, ca: Path) -> None:
+    with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
+        tls_connect(gw.port, "nope.gw.test", ca)
+
+
+def test_openssl_s_client_sees_the_alert(gw: Gateway) -> None:
+    out = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{gw.port}", "-servername", "nope.gw.test"],
+        input=b"",
+        capture_output=True,
+        timeout=20,
+    )
+    assert b"unrecognized name" in out.stdout + out.stderr
+
+
+def test_malformed_and_oversized_hellos_get_alerts(gw: Gateway) -> None:
+    answer = recv_alert(gw.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer[:1] == b"\x15" and len(answer) == 7
+    big = build_client_hello(sni("app"), padding=8000)  # over hello_limit = 4096
+    answer = recv_alert(gw.port, big)
+    assert answer[:1] == b"\x15" and len(answer) == 7
+    no_sni = build_client_hello(None)
+    assert recv_alert(gw.port, no_sni) == ALERT_UNRECOGNIZED_NAME
+
+
+def test_port_policy_denies_unlisted_ports(gw: Gateway, origin: Origin) -> None:
+    assert recv_alert(gw.port, build_client_hello(sni(f"locked-{origin.http}"))) == (
+        ALERT_HANDSHAKE_FAILURE
+    )
+    assert recv_alert(gw.port, build_client_hello(sni("pp-9"))) == ALERT_HANDSHAKE_FAILURE
+
+
+def test_gateway_endpoints(gw: Gateway, ca: Path) -> None:
+    with tls_connect(gw.port, sni("gateway"), ca) as s:
+        head, body = get(s, "/index")
+    assert head.startswith(b"HTTP/1.1 200")
+    assert json.loads(body)["type"] == "dstack gateway"
+    with tls_connect(gw.port, sni("gateway"), ca) as s:
+        assert get(s, "/health")[0].startswith(b"HTTP/1.1 200")
+    with tls_connect(gw.port, sni("gateway"), ca) as s:
+        assert get(s, "/nope")[0].startswith(b"HTTP/1.1 404")
+
+
+def test_h2_only_for_g_names(gw: Gateway, origin: Origin, ca: Path) -> None:
+    with tls_connect(gw.port, sni(f"app-{origin.http}g"), ca, alpn=["h2", "http/1.1"]) as s:
+        assert s.selected_alpn_protocol() == "h2"
+    with tls_connect(gw.port, sni(f"app-{origin.http}"), ca, alpn=["h2", "http/1.1"]) as s:
+        assert s.selected_alpn_protocol() == "http/1.1"
+    name = sni(f"app-{origin.http}g")
+    transport = httpx.HTTPTransport(http2=True, verify=client_ctx(ca))
+    with httpx.Client(transport=transport, http2=True) as client:
+        resp = client.get(
+            f"https://127.0.0.1:{gw.port}/bytes/100000",
+            headers={"host": name},
+            extensions={"sni_hostname": name},
+        )
+    assert resp.http_version == "HTTP/2"
+    assert resp.content == pattern_bytes(100000)
+
+
+def client_ctx(ca: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca))
+
+
+# -- PROXY protocol --------------------------------------------------------------------------
+
+
+def test_outbound_proxy_header_reaches_the_app(gw: Gateway, origin: Origin, ca: Path) -> None:
+    for label in (f"pp-{origin.http}", f"pp-{origin.tls}s"):
+        with tls_connect(gw.port, sni(label), ca) as s:
+            local = s.getsockname()
+            doc = json.loads(get(s, "/pp")[1])
+        assert doc["version"] == 2
+        assert doc["source"] == [local[0], local[1]]
+        assert doc["destination"] == ["127.0.0.1", gw.port]
+
+
+@pytest.fixture(scope="module")
+def gw_pp(root: Path, origin: Origin) -> Iterator[Gateway]:
+    cfg = write_config(root, "inbound", origin, inbound_proxy_protocol=True, workers=1)
+    with run_gateway(cfg) as g:
+        yield g
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_inbound_proxy_header_is_forwarded(
+    gw_pp: Gateway, origin: Origin, ca: Path, version: int
+) -> None:
+    header = encode_proxy_header(
+        ProxyHeader.for_connection(("203.0.113.7", 4242), ("198.51.100.1", 443), version)
+    )
+    raw = socket.create_connection(("127.0.0.1", gw_pp.port), timeout=10)
+    raw.sendall(header)
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with ctx.wrap_socket(raw, server_hostname=sni(f"pp-{origin.http}")) as s:
+        doc = json.loads(get(s, "/pp")[1])
+    assert doc["source"] == ["203.0.113.7", 4242]
+    assert doc["version"] == version
+
+
+def test_inbound_proxy_header_required(gw_pp: Gateway) -> None:
+    assert recv_alert(gw_pp.port, build_client_hello(sni("app"))) == b""
+    with socket.create_connection(("127.0.0.1", gw_pp.port), timeout=10) as s:
+        start = time.monotonic()
+        assert s.recv(10) == b""  # nothing sent: the proxy_header timeout closes it
+        assert 0.8 < time.monotonic() - start < 3.0
+
+
+# -- reload, drain, restart ------------------------------------------------------------------
+
+
+def _leaf_serial(port: int, name: str, ca: Path) -> int:
+    from cryptography import x509
+
+    with tls_connect(port, name, ca) as s:
+        der = s.getpeercert(binary_form=True)
+    assert der is not None
+    return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+def test_sighup_reloads_certs_without_dropping(root: Path, origin: Origin, ca: Path) -> None:
+    certs = root / "hup-certs"
+    shutil.copytree(root / "certs", certs)
+    cfg = write_config(root, "hup", origin, certs_dir=str(certs), workers=1)
+    with run_gateway(cfg) as g:
+        name = sni(f"app-{origin.http}")
+        before = _leaf_serial(g.port, name, ca)
+        live = tls_connect(g.port, name, ca)
+        assert get(live, "/health")[1] == b"ok"
+        dev = DevCa(root / "ca" / "ca.pem", root / "ca" / "ca.key")
+        cert, key = issue_wildcard(dev, [f"*.{BASE}", BASE])
+        write_cert_dir(certs, BASE, [cert, dev.load()[0]], key)
+        os.kill(g.proc.pid, signal.SIGHUP)
+        wait_until(
+            lambda: _leaf_serial(g.port, name, ca) == cert.serial_number, g.proc, 10, "new cert"
+        )
+        assert before != cert.serial_number
+        assert get(live, "/bytes/1000")[1] == pattern_bytes(1000)  # the old connection lives on
+        live.close()
+
+
+def test_sigterm_drains_a_transfer_in_flight(root: Path, origin: Origin, ca: Path) -> None:
+    cfg = write_config(root, "drain", origin, workers=1)
+    with run_gateway(cfg) as g:
+        s = tls_connect(g.port, sni(f"app-{origin.http}"), ca)
+        s.sendall(b"GET /trickle/1280 HTTP/1.1\r\nHost: x\r\n\r\n")  # ~1 s of trickle
+        assert s.recv(5) == b"HTTP/"
+        os.kill(g.proc.pid, signal.SIGTERM)
+        data = read_until_eof(s)
+        s.close()
+        assert data.endswith(pattern_bytes(1280))
+        assert g.proc.wait(timeout=10) == 0
+        assert "drained: 0 connections closed at the deadline" in g.log_text()
+
+
+def test_killed_worker_is_replaced(root: Path, origin: Origin, ca: Path) -> None:
+    cfg = write_config(root, "restart", origin, workers=2)
+    with run_gateway(cfg) as g:
+        wait_until(lambda: len(worker_pids(g)) == 2, g.proc, 10, "two workers")
+        old = worker_pids(g)
+        os.kill(old[0], signal.SIGKILL)
+        wait_until(lambda: worker_pids(g).get(0, old[0]) != old[0], g.proc, 10, "worker 0 replaced")
+        for _ in range(6):
+            with tls_connect(g.port, sni(f"app-{origin.http}"), ca) as s:
+                assert get(s, "/health")[1] == b"ok"
+        assert "restarting" in g.log_text()
