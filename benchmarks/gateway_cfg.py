@@ -1,22 +1,63 @@
 """The gateway's configuration for a benchmark run, and the SNI names every server routes.
 
-Placeholder until the proxy's configuration format lands: the names are final, the TOML is
-filled in from ``gateway/proxy/settings.py`` once ``gateway serve`` exists.
+The gateway routes ``<app_id>-<port>.<base>`` (terminate) and ``<app_id>-<port>s.<base>``
+(passthrough) to the app's backends at that port; one static route ``bench`` -> 127.0.0.1
+makes both names reach the origin. nginx and HAProxy are configured with the very same
+names, so every server matches the same SNI.
+
+``log_level = "warning"`` turns the gateway's per-connection access line off, as
+``access_log off`` does for nginx. ``max_connections_per_app = 0`` lifts the per-app cap
+(default 2 000) for the idle-connection cell.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
-from benchmarks.configs import OriginPorts
+from benchmarks.configs import Names, OriginPorts
 from benchmarks.tls import CertFiles
 
 DOMAIN = "bench.test"
-TERM_HOST = f"app.{DOMAIN}"
-PASS_HOST = f"pass.{DOMAIN}"
+APP_ID = "bench"
 
 
-def config_toml(
-    *, data_dir: Path, port: int, origin: OriginPorts, cert: CertFiles, workers: int, tickets: bool
-) -> str:
-    raise NotImplementedError("the gateway's proxy configuration is not known yet")
+def names_for(origin: OriginPorts) -> Names:
+    """The terminate and passthrough SNI names, which carry the origin's ports."""
+    return Names(
+        domain=DOMAIN,
+        term_host=f"{APP_ID}-{origin.http}.{DOMAIN}",
+        pass_host=f"{APP_ID}-{origin.tls}s.{DOMAIN}",
+    )
+
+
+def install_cert(certs_dir: Path, cert: CertFiles) -> Path:
+    """The gateway's layout: ``certs_dir/<name>/fullchain.pem`` and ``privkey.pem``."""
+    target = certs_dir / DOMAIN
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(cert.cert, target / "fullchain.pem")
+    shutil.copyfile(cert.key, target / "privkey.pem")
+    (target / "privkey.pem").chmod(0o600)
+    return certs_dir
+
+
+def config_toml(*, data_dir: Path, certs_dir: Path, port: int, workers: int) -> str:
+    q = json.dumps
+    return "\n".join(
+        [
+            "[core]",
+            f"data_dir = {q(str(data_dir))}",
+            'log_level = "warning"',
+            "[proxy]",
+            f"listen = [{q(f'127.0.0.1:{port}')}]",
+            f"workers = {workers}",
+            f"base_domains = [{q(DOMAIN)}]",
+            f"certs_dir = {q(str(certs_dir))}",
+            "max_connections_per_app = 0",
+            "[[proxy.routes]]",
+            f"app_id = {q(APP_ID)}",
+            'backends = ["127.0.0.1"]',
+            "",
+        ]
+    )

@@ -121,6 +121,19 @@ def memory(leader: int, proc: Path = PROC) -> Memory:
     return Memory(rss=rss, pss=pss)
 
 
+def busy_fractions(
+    before: dict[str, tuple[int, int]], after: dict[str, tuple[int, int]]
+) -> tuple[float, ...]:
+    """Busy fraction of cpu0, cpu1, ... between two :func:`cpu_busy_ticks` samples."""
+    out: list[float] = []
+    i = 0
+    while f"cpu{i}" in after and f"cpu{i}" in before:
+        (b0, t0), (b1, t1) = before[f"cpu{i}"], after[f"cpu{i}"]
+        out.append((b1 - b0) / (t1 - t0) if t1 > t0 else 0.0)
+        i += 1
+    return tuple(out)
+
+
 def cpu_busy_ticks(proc: Path = PROC) -> dict[str, tuple[int, int]]:
     """Per CPU line of /proc/stat: (busy ticks, total ticks); steal counts as busy."""
     out: dict[str, tuple[int, int]] = {}

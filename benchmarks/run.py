@@ -151,15 +151,16 @@ class Run:
     def __init__(self, opts: Options, work: Path) -> None:
         self.opts = opts
         self.work = work
-        self.names = configs.Names(
-            domain=gateway_cfg.DOMAIN,
-            term_host=gateway_cfg.TERM_HOST,
-            pass_host=gateway_cfg.PASS_HOST,
-        )
         multi = (os.cpu_count() or 1) >= 2
         pin = opts.pin and multi and opts.workers == 1
         self.cpus = Cpus(proxy="0", load="1") if pin else Cpus(proxy=None, load=None)
+        self.nofile = nofile_limit()
+        self.origin_ports = configs.OriginPorts(
+            http=free_port(), tls=free_port(), tls_no_tickets=free_port()
+        )
+        self.names = gateway_cfg.names_for(self.origin_ports)
         self.pki: Pki = make_pki(work, self.names.domain)
+        self.gateway_certs = gateway_cfg.install_cert(work / "gateway-certs", self.pki.proxy)
         self.hosts = wrk.hosts_file(work / "hosts", [self.names.term_host, self.names.pass_host])
         self.script = work / "result.lua"
         self.script.write_text(wrk.LUA_DONE)
@@ -167,10 +168,6 @@ class Run:
         www.mkdir()
         (www / configs.LARGE_PATH.lstrip("/")).write_bytes(os.urandom(configs.LARGE_SIZE))
         self.www = www
-        self.nofile = nofile_limit()
-        self.origin_ports = configs.OriginPorts(
-            http=free_port(), tls=free_port(), tls_no_tickets=free_port()
-        )
         self.origin: Child | None = None
         self.children: list[Child] = []
         self.cells: list[Cell] = []
@@ -251,18 +248,17 @@ class Run:
             conf.write_text(
                 gateway_cfg.config_toml(
                     data_dir=self.work / f"{tag}-data",
+                    certs_dir=self.gateway_certs,
                     port=term,
-                    origin=self.origin_ports,
-                    cert=self.pki.proxy,
                     workers=w,
-                    tickets=tickets,
-                    nofile=self.nofile,
                 )
             )
-            cmd = [self.opts.python, "-m", "gateway", "serve", "--config", str(conf)]
+            # the gateway has no tickets setting: a wrapper turns them off for S2f
+            module = "gateway" if tickets else "benchmarks.gateway_no_tickets"
+            cmd = [self.opts.python, "-m", module, "serve", "--config", str(conf)]
         else:
             raise ValueError(f"unknown server {name!r}")
-        child = start(tag, pinned(cmd, self.cpus.proxy), self.work / f"{tag}.log")
+        child = start(tag, pinned(cmd, self.cpus.proxy), self.work / f"{tag}.log", cwd=ROOT)
         self.children.append(child)
         try:
             _wait(child, sorted({term, pas}), timeout=30)
@@ -305,7 +301,9 @@ class Run:
         assert self.origin is not None
         origin_pid = self.origin.proc.pid
         before, origin_before = procfs.cpu_seconds(target.leader), procfs.cpu_seconds(origin_pid)
+        busy_before = procfs.cpu_busy_ticks()
         res = self.run_wrk(url, sc, self.opts.duration)
+        busy = procfs.busy_fractions(busy_before, procfs.cpu_busy_ticks())
         cpu = procfs.cpu_seconds(target.leader) - before
         origin_cpu = procfs.cpu_seconds(origin_pid) - origin_before
         if not target.child.alive():
@@ -321,13 +319,15 @@ class Run:
             p99_ms=res.p99_ms,
             cpu_s=cpu,
             origin_cpu_s=origin_cpu,
+            machine_busy=busy,
         )
         self.cells.append(c)
         unit = "ms/MB" if sc.unit == "MB/s" else "µs/req"
         log(
             f"r{rnd} {sc.key:<3} {target.name:<8} {c.throughput:>10.1f} {sc.unit:<5} "
             f"p99 {c.p99_ms:7.2f} ms  cpu {c.cpu_per_unit:8.1f} {unit} "
-            f"({c.cpu_share:.2f} cores, origin {origin_cpu / c.duration_s:.2f})  errors {c.errors}"
+            f"({c.cpu_share:.2f} cores, origin {origin_cpu / c.duration_s:.2f}, busy "
+            f"{'/'.join(f'{b:.2f}' for b in busy)})  errors {c.errors}"
         )
 
     def memory_cell(self, target: Target, rnd: int) -> None:

@@ -51,7 +51,7 @@ def pinned(cmd: Sequence[str], cpus: str | None) -> list[str]:
     return ["taskset", "-c", cpus, *cmd] if cpus else list(cmd)
 
 
-def start(name: str, cmd: Sequence[str], log: Path, env: dict[str, str] | None = None) -> Child:
+def start(name: str, cmd: Sequence[str], log: Path, cwd: Path | None = None) -> Child:
     """Start ``cmd`` in a new session (its PID is its process group) with output to ``log``."""
     with log.open("ab") as fh:
         proc = subprocess.Popen(
@@ -60,7 +60,7 @@ def start(name: str, cmd: Sequence[str], log: Path, env: dict[str, str] | None =
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
-            env=env,
+            cwd=cwd,
         )
     return Child(name, proc, log)
 

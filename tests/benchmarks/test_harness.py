@@ -137,6 +137,12 @@ def test_cpu_busy_ticks_has_a_line_per_cpu() -> None:
     busy = procfs.cpu_busy_ticks()
     assert "cpu" in busy and f"cpu{(os.cpu_count() or 1) - 1}" in busy
     assert all(0 <= b <= t for b, t in busy.values())
+    end = time.process_time() + 0.2
+    while time.process_time() < end:
+        pass
+    fractions = procfs.busy_fractions(busy, procfs.cpu_busy_ticks())
+    assert len(fractions) == os.cpu_count()
+    assert all(0.0 <= f <= 1.0 for f in fractions) and sum(fractions) > 0
 
 
 def _render(tmp_path: Path, tickets: bool) -> tuple[str, str, str]:
@@ -310,3 +316,28 @@ def test_idle_client_opens_and_holds_tls_connections(tmp_path: Path) -> None:
         server.close()
         for s in held:
             s.close()
+
+
+def test_gateway_config_routes_both_names_to_the_origin(tmp_path: Path) -> None:
+    from benchmarks import gateway_cfg
+    from gateway.config import parse_config
+    from gateway.protocol.address import Mode, parse_address, split_sni
+
+    origin = configs.OriginPorts(http=18080, tls=18443, tls_no_tickets=18444)
+    names = gateway_cfg.names_for(origin)
+    pki = make_pki(tmp_path, names.domain)
+    certs = gateway_cfg.install_cert(tmp_path / "certs", pki.proxy)
+    text = gateway_cfg.config_toml(data_dir=tmp_path / "d", certs_dir=certs, port=19000, workers=2)
+    cfg = parse_config(text)
+    assert cfg.proxy.workers == 2 and cfg.proxy.max_connections_per_app == 0
+    assert [r.app_id for r in cfg.proxy.routes] == [gateway_cfg.APP_ID]
+    assert cfg.core.log_level == "warning"  # no per-connection access line, like nginx's off
+    assert (certs / names.domain / "fullchain.pem").read_bytes() == pki.proxy.cert.read_bytes()
+    for host, port, mode in (
+        (names.term_host, origin.http, Mode.TERMINATE),
+        (names.pass_host, origin.tls, Mode.PASSTHROUGH),
+    ):
+        split = split_sni(host, frozenset(cfg.proxy.base_domains))
+        assert split is not None
+        addr = parse_address(split[0])
+        assert (addr.id, addr.port, addr.mode) == (gateway_cfg.APP_ID, port, mode)
