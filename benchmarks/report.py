@@ -1,7 +1,7 @@
 """Turn measured cells into medians, ratios to nginx and PASS/MISS per target (no I/O).
 
 A cell is one (server, scenario, round). Throughput is req/s (S1, S2, S5) or MB/s (S3, S4);
-CPU per unit is the server's own utime+stime per request (µs) or per MB (ms). Ratios are
+CPU per unit is the server's own utime+stime per request or per MB (µs). Ratios are
 gateway ÷ nginx of the medians over rounds, measured in the same run. "Spread" is
 (max − min) ÷ median over rounds, so a reader can tell a real gap from noise.
 """
@@ -128,10 +128,10 @@ class Cell:
 
     @property
     def cpu_per_unit(self) -> float:
-        """µs per request (req/s scenarios) or ms per MB (MB/s scenarios); NaN without work."""
+        """µs per request (req/s scenarios) or per MB (MB/s scenarios); NaN without work."""
         sc = SCENARIO_BY_KEY[self.scenario]
         if sc.unit == "MB/s":
-            return self.cpu_s * 1e3 / (self.bytes / 1e6) if self.bytes else math.nan
+            return self.cpu_s * 1e6 / (self.bytes / 1e6) if self.bytes else math.nan
         return self.cpu_s * 1e6 / self.requests if self.requests else math.nan
 
     @property
@@ -293,7 +293,7 @@ def markdown(
     lines: list[str] = []
     for key in scenarios:
         sc = SCENARIO_BY_KEY[key]
-        cpu_unit = "CPU ms/MB" if sc.unit == "MB/s" else "CPU µs/req"
+        cpu_unit = "CPU µs/MB" if sc.unit == "MB/s" else "CPU µs/req"
         lines += [
             f"**{sc.key}** {sc.title} (wrk -c{sc.connections}, {sc.unit})",
             "",

@@ -322,7 +322,7 @@ class Run:
             machine_busy=busy,
         )
         self.cells.append(c)
-        unit = "ms/MB" if sc.unit == "MB/s" else "µs/req"
+        unit = "µs/MB" if sc.unit == "MB/s" else "µs/req"
         log(
             f"r{rnd} {sc.key:<3} {target.name:<8} {c.throughput:>10.1f} {sc.unit:<5} "
             f"p99 {c.p99_ms:7.2f} ms  cpu {c.cpu_per_unit:8.1f} {unit} "
@@ -404,24 +404,40 @@ class Run:
             (True, [s for s in keys if SCENARIO_BY_KEY[s].tickets]),
             (False, [s for s in keys if not SCENARIO_BY_KEY[s].tickets]),
         ]
-        for tickets, keys in groups:
-            want_memory = tickets and self.opts.memory
-            if not keys and not want_memory:
+        for tickets, group in groups:
+            if not group:
                 continue
             targets = self.start_targets(names, tickets)
             try:
                 for rnd in range(1, self.opts.rounds + 1):
                     order = targets if rnd % 2 else list(reversed(targets))
-                    for key in keys:
+                    for key in group:
                         for target in order:
                             self.try_cell(target, SCENARIO_BY_KEY[key], rnd)
-                    if want_memory:
-                        for target in order:
-                            self.try_memory(target, rnd)
             finally:
                 self.stop_servers()
+        if self.opts.memory:
+            self.memory_phase([n for n in names if n != "direct"])
 
-    def start_targets(self, names: list[str], tickets: bool) -> list[Target]:
+    def memory_phase(self, names: list[str]) -> None:
+        """Idle-connection memory, each time on a freshly started server.
+
+        A server that already held thousands of connections keeps its grown heap (allocators
+        rarely return memory), so a second measurement on the same process shows almost no
+        growth. The direct baseline is left out: it has no proxy, its row would be the
+        origin's own memory after all the other cells.
+        """
+        for rnd in range(1, self.opts.rounds + 1):
+            order = names if rnd % 2 else list(reversed(names))
+            for name in order:
+                targets = self.start_targets([name], tickets=True, quiet=True)
+                try:
+                    for target in targets:
+                        self.try_memory(target, rnd)
+                finally:
+                    self.stop_servers()
+
+    def start_targets(self, names: list[str], tickets: bool, quiet: bool = False) -> list[Target]:
         targets: list[Target] = []
         for name in names:
             try:
@@ -444,6 +460,9 @@ class Run:
                 except OSError as exc:
                     checks.append(f"{mode} failed: {exc}")
             key = f"{name}, tickets {'on' if tickets else 'off'}"
+            if quiet:
+                targets.append(target)
+                continue
             self.probes[key] = "; ".join(checks)
             log(f"probe {key}: {self.probes[key]}")
             targets.append(target)
