@@ -341,3 +341,16 @@ def test_gateway_config_routes_both_names_to_the_origin(tmp_path: Path) -> None:
         assert split is not None
         addr = parse_address(split[0])
         assert (addr.id, addr.port, addr.mode) == (gateway_cfg.APP_ID, port, mode)
+
+
+def test_profile_summary_of_a_real_pyspy_capture() -> None:
+    from benchmarks.profile import parse_collapsed
+
+    prof = parse_collapsed((DATA / "pyspy-S4-raw.txt").read_text())
+    cats = dict(prof.categories)
+    assert prof.samples + prof.idle == 596 and prof.idle > 0  # epoll waits counted apart
+    assert sum(cats.values()) == prof.samples
+    # a passthrough relay spends its time in send/recv: kernel copies, not Python
+    assert cats["kernel, via syscalls"] > 0.8 * prof.samples
+    assert prof.self_time[0][0] == "send [libc.so.6]"
+    assert not any("run_worker" in name for name, _ in prof.inclusive)  # scaffolding dropped
