@@ -19,6 +19,7 @@ from collections.abc import Sequence
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("config", "gateway.commands.config_cmd", "check a configuration file and print it resolved"),
     ("serve", "gateway.commands.serve", "run the gateway's TLS proxy (data plane)"),
+    ("demo", "gateway.commands.demo", "run the gateway with a demo app on loopback, no setup"),
 )
 
 

@@ -77,7 +77,7 @@ def _names(leaf: x509.Certificate) -> tuple[str, ...]:
     return tuple(n.lower() for n in san.value.get_values_for_type(x509.DNSName))
 
 
-def load_entry(directory: Path, versions: Iterable[str]) -> CertEntry:
+def load_entry(directory: Path, versions: Iterable[str], tickets: int = 2) -> CertEntry:
     """Load one certificate directory; raises ``OSError``/``ValueError``/``ssl.SSLError``."""
     chain = directory / "fullchain.pem"
     key = directory / "privkey.pem"
@@ -90,12 +90,12 @@ def load_entry(directory: Path, versions: Iterable[str]) -> CertEntry:
         source=directory,
         names=names,
         not_after=leaf.not_valid_after_utc,
-        h1=server_context(chain, key, versions, ALPN_H1),
-        h2=server_context(chain, key, versions, ALPN_H2),
+        h1=server_context(chain, key, versions, ALPN_H1, tickets),
+        h2=server_context(chain, key, versions, ALPN_H2, tickets),
     )
 
 
-def load_snapshot(certs_dir: Path, versions: Iterable[str]) -> CertSnapshot:
+def load_snapshot(certs_dir: Path, versions: Iterable[str], tickets: int = 2) -> CertSnapshot:
     """Read every certificate directory under ``certs_dir`` into a new snapshot.
 
     A later ``not_after`` wins when two certificates cover the same name. Bad directories are
@@ -110,7 +110,7 @@ def load_snapshot(certs_dir: Path, versions: Iterable[str]) -> CertSnapshot:
         if directory.name.startswith("."):
             continue  # a writer's temporary directory, not yet renamed into place
         try:
-            entry = load_entry(directory, versions)
+            entry = load_entry(directory, versions, tickets)
         except (OSError, ValueError, ssl.SSLError) as exc:
             logger.warning("skipping certificate directory %s: %s", directory, exc)
             continue
@@ -125,17 +125,18 @@ def load_snapshot(certs_dir: Path, versions: Iterable[str]) -> CertSnapshot:
 class CertStore:
     """Holds the current :class:`CertSnapshot`; :meth:`reload` swaps in a new one whole."""
 
-    __slots__ = ("certs_dir", "versions", "snapshot")
+    __slots__ = ("certs_dir", "versions", "tickets", "snapshot")
 
-    def __init__(self, certs_dir: Path, versions: Iterable[str]) -> None:
+    def __init__(self, certs_dir: Path, versions: Iterable[str], tickets: int = 2) -> None:
         self.certs_dir = certs_dir
         self.versions = tuple(versions)
-        self.snapshot = load_snapshot(certs_dir, self.versions)
+        self.tickets = tickets
+        self.snapshot = load_snapshot(certs_dir, self.versions, tickets)
 
     def reload(self) -> CertSnapshot:
         """Re-read ``certs_dir``. Keeps the old snapshot if the new one would be empty while
         the old one was not (a half-written directory must not take every name offline)."""
-        new = load_snapshot(self.certs_dir, self.versions)
+        new = load_snapshot(self.certs_dir, self.versions, self.tickets)
         if len(new) == 0 and len(self.snapshot) > 0:
             logger.error(
                 "certificate reload found nothing in %s; keeping the old set", self.certs_dir

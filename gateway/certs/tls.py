@@ -3,7 +3,9 @@
 Choices follow the measured facts in ``docs/proxy.md`` (and the shared TLS performance note):
 
 * TLS 1.2 and 1.3 by default; TLS 1.3 session tickets stay at OpenSSL's default (2), because
-  returning clients that resume cost ~100 µs less per connection than full handshakes.
+  returning clients that resume cost ~100 µs less per connection than full handshakes
+  (``proxy.session_tickets`` changes the count: 1 halves the issuing cost and still lets
+  every client resume; 0 turns resumption off).
 * The full chain is loaded from ``fullchain.pem`` and no CA locations are loaded, so OpenSSL
   never builds a chain per handshake.
 * Key-share groups stay at the default (restricting them forces HelloRetryRequests).
@@ -27,7 +29,7 @@ _VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 
 
 def server_context(
-    chain: Path, key: Path, versions: Iterable[str], alpn: tuple[str, ...]
+    chain: Path, key: Path, versions: Iterable[str], alpn: tuple[str, ...], tickets: int = 2
 ) -> ssl.SSLContext:
     """A server context for ``chain``/``key`` offering ``alpn``.
 
@@ -39,6 +41,10 @@ def server_context(
     ctx.maximum_version = wanted[-1]
     ctx.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
     ctx.load_cert_chain(str(chain), str(key))
+    if tickets != ctx.num_tickets:
+        ctx.num_tickets = tickets  # TLS 1.3 tickets issued per handshake (resumption)
+    if tickets == 0:
+        ctx.options |= ssl.OP_NO_TICKET  # and no TLS 1.2 tickets either
     if alpn:
         ctx.set_alpn_protocols(list(alpn))
     return ctx

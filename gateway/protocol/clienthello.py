@@ -55,6 +55,9 @@ NAME_TYPE_HOST_NAME = 0
 
 # legacy_version(2) random(32) session_id<0..32>(1) cipher_suites<2..>(2+2) compression<1..>(1+1)
 _MIN_BODY = 2 + 32 + 1 + 4 + 2
+# ... up to session_id<..32>, cipher_suites<..2^16-2>, compression<..2^8-1>, extensions<..2^16-1>:
+# the u24 handshake length can claim 16 MiB, but no valid ClientHello body exceeds this.
+_MAX_BODY = 2 + 32 + 1 + 32 + 2 + 0xFFFE + 1 + 0xFF + 2 + 0xFFFF
 _RECORD_HEADER = 5
 _HANDSHAKE_HEADER = 4
 
@@ -279,9 +282,10 @@ class HelloSniffer:
         if len(handshake) < _HANDSHAKE_HEADER:
             return
         length = handshake[1] << 16 | handshake[2] << 8 | handshake[3]
-        if length < _MIN_BODY:
+        if not _MIN_BODY <= length <= _MAX_BODY:
             raise ClientHelloError(
-                f"handshake offset 1: ClientHello length {length} is below the minimum {_MIN_BODY}"
+                f"handshake offset 1: ClientHello length {length} is outside the possible "
+                f"{_MIN_BODY}..{_MAX_BODY}"
             )
         remaining = _HANDSHAKE_HEADER + length - len(handshake)
         if end + max(remaining, 0) > self.limit:

@@ -2,11 +2,15 @@
 
 Pipeline (phases and their legal moves are the table :data:`TRANSITIONS`)::
 
-    AWAIT_PROXY --> AWAIT_HELLO --> HANDSHAKE --> CONNECTING --> RELAYING --> CLOSED
-       (inbound PROXY     (peek the       (terminate,    (race top-N      (relay.py)
-        header, opt.)      ClientHello)    gateway)       candidates)
-                               \\--------------------------> CONNECTING  (passthrough)
-                               \\--> HANDSHAKE --> SERVING   (gateway's own endpoints)
+    AWAIT_PROXY -> AWAIT_HELLO -> HANDSHAKE -> [CONNECTING] -> RELAYING -> CLOSED   terminate
+     (optional)    (peek the       `-> SERVING (gateway's own endpoints)
+                    ClientHello)  -> CONNECTING -> RELAYING                      passthrough
+
+On the terminate path the backend connect (racing the top-N candidates) starts as soon as the
+hello is routed and runs during the TLS handshake: the handshake's round trip hides the
+connect's, and the client socket's poller registration is handed from the sniffer to the
+handshake to the relay without being torn down (uvloop pays ~7 us per remove/re-add). Only
+if the handshake finishes first does the connection wait in CONNECTING.
 
 The ClientHello is read with ``MSG_PEEK``: it stays in the kernel, so OpenSSL (terminate) or
 the relay (passthrough) reads it as if nobody had looked, and nothing is replayed. While a
@@ -18,9 +22,9 @@ handshakes from readiness callbacks: measured 22-30 % cheaper per new connection
 uvloop's memory-BIO SSL transport (docs/proxy.md), and it lets the relay keep writing to a
 client that has sent close_notify (half-close, as upstream's tests expect).
 
-One timer per connection: the phase deadline (PROXY header, handshake, connect), then the
-idle watchdog, which re-arms for the remaining time only when bytes moved, capped by the
-total deadline.
+One timer per connection: it fires at the earliest deadline that applies (PROXY header,
+handshake, connect, total), and once relaying it is the idle watchdog, which re-arms for a
+full idle period only when bytes moved since the last check.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ class Phase(enum.Enum):
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.AWAIT_PROXY: frozenset({Phase.AWAIT_HELLO}),
     Phase.AWAIT_HELLO: frozenset({Phase.HANDSHAKE, Phase.CONNECTING}),
-    Phase.HANDSHAKE: frozenset({Phase.CONNECTING, Phase.SERVING}),
+    Phase.HANDSHAKE: frozenset({Phase.CONNECTING, Phase.SERVING, Phase.RELAYING}),
     Phase.CONNECTING: frozenset({Phase.RELAYING}),
     Phase.SERVING: frozenset(),
     Phase.RELAYING: frozenset(),
@@ -89,9 +93,10 @@ _TIMEOUT_REASON = {
     Phase.AWAIT_PROXY: "proxy_header_timeout",
     Phase.AWAIT_HELLO: "handshake_timeout",
     Phase.HANDSHAKE: "handshake_timeout",
-    Phase.CONNECTING: "connect_timeout",
     Phase.SERVING: "handshake_timeout",
 }
+_NEVER = float("inf")
+_DECISION_CACHE = 4096  # distinct SNIs remembered per snapshot (cleared when full)
 
 
 class Conn:
@@ -110,6 +115,8 @@ class Conn:
         # pipeline state
         "phase",
         "timer",
+        "setup_deadline",
+        "connect_deadline",
         "reader",
         "writer",
         "lowat",
@@ -118,8 +125,10 @@ class Conn:
         "mode",
         "upstream",
         "tls",
+        "tls_info",
         "app",
         "connecting",
+        "bsock",
         "target",
         "relay",
         "last_activity",
@@ -140,6 +149,8 @@ class Conn:
         self.total_deadline = 0.0
         self.phase = Phase.AWAIT_HELLO
         self.timer: Any = None
+        self.setup_deadline = _NEVER  # PROXY header, then hello + TLS handshake
+        self.connect_deadline = _NEVER  # while candidates are connecting
         self.reader: Callable[[], None] | None = None
         self.writer: Callable[[], None] | None = None
         self.lowat = 1
@@ -148,8 +159,10 @@ class Conn:
         self.mode = "-"
         self.upstream: Upstream | None = None
         self.tls: Any = None
+        self.tls_info = "-"
         self.app = ""
         self.connecting: list[tuple[socket.socket, Target]] = []
+        self.bsock: socket.socket | None = None
         self.target: Target | None = None
         self.relay: Relay | None = None
         self.last_activity = -1
@@ -165,10 +178,10 @@ class Conn:
         self.total_deadline = now + w.timeouts.total
         if w.settings.inbound_proxy_protocol:
             self.phase = Phase.AWAIT_PROXY
-            deadline = now + w.timeouts.proxy_header
+            self.setup_deadline = now + w.timeouts.proxy_header
         else:
-            deadline = now + w.timeouts.handshake
-        self.timer = self.loop.call_at(deadline, self._on_timer)
+            self.setup_deadline = now + w.timeouts.handshake
+        self.timer = self.loop.call_at(self.setup_deadline, self._on_timer)
         self._set_reader(self._on_sniff)
 
     def _enter(self, phase: Phase) -> None:
@@ -176,11 +189,13 @@ class Conn:
             raise RuntimeError(f"illegal connection transition {self.phase.name} -> {phase.name}")
         self.phase = phase
 
-    def _rearm(self, delay: float) -> None:
+    def _arm(self, when: float) -> None:
+        """Move the one timer to ``when`` (capped by the total deadline)."""
         self.timer.cancel()
-        self.timer = self.loop.call_at(
-            min(self.loop.time() + delay, self.total_deadline), self._on_timer
-        )
+        self.timer = self.loop.call_at(min(when, self.total_deadline), self._on_timer)
+
+    def _rearm(self, delay: float) -> None:
+        self._arm(self.loop.time() + delay)
 
     def _on_timer(self) -> None:
         phase = self.phase
@@ -189,30 +204,41 @@ class Conn:
         now = self.loop.time()
         if now >= self.total_deadline:
             self.close("total_timeout")
-        elif phase is Phase.RELAYING:
+            return
+        if phase is Phase.RELAYING:
             assert self.relay is not None
             act = self.relay.activity()
             if act == self.last_activity:
                 self.close("idle_timeout")
-            else:
-                self.last_activity = act
-                self.timer = self.loop.call_at(
-                    min(now + self.w.timeouts.idle, self.total_deadline), self._on_timer
-                )
-        else:
+                return
+            self.last_activity = act  # -1 at relay start: the first check always re-arms
+            self.timer = self.loop.call_at(
+                min(now + self.w.timeouts.idle, self.total_deadline), self._on_timer
+            )
+            return
+        if self.connecting and now >= self.connect_deadline:
+            self.close("connect_timeout")
+            return
+        if phase is not Phase.CONNECTING and now >= self.setup_deadline:
             self.close(_TIMEOUT_REASON[phase])
+            return
+        # woke for a deadline that no longer applies (e.g. the connect finished): next one
+        nxt = self.connect_deadline if self.connecting else _NEVER
+        if phase is not Phase.CONNECTING:
+            nxt = min(nxt, self.setup_deadline)
+        self.timer = self.loop.call_at(min(nxt, self.total_deadline), self._on_timer)
 
     def _set_reader(self, cb: Callable[[], None] | None) -> None:
-        if cb is self.reader:
+        if cb == self.reader:
             return
         if cb is None:
             self.loop.remove_reader(self.fd)
         else:
-            self.loop.add_reader(self.fd, cb)
+            self.loop.add_reader(self.fd, cb)  # on a registered fd: swaps the callback
         self.reader = cb
 
     def _set_writer(self, cb: Callable[[], None] | None) -> None:
-        if cb is self.writer:
+        if cb == self.writer:
             return
         if cb is None:
             self.loop.remove_writer(self.fd)
@@ -249,7 +275,8 @@ class Conn:
                 self.close("reset")
                 return
             self._enter(Phase.AWAIT_HELLO)
-            self._rearm(self.w.timeouts.handshake)
+            self.setup_deadline = self.loop.time() + self.w.timeouts.handshake
+            self._arm(self.setup_deadline)
             data = data[used:]
             if not data:
                 self._wait_more(0)
@@ -264,17 +291,26 @@ class Conn:
             return
         if self.lowat != 1:
             self._set_lowat(1)
-        self._set_reader(None)
         self.sni = hello.sni or ""
-        decision = decide(hello, ConnInfo(self.client[:2], self.local), self.w.snapshot)
+        cache = self.w.decisions  # keyed by SNI: see decide()'s docstring
+        decision = cache.get(hello.sni)
+        if decision is None:
+            decision = decide(hello, ConnInfo(self.client[:2], self.local), self.w.snapshot)
+            if len(cache) >= _DECISION_CACHE:
+                cache.clear()
+            cache[hello.sni] = decision
         if isinstance(decision, Terminate):
             self.mode = "terminate"
             if self._admit(decision.upstream):
-                self._handshake(decision.context)
+                self._start_connect()
+                if self.phase is not Phase.CLOSED:
+                    self._handshake(decision.context)
         elif isinstance(decision, Passthrough):
             self.mode = "passthrough"
             if self._admit(decision.upstream):
-                self._connect()
+                self._set_reader(None)  # the relay reads the (still queued) hello later
+                self._enter(Phase.CONNECTING)
+                self._start_connect()
         elif isinstance(decision, Gateway):
             self.mode = "gateway"
             self.w.state.gateway += 1
@@ -330,6 +366,7 @@ class Conn:
         except (ssl.SSLError, OSError, ValueError) as exc:
             self.close("tls_error", str(exc))
             return
+        self._set_reader(self._on_handshake)
         self._on_handshake()
 
     def _on_handshake(self) -> None:
@@ -346,13 +383,18 @@ class Conn:
         except (ssl.SSLError, OSError) as exc:
             self.close("tls_handshake", str(exc))
             return
-        self._set_reader(None)
         self._set_writer(None)
+        tls = self.tls
+        self.tls_info = f"{tls.version()}{'+resumed' if tls.session_reused else ''}"
         if self.mode == "gateway":
             self._enter(Phase.SERVING)
             self._set_reader(self._on_gateway_read)
+        elif self.bsock is not None:
+            self._start_relay()  # the backend won the race against the handshake
         else:
-            self._connect()
+            self._set_reader(None)  # client bytes wait in the kernel until the backend is up
+            self._enter(Phase.CONNECTING)
+            self._arm(self.connect_deadline)
 
     # -- SERVING: the gateway's own endpoints -------------------------------------------
 
@@ -379,13 +421,12 @@ class Conn:
             pass
         self.close("done")
 
-    # -- CONNECTING: race the candidates --------------------------------------------------
+    # -- connecting: race the candidates --------------------------------------------------
 
-    def _connect(self) -> None:
-        self._enter(Phase.CONNECTING)
-        self._rearm(self.w.timeouts.connect)
+    def _start_connect(self) -> None:
         upstream = self.upstream
         assert upstream is not None
+        self.connect_deadline = deadline = self.loop.time() + self.w.timeouts.connect
         for target in upstream.targets:
             family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
             try:
@@ -397,7 +438,7 @@ class Conn:
             err = bsock.connect_ex((target.host, upstream.port))
             if err == 0:
                 self._abandon_others()
-                self._connected(bsock, target)
+                self._won(bsock, target, registered=False)
                 return
             if err in (errno.EINPROGRESS, errno.EAGAIN):
                 self.connecting.append((bsock, target))
@@ -406,20 +447,22 @@ class Conn:
                 bsock.close()
         if not self.connecting:
             self.close("connect_failed", f"{self.upstream_text()}: nothing accepted the connection")
+            return
+        if self.phase is Phase.CONNECTING or deadline < self.setup_deadline:
+            self._arm(deadline)
 
     def _on_connect(self, bsock: socket.socket, target: Target) -> None:
-        self.loop.remove_writer(bsock.fileno())
         self.connecting.remove((bsock, target))
         err = bsock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
+            self.loop.remove_writer(bsock.fileno())
             bsock.close()
             if not self.connecting:
-                self.close(
-                    "connect_failed", f"{self.upstream_text()}: {errno.errorcode.get(err, err)}"
-                )
+                reason = errno.errorcode.get(err, str(err))
+                self.close("connect_failed", f"{self.upstream_text()}: {reason}")
             return
         self._abandon_others()
-        self._connected(bsock, target)
+        self._won(bsock, target, registered=True)
 
     def _abandon_others(self) -> None:
         for other, _ in self.connecting:
@@ -427,15 +470,28 @@ class Conn:
             other.close()
         self.connecting.clear()
 
-    def _connected(self, bsock: socket.socket, target: Target) -> None:
+    def _won(self, bsock: socket.socket, target: Target, registered: bool) -> None:
+        """A backend accepted: relay now if the client side is ready, else park it."""
+        self.bsock = bsock
         self.target = target
+        if self.phase is Phase.CONNECTING:
+            self._start_relay(writer_registered=registered)
+        elif registered:
+            self.loop.remove_writer(bsock.fileno())  # the handshake is still running
+
+    def _start_relay(self, writer_registered: bool = False) -> None:
+        bsock = self.bsock
+        target = self.target
+        assert bsock is not None and target is not None
         header = None
         if target.pp:
             pp = self.pp_in
             if pp is None or pp.command is not Command.PROXY:
                 pp = ProxyHeader.for_connection(self.client[:2], self.sock.getsockname()[:2])
             header = encode_proxy_header(pp)
+        client_registered = self.reader is not None
         self._enter(Phase.RELAYING)
+        self.reader = None  # the relay owns the client's registration from here
         state = self.w.state
         if self.tls is not None:
             state.terminated += 1
@@ -448,9 +504,10 @@ class Conn:
             self.w.settings.buffer_size,
             self._relay_done,
         )
-        self.last_activity = -1
-        self._rearm(self.w.timeouts.idle)
-        relay.start(header)
+        self.last_activity = -1  # the pending setup timer becomes the first idle check
+        relay.start(header, client_registered=client_registered)
+        if writer_registered and not relay.done and not relay.backend.writing:
+            self.loop.remove_writer(bsock.fileno())  # after add_reader: the poll is reused
 
     def _relay_done(self, reason: str) -> None:
         self.close(reason, from_relay=True)
@@ -486,6 +543,8 @@ class Conn:
             if self.writer is not None:
                 self.loop.remove_writer(self.fd)
             self._abandon_others()
+            if self.bsock is not None:
+                self.bsock.close()
             if self.tls is None:
                 try:  # unread (peeked) bytes would turn our FIN into an RST
                     self.sock.recv(self.w.settings.hello_limit + _PEEK_EXTRA)
@@ -499,13 +558,16 @@ class Conn:
         if self.app:
             state.app_open[self.app] -= 1
         w.conns.discard(self)
+        self.relay = None  # break the conn <-> relay <-> side cycles: freed by refcount,
+        self.tls = None  # not left for the cyclic GC
         if w.access_enabled:
             access_log.info(
-                "client=%s:%s sni=%s mode=%s upstream=%s up=%d down=%d ms=%.1f reason=%s%s",
+                "client=%s:%s sni=%s mode=%s tls=%s upstream=%s up=%d down=%d ms=%.1f reason=%s%s",
                 self.client[0],
                 self.client[1],
                 self.sni or "-",
                 self.mode,
+                self.tls_info,
                 self.upstream_text(),
                 up,
                 down,

@@ -4,7 +4,7 @@
 table test (``tests/proxy/test_decide.py``). The edge (``gateway/proxy/conn.py``) carries the
 decision out and writes ``Reject.reason``/``detail`` into the connection's access-log line.
 
-Rules, in order (SNI compared lower-case):
+Rules, in order (the parser has lower-cased and validated the SNI):
 
 1. no SNI -> reject (``no_sni``);
 2. SNI ``<label>.<base>`` for a configured base domain (exactly one label below it):
@@ -116,10 +116,15 @@ Decision = Terminate | Passthrough | Gateway | Reject
 
 
 def decide(hello: ClientHello, conn: ConnInfo, snap: Snapshot) -> Decision:
-    """Map a parsed ClientHello to a :data:`Decision`. Pure."""
+    """Map a parsed ClientHello to a :data:`Decision`. Pure.
+
+    The result depends only on ``hello.sni`` and ``snap``, so each worker caches it per SNI
+    until the snapshot is swapped (``Worker.decisions``). A rule that reads anything else
+    (ALPN, the client address) must extend that cache key in ``conn.py``.
+    """
     if not hello.sni:
         return Reject(TlsAlert.UNRECOGNIZED_NAME, "no_sni", "the ClientHello has no server name")
-    sni = hello.sni.lower()
+    sni = hello.sni  # already lower-case and validated by the parser
     split = split_sni(sni, snap.base_domains)
     if split is None:
         return _custom_domain(sni, conn, snap)

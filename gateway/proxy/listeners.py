@@ -19,7 +19,7 @@ from pathlib import Path
 
 from gateway.certs.store import CertStore
 from gateway.proxy.conn import Conn, Phase
-from gateway.proxy.decide import Snapshot
+from gateway.proxy.decide import Decision, Snapshot
 from gateway.proxy.endpoints import GatewayInfo
 from gateway.proxy.routes import RouteTable
 from gateway.proxy.settings import ListenSpec, ProxySettings, Timeouts
@@ -41,6 +41,7 @@ def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
         sock.bind((host, port))
         sock.listen(backlog)
         sock.setblocking(False)
@@ -90,9 +91,12 @@ class Worker:
         workers = settings.worker_count()
         limit = settings.max_connections_per_app
         self.app_limit = math.ceil(limit / workers) if limit else 0
+        self.decisions: dict[str | None, Decision] = {}  # per snapshot, by SNI
         self.conns: set[Conn] = set()
         self.listeners: list[tuple[socket.socket, int]] = []
-        self.access_enabled = logging.getLogger("gateway.access").isEnabledFor(logging.INFO)
+        self.access_enabled = settings.access_log and logging.getLogger(
+            "gateway.access"
+        ).isEnabledFor(logging.INFO)
         self._stats_handle: asyncio.TimerHandle | None = None
         self._parent = os.getppid()
         self.stopping: asyncio.Future[None] | None = None
@@ -115,19 +119,31 @@ class Worker:
                 sock, addr = lsock.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE, ENOBUFS...: count, let the poller retry later
+            except OSError as exc:  # EMFILE, ENOBUFS...: back off instead of spinning
                 state.error("accept_failed")
-                logger.warning("accept failed on port %d: %s", port, exc)
+                logger.warning("accept failed on port %d: %s; pausing accepts 0.1s", port, exc)
+                fd = lsock.fileno()
+                self.loop.remove_reader(fd)
+                self.loop.call_later(0.1, self._resume_accept, lsock, port)
                 return
             sock.setblocking(False)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             state.accepted += 1
             state.open += 1
             conn = Conn(self, sock, addr, port)
             conns.add(conn)
             conn.start()
 
+    def _resume_accept(self, lsock: socket.socket, port: int) -> None:
+        if not self.state.draining and lsock.fileno() >= 0:
+            self.loop.add_reader(lsock.fileno(), self._on_accept, lsock, port)
+
     # -- reload ---------------------------------------------------------------------------
+
+    def swap_snapshot(self, snapshot: Snapshot) -> None:
+        """Install a new routing snapshot (the control plane's entry point); new connections
+        decide against it, live ones keep what they chose."""
+        self.snapshot = snapshot
+        self.decisions = {}
 
     def reload(self) -> None:
         """Swap in new certificates and routes; live connections keep what they have."""
@@ -138,7 +154,7 @@ class Worker:
                 routes = self.reload_routes()
             except Exception as exc:  # a bad edit must not take the worker down
                 logger.error("route reload failed, keeping the old routes: %s", exc)
-        self.snapshot = replace(self.snapshot, certs=certs, routes=routes)
+        self.swap_snapshot(replace(self.snapshot, certs=certs, routes=routes))
         logger.info("worker %d reloaded: %d certificates", self.state.index, len(certs))
 
     # -- stats ----------------------------------------------------------------------------

@@ -106,14 +106,20 @@ class Relay:
 
     # -- public ---------------------------------------------------------------------------
 
-    def start(self, first_to_backend: bytes | None = None) -> None:
-        """Begin relaying; ``first_to_backend`` (a PROXY header) goes out before any data."""
+    def start(self, first_to_backend: bytes | None = None, client_registered: bool = False) -> None:
+        """Begin relaying; ``first_to_backend`` (a PROXY header) goes out before any data.
+
+        ``client_registered``: the client's fd is still registered for reading by the
+        caller; the relay takes the registration over (swapping the callback) or drops it.
+        """
         if first_to_backend:
             self._send(self.backend, first_to_backend)
             if self.done:
                 return
         if self.backend.pending is None:
             self._want_read(self.client)
+        elif client_registered:
+            self.loop.remove_reader(self.client.fd)
         self._want_read(self.backend)
 
     def activity(self) -> int:
@@ -145,6 +151,7 @@ class Relay:
                 pass
         self.client.sock.close()
         self.backend.sock.close()
+        self.client.peer = self.backend.peer = None  # type: ignore[assignment]  # drop the cycle
         if notify:
             self.on_done(reason)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,8 @@ __all__ = [
     "Timeouts",
     "parse_listen",
 ]
+
+_ID_RE = re.compile(r"[a-z0-9_]{1,63}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +129,12 @@ class StaticRoute:
     ports: tuple[PortRule, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.app_id or "-" in self.app_id or "." in self.app_id:
-            raise ValueError(f"route app_id {self.app_id!r} must be non-empty without '-' or '.'")
+        for ident in (self.app_id, *self.instance_ids):
+            if not _ID_RE.fullmatch(ident):
+                raise ValueError(
+                    f"route app_id/instance_id {ident!r} must be 1-63 of [a-z0-9_] "
+                    "(the SNI label grammar)"
+                )
         if not self.backends:
             raise ValueError(f"route {self.app_id!r}: backends must list at least one host")
         for host in self.backends:
@@ -158,6 +165,7 @@ class ProxySettings:
     base_domains: tuple[str, ...] = ()
     certs_dir: Path = Path("/var/lib/gateway/certs")
     tls_versions: tuple[str, ...] = ("1.2", "1.3")
+    session_tickets: int = 2
     inbound_proxy_protocol: bool = False
     max_connections_per_app: int = 2000
     hello_limit: int = 16384
@@ -166,6 +174,7 @@ class ProxySettings:
     buffer_size: int = 65536
     insecure_localhost_backend: bool = False
     stats_interval: float = 2.0
+    access_log: bool = True
     timeouts: Timeouts = field(default_factory=Timeouts)
     routes: tuple[StaticRoute, ...] = ()
 
@@ -189,6 +198,8 @@ class ProxySettings:
                 )
         if not self.tls_versions or set(self.tls_versions) - {"1.2", "1.3"}:
             raise ValueError("tls_versions must be a non-empty list of '1.2' and/or '1.3'")
+        if not 0 <= self.session_tickets <= 8:
+            raise ValueError("session_tickets must be within 0-8 (0 = no resumption)")
         if self.max_connections_per_app < 0:
             raise ValueError("max_connections_per_app must be >= 0 (0 = unlimited)")
         if not 512 <= self.hello_limit <= 1 << 20:

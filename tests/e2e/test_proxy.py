@@ -41,7 +41,7 @@ from tests.helpers.gateway import (
     worker_pids,
     write_config,
 )
-from tests.helpers.processes import wait_until
+from tests.helpers.processes import free_port, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -65,9 +65,16 @@ def origin(root: Path, ca: Path) -> Iterator[Origin]:
         yield o
 
 
+V6_PORT = free_port("::1")
+
+
 @pytest.fixture(scope="module")
 def gw(root: Path, origin: Origin) -> Iterator[Gateway]:
-    with run_gateway(write_config(root, "main", origin)) as g:
+    cfg = write_config(root, "main", origin)
+    text = cfg.read_text()
+    v4 = text.split("listen = ", 1)[1].split("\n", 1)[0]
+    cfg.write_text(text.replace(v4, v4[:-1] + f', "[::1]:{V6_PORT}"]'))
+    with run_gateway(cfg) as g:
         yield g
 
 
@@ -93,6 +100,34 @@ def test_fetch_is_intact(gw: Gateway, origin: Origin, ca: Path, mode: str, size:
         # keep-alive: a second request on the same connection
         _, body2 = get(s, "/bytes/10")
         assert body2 == pattern_bytes(10)
+
+
+def test_ipv6_listener(gw: Gateway, origin: Origin, ca: Path) -> None:
+    raw = socket.create_connection(("::1", V6_PORT), timeout=10)
+    ctx = ssl.create_default_context(cafile=str(ca))
+    with ctx.wrap_socket(raw, server_hostname=sni(f"app-{origin.http}")) as s:
+        assert get(s, "/health")[1] == b"ok"
+
+
+def test_app_connection_limit(root: Path, origin: Origin, ca: Path) -> None:
+    cfg = write_config(root, "limit", origin, workers=1, max_connections_per_app=2)
+    with run_gateway(cfg) as g:
+        name = sni(f"app-{origin.http}")
+        held = [tls_connect(g.port, name, ca) for _ in range(2)]
+        for s in held:
+            assert get(s, "/health")[1] == b"ok"
+        assert recv_alert(g.port, build_client_hello(name)) == ALERT_HANDSHAKE_FAILURE
+        held.pop().close()
+        wait_until(lambda: _can_fetch(g.port, name, ca), g.proc, 5, "a free slot")
+        held[0].close()
+
+
+def _can_fetch(port: int, name: str, ca: Path) -> bool:
+    try:
+        with tls_connect(port, name, ca) as s:
+            return get(s, "/health")[1] == b"ok"
+    except (ssl.SSLError, OSError):
+        return False
 
 
 def test_upload_is_intact(gw: Gateway, origin: Origin, ca: Path) -> None:

@@ -1,0 +1,237 @@
+"""The relay driven through fake sockets and a fake loop: backpressure, half-close, errors."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from gateway.proxy.relay import Relay, Side
+
+
+class FakeLoop:
+    """Records reader/writer registrations like uvloop's add_reader/add_writer."""
+
+    def __init__(self) -> None:
+        self.readers: dict[int, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
+        self.writers: dict[int, tuple[Callable[..., Any], tuple[Any, ...]]] = {}
+
+    def add_reader(self, fd: int, cb: Callable[..., Any], *args: Any) -> None:
+        self.readers[fd] = (cb, args)
+
+    def remove_reader(self, fd: int) -> bool:
+        return self.readers.pop(fd, None) is not None
+
+    def add_writer(self, fd: int, cb: Callable[..., Any], *args: Any) -> None:
+        self.writers[fd] = (cb, args)
+
+    def remove_writer(self, fd: int) -> bool:
+        return self.writers.pop(fd, None) is not None
+
+    def readable(self, fd: int) -> None:
+        cb, args = self.readers[fd]
+        cb(*args)
+
+    def writable(self, fd: int) -> None:
+        cb, args = self.writers[fd]
+        cb(*args)
+
+
+class FakeSock:
+    """A socket whose reads come from a script and whose writes accept ``capacity`` bytes."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.incoming: list[bytes | BaseException] = []
+        self.sent = bytearray()
+        self.capacity = 1 << 30
+        self.shut_wr = False
+        self.closed = False
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def recv(self, n: int) -> bytes:
+        if not self.incoming:
+            raise BlockingIOError
+        item = self.incoming.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def send(self, data: Any) -> int:
+        data = bytes(data)
+        if self.capacity <= 0:
+            raise BlockingIOError
+        n = min(len(data), self.capacity)
+        self.capacity -= n
+        self.sent += data[:n]
+        return n
+
+    def shutdown(self, how: int) -> None:
+        assert how == socket.SHUT_WR
+        self.shut_wr = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeTls:
+    """Stands in for ``_ssl._SSLSocket``: read/write over a FakeSock, all-or-nothing writes."""
+
+    def __init__(self, sock: FakeSock) -> None:
+        self.sock = sock
+        self.close_notify = False
+
+    def read(self, n: int) -> bytes:
+        return self.sock.recv(n)
+
+    def write(self, data: Any) -> int:
+        data = bytes(data)
+        if self.sock.capacity < len(data):
+            raise ssl.SSLWantWriteError
+        return self.sock.send(data)
+
+    def shutdown(self) -> None:
+        self.close_notify = True
+
+
+def make(tls: bool = False) -> tuple[FakeLoop, Relay, FakeSock, FakeSock, list[str], Any]:
+    loop = FakeLoop()
+    c, b = FakeSock(10), FakeSock(11)
+    t = FakeTls(c) if tls else None
+    done: list[str] = []
+    relay = Relay(loop, Side(c, t), Side(b), 65536, done.append)  # type: ignore[arg-type]
+    return loop, relay, c, b, done, t
+
+
+def test_bytes_flow_both_ways_untouched() -> None:
+    loop, relay, c, b, done, _ = make()
+    relay.start()
+    assert set(loop.readers) == {10, 11}
+    c.incoming.append(b"request")
+    loop.readable(10)
+    b.incoming.append(b"response")
+    loop.readable(11)
+    assert bytes(b.sent) == b"request" and bytes(c.sent) == b"response"
+    assert relay.activity() == len(b"request") + len(b"response")
+    assert not done
+
+
+def test_proxy_header_goes_first() -> None:
+    loop, relay, c, b, _, _ = make()
+    relay.start(b"PROXY TCP4 1.1.1.1 2.2.2.2 1 2\r\n")
+    c.incoming.append(b"data")
+    loop.readable(10)
+    assert bytes(b.sent) == b"PROXY TCP4 1.1.1.1 2.2.2.2 1 2\r\ndata"
+
+
+def test_backpressure_stops_reading_the_source_until_flushed() -> None:
+    loop, relay, c, b, done, _ = make()
+    relay.start()
+    b.capacity = 3
+    c.incoming.append(b"abcdefgh")
+    loop.readable(10)
+    assert bytes(b.sent) == b"abc"
+    assert 10 not in loop.readers  # the client is paused ...
+    assert 11 in loop.writers  # ... while the backend's buffer drains
+    assert 11 in loop.readers  # the other direction keeps flowing
+    b.capacity = 2
+    loop.writable(11)
+    assert bytes(b.sent) == b"abcde" and 10 not in loop.readers
+    b.capacity = 100
+    loop.writable(11)
+    assert bytes(b.sent) == b"abcdefgh"
+    assert 11 not in loop.writers and 10 in loop.readers  # resumed
+    assert not done
+
+
+def test_half_close_is_propagated_and_other_direction_continues() -> None:
+    loop, relay, c, b, done, _ = make()
+    relay.start()
+    c.incoming.append(b"")  # client FIN
+    loop.readable(10)
+    assert b.shut_wr and 10 not in loop.readers
+    b.incoming.append(b"late reply")
+    loop.readable(11)
+    assert bytes(c.sent) == b"late reply"
+    assert not done
+    b.incoming.append(b"")  # backend FIN: both directions done
+    loop.readable(11)
+    assert c.shut_wr
+    assert done == ["done"] and c.closed and b.closed
+    assert not loop.readers and not loop.writers
+
+
+def test_eof_waits_for_pending_bytes_before_shutdown() -> None:
+    loop, relay, c, b, done, _ = make()
+    relay.start()
+    c.capacity = 0
+    b.incoming.append(b"tail")
+    loop.readable(11)
+    b.incoming.append(b"")
+    # backend is paused by backpressure, so its EOF is only seen after the flush
+    assert 11 not in loop.readers
+    c.capacity = 10
+    loop.writable(10)
+    assert bytes(c.sent) == b"tail" and 11 in loop.readers
+    loop.readable(11)
+    assert c.shut_wr and not done
+
+
+def test_tls_client_gets_close_notify_when_backend_ends() -> None:
+    loop, relay, c, b, done, tls = make(tls=True)
+    relay.start()
+    b.incoming += [b"body", b""]
+    loop.readable(11)
+    loop.readable(11)
+    assert bytes(c.sent) == b"body"
+    assert tls.close_notify and done == ["done"] and c.closed and b.closed
+
+
+def test_tls_client_close_notify_half_closes_backend() -> None:
+    loop, relay, c, b, done, tls = make(tls=True)
+    relay.start()
+    c.incoming.append(ssl.SSLZeroReturnError())
+    loop.readable(10)
+    assert b.shut_wr and not done
+    b.incoming.append(b"reply after client EOF")
+    loop.readable(11)
+    assert bytes(c.sent) == b"reply after client EOF"
+
+
+def test_tls_write_retries_the_same_buffer() -> None:
+    loop, relay, c, b, done, tls = make(tls=True)
+    relay.start()
+    c.capacity = 2
+    b.incoming.append(b"0123456789")
+    loop.readable(11)
+    assert bytes(c.sent) == b"" and 10 in loop.writers and 11 not in loop.readers
+    c.capacity = 100
+    loop.writable(10)
+    assert bytes(c.sent) == b"0123456789" and 11 in loop.readers
+
+
+@pytest.mark.parametrize(
+    ("error", "reason"),
+    [(ConnectionResetError(), "reset"), (ssl.SSLError(1, "bad record mac"), "tls_error")],
+)
+def test_errors_finish_both_sides(error: BaseException, reason: str) -> None:
+    loop, relay, c, b, done, tls = make(tls=True)
+    relay.start()
+    c.incoming.append(error)
+    loop.readable(10)
+    assert done == [reason] and c.closed and b.closed
+    assert not tls.close_notify  # never close_notify on a broken stream
+    assert not loop.readers and not loop.writers
+
+
+def test_finish_without_notify_is_idempotent() -> None:
+    loop, relay, c, b, done, tls = make(tls=True)
+    relay.start()
+    relay.finish("idle_timeout", notify=False)
+    relay.finish("again")
+    assert done == [] and c.closed and b.closed and tls.close_notify
