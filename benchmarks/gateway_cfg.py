@@ -7,7 +7,8 @@ names, so every server matches the same SNI.
 
 ``log_level = "warning"`` turns the gateway's per-connection access line off, as
 ``access_log off`` does for nginx. ``max_connections_per_app = 0`` lifts the per-app cap
-(default 2 000) for the idle-connection cell.
+(default 2 000) for the idle-connection cell. ``session_tickets`` stays at the default
+(2, OpenSSL's) for every cell but S2 "full", where it is 0.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ def install_cert(certs_dir: Path, cert: CertFiles) -> Path:
     return certs_dir
 
 
-def config_toml(*, data_dir: Path, certs_dir: Path, port: int, workers: int) -> str:
+def config_toml(*, data_dir: Path, certs_dir: Path, port: int, workers: int, tickets: bool) -> str:
+    """``tickets=False`` sets ``session_tickets = 0``: no TLS 1.3 tickets, no resumption."""
     q = json.dumps
     return "\n".join(
         [
@@ -55,6 +57,7 @@ def config_toml(*, data_dir: Path, certs_dir: Path, port: int, workers: int) -> 
             f"base_domains = [{q(DOMAIN)}]",
             f"certs_dir = {q(str(certs_dir))}",
             "max_connections_per_app = 0",
+            f"session_tickets = {2 if tickets else 0}",
             "[[proxy.routes]]",
             f"app_id = {q(APP_ID)}",
             'backends = ["127.0.0.1"]',

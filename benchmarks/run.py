@@ -251,11 +251,10 @@ class Run:
                     certs_dir=self.gateway_certs,
                     port=term,
                     workers=w,
+                    tickets=tickets,
                 )
             )
-            # the gateway has no tickets setting: a wrapper turns them off for S2f
-            module = "gateway" if tickets else "benchmarks.gateway_no_tickets"
-            cmd = [self.opts.python, "-m", module, "serve", "--config", str(conf)]
+            cmd = [self.opts.python, "-m", "gateway", "serve", "--config", str(conf)]
         else:
             raise ValueError(f"unknown server {name!r}")
         child = start(tag, pinned(cmd, self.cpus.proxy), self.work / f"{tag}.log", cwd=ROOT)

@@ -327,9 +327,16 @@ def test_gateway_config_routes_both_names_to_the_origin(tmp_path: Path) -> None:
     names = gateway_cfg.names_for(origin)
     pki = make_pki(tmp_path, names.domain)
     certs = gateway_cfg.install_cert(tmp_path / "certs", pki.proxy)
-    text = gateway_cfg.config_toml(data_dir=tmp_path / "d", certs_dir=certs, port=19000, workers=2)
+    text = gateway_cfg.config_toml(
+        data_dir=tmp_path / "d", certs_dir=certs, port=19000, workers=2, tickets=True
+    )
     cfg = parse_config(text)
     assert cfg.proxy.workers == 2 and cfg.proxy.max_connections_per_app == 0
+    assert cfg.proxy.session_tickets == 2
+    no_tickets = gateway_cfg.config_toml(
+        data_dir=tmp_path / "d", certs_dir=certs, port=19000, workers=1, tickets=False
+    )
+    assert parse_config(no_tickets).proxy.session_tickets == 0
     assert [r.app_id for r in cfg.proxy.routes] == [gateway_cfg.APP_ID]
     assert cfg.core.log_level == "warning"  # no per-connection access line, like nginx's off
     assert (certs / names.domain / "fullchain.pem").read_bytes() == pki.proxy.cert.read_bytes()
