@@ -5,8 +5,9 @@ The gateway routes ``<app_id>-<port>.<base>`` (terminate) and ``<app_id>-<port>s
 makes both names reach the origin. nginx and HAProxy are configured with the very same
 names, so every server matches the same SNI.
 
-``log_level = "warning"`` turns the gateway's per-connection access line off, as
-``access_log off`` does for nginx. ``max_connections_per_app = 0`` lifts the per-app cap
+``access_log = false`` (and ``log_level = "warning"``) turn the gateway's per-connection
+access line off, as ``access_log off`` does for nginx and no ``log`` line does for HAProxy.
+``max_connections_per_app = 0`` lifts the per-app cap
 (default 2 000) for the idle-connection cell. ``session_tickets`` stays at the default
 (2, OpenSSL's) for every cell but S2 "full", where it is 0.
 """
@@ -57,6 +58,7 @@ def config_toml(*, data_dir: Path, certs_dir: Path, port: int, workers: int, tic
             f"base_domains = [{q(DOMAIN)}]",
             f"certs_dir = {q(str(certs_dir))}",
             "max_connections_per_app = 0",
+            "access_log = false",
             f"session_tickets = {2 if tickets else 0}",
             "[[proxy.routes]]",
             f"app_id = {q(APP_ID)}",

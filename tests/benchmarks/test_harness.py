@@ -338,7 +338,7 @@ def test_gateway_config_routes_both_names_to_the_origin(tmp_path: Path) -> None:
     )
     assert parse_config(no_tickets).proxy.session_tickets == 0
     assert [r.app_id for r in cfg.proxy.routes] == [gateway_cfg.APP_ID]
-    assert cfg.core.log_level == "warning"  # no per-connection access line, like nginx's off
+    assert cfg.proxy.access_log is False  # no per-connection line, like nginx's access_log off
     assert (certs / names.domain / "fullchain.pem").read_bytes() == pki.proxy.cert.read_bytes()
     for host, port, mode in (
         (names.term_host, origin.http, Mode.TERMINATE),
