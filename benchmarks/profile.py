@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         duration=a.duration,
         warmup=1.0,
         rounds=1,
+        memory_rounds=0,
         workers=1,
         pin=True,
         output=a.output,

@@ -328,7 +328,8 @@ def markdown(
         for server in servers:
             m = memory.get(server)
             if m is None:
-                lines.append(f"| {server} | pending | | | | | |")
+                why = "n/a (no proxy)" if server == "direct" else "pending"
+                lines.append(f"| {server} | {why} | | | | | |")
                 continue
             rel = ratio(m.kib_per_conn, ref_mem.kib_per_conn) if ref_mem else math.nan
             lines.append(

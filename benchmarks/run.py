@@ -74,6 +74,7 @@ class Options:
     duration: float
     warmup: float
     rounds: int
+    memory_rounds: int
     workers: int
     pin: bool
     output: Path
@@ -426,7 +427,7 @@ class Run:
         growth. The direct baseline is left out: it has no proxy, its row would be the
         origin's own memory after all the other cells.
         """
-        for rnd in range(1, self.opts.rounds + 1):
+        for rnd in range(1, self.opts.memory_rounds + 1):
             order = names if rnd % 2 else list(reversed(names))
             for name in order:
                 targets = self.start_targets([name], tickets=True, quiet=True)
@@ -501,7 +502,8 @@ def render(run: Run, info: dict[str, str], started: str, elapsed: float) -> str:
         else "none"
     )
     lines = [
-        f"Run started {started}, took {elapsed / 60:.1f} min: {opts.rounds} round(s), "
+        f"Run started {started}, took {elapsed / 60:.1f} min: {opts.rounds} round(s) "
+        f"({opts.memory_rounds} for memory), "
         f"{opts.duration:g} s cells after {opts.warmup:g} s warm-up, {opts.workers} worker(s) "
         f"per server, pinning: {pin}.",
         "",
@@ -535,9 +537,12 @@ def parse_args(argv: list[str] | None) -> Options:
         default=",".join(ALL_SERVERS),
         help="comma-separated subset of nginx,haproxy,gateway,direct",
     )
-    p.add_argument("--duration", type=float, default=5.0, help="seconds per cell (default 5)")
+    p.add_argument("--duration", type=float, default=4.0, help="seconds per cell (default 4)")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per cell")
-    p.add_argument("--rounds", type=int, default=2, help="rounds, order reversed in even ones")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, order reversed in even ones")
+    p.add_argument(
+        "--memory-rounds", type=int, default=2, help="idle-memory rounds (fresh servers each)"
+    )
     p.add_argument("--workers", type=int, default=1, help="workers per server (1 or 2)")
     p.add_argument("--memory-conns", type=int, default=10000, help="idle TLS connections")
     p.add_argument("--no-pin", action="store_true", help="do not pin proxies / load to CPUs")
@@ -561,7 +566,7 @@ def parse_args(argv: list[str] | None) -> Options:
     if a.workers < 1:
         p.error("--workers must be at least 1")
     if a.quick:
-        a.duration, a.warmup, a.rounds = 2.0, 0.0, 1
+        a.duration, a.warmup, a.rounds, a.memory_rounds = 2.0, 0.0, 1, 1
         a.memory_conns = min(a.memory_conns, 2000)
     return Options(
         scenarios=tuple(k for k in keys if k in SCENARIO_BY_KEY),
@@ -571,6 +576,7 @@ def parse_args(argv: list[str] | None) -> Options:
         duration=a.duration,
         warmup=a.warmup,
         rounds=a.rounds,
+        memory_rounds=a.memory_rounds,
         workers=a.workers,
         pin=not a.no_pin,
         output=a.output,
