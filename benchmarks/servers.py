@@ -143,7 +143,7 @@ def probe(port: int, sni: str, path: str) -> Probe:
     session = tls.session
     tls.close()
     _, tls2 = _get(ctx, port, sni, path, session)
-    resumed = tls2.session_reused
+    resumed = bool(tls2.session_reused)
     tls2.close()
     head, _, body = first.partition(b"\r\n\r\n")
     try:
