@@ -61,9 +61,8 @@ _MAX_BODY = 2 + 32 + 1 + 32 + 2 + 0xFFFE + 1 + 0xFF + 2 + 0xFFFF
 _RECORD_HEADER = 5
 _HANDSHAKE_HEADER = 4
 
-_HOST_RE = re.compile(
-    r"(?:[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?\.)*[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
-)
+# one label; names are checked label by label, which keeps the match linear in the name
+_LABEL_RE = re.compile(r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?")
 _HTTP_METHOD_STARTS = frozenset(b"GPHDOCT")
 
 
@@ -126,8 +125,10 @@ def check_host_name(name: str) -> str:
     Raises :class:`ClientHelloError` with alert ``UNRECOGNIZED_NAME`` naming what is wrong.
     """
     lower = name.lower()
-    if len(lower) <= 253 and lower.isascii() and _HOST_RE.fullmatch(lower):
-        return lower
+    if len(lower) <= 253 and lower.isascii():
+        match = _LABEL_RE.fullmatch
+        if all(match(label) for label in lower.split(".")):
+            return lower
     raise ClientHelloError(
         f"server_name host_name {name[:80]!r}: {_explain_bad_host(lower)}",
         alert=TlsAlert.UNRECOGNIZED_NAME,
@@ -209,6 +210,23 @@ class HelloSniffer:
     def result(self) -> ClientHello | None:
         """The ClientHello once complete, else ``None``."""
         return self._result
+
+    @property
+    def wanted(self) -> int:
+        """How many stream bytes must be buffered before :meth:`feed` can make progress.
+
+        While incomplete: the end of the next record header, or of the record whose header is
+        already in (never past ``limit``). A peeking caller can set ``SO_RCVLOWAT`` to this so
+        that it re-parses once per record rather than once per segment. After a result (or an
+        error): the bytes buffered so far.
+        """
+        size = len(self._buf)
+        if self._result is not None or self._error is not None:
+            return size
+        pos = self._pos
+        if size - pos < _RECORD_HEADER:
+            return pos + _RECORD_HEADER
+        return pos + _RECORD_HEADER + (self._buf[pos + 3] << 8 | self._buf[pos + 4])
 
     def feed(self, data: bytes) -> ClientHello | None:
         """Add ``data``; return the ClientHello once complete, ``None`` while incomplete.

@@ -96,8 +96,10 @@ class ProxyHeader:
         if self.version not in (1, 2):
             raise ProxyHeaderError(f"PROXY header version {self.version} is not 1 or 2")
         try:
-            object.__setattr__(self, "command", Command(self.command))
-            object.__setattr__(self, "family", Family(self.family))
+            if type(self.command) is not Command:
+                object.__setattr__(self, "command", Command(self.command))
+            if type(self.family) is not Family:
+                object.__setattr__(self, "family", Family(self.family))
         except ValueError as exc:
             raise ProxyHeaderError(f"PROXY header: {exc}") from None
         if self.family is Family.UNSPEC:
@@ -134,6 +136,8 @@ class ProxyHeader:
         has no room for them); IPv4-mapped IPv6 addresses are unmapped when both ends are, so a
         dual-stack listener still produces TCP4. Mixed families give UNSPEC (v1: UNKNOWN).
         """
+        if _is_canonical_ipv4(source[0]) and _is_canonical_ipv4(destination[0]):
+            return cls(version, Command.PROXY, Family.INET, source, destination)
         try:
             src = ipaddress.ip_address(source[0].split("%", 1)[0])
             dst = ipaddress.ip_address(destination[0].split("%", 1)[0])
@@ -162,6 +166,8 @@ def _check_endpoint(
         return (host, 0)
     if not isinstance(port, int) or not 0 <= port <= 0xFFFF:
         raise ProxyHeaderError(f"PROXY header {which} port {port!r} is not 0..65535")
+    if family is Family.INET and _is_canonical_ipv4(host):
+        return endpoint
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -169,6 +175,19 @@ def _check_endpoint(
     if ip.version != (4 if family is Family.INET else 6) or "%" in host:
         raise ProxyHeaderError(f"PROXY header {which} address {host!r} is not {family.name}")
     return (str(ip), port)
+
+
+def _is_canonical_ipv4(text: str) -> bool:
+    """Fast path for the common case: a dotted quad exactly as ``str(IPv4Address)`` writes it."""
+    parts = text.split(".")
+    if len(parts) != 4:
+        return False
+    for part in parts:
+        if not (part.isascii() and part.isdigit()) or len(part) > 3:
+            return False
+        if part[0] == "0" and len(part) > 1 or int(part) > 255:
+            return False
+    return True
 
 
 def _not_latin1(text: str) -> bool:
@@ -233,6 +252,8 @@ def _parse_v1(data: bytes) -> tuple[ProxyHeader, int] | None:
 
 def _v1_address(raw: bytes, family: Family, what: str) -> str:
     text = raw.decode("latin-1")
+    if family is Family.INET and _is_canonical_ipv4(text):
+        return text
     try:
         ip = ipaddress.ip_address(text)
     except ValueError:
@@ -271,11 +292,9 @@ def _parse_v2(data: bytes) -> tuple[ProxyHeader, int] | None:
     if fam not in _V2_DECODED:
         # A valid combination we do not route (UDP, ...): the spec says to fall back to UNSPEC,
         # i.e. use the real endpoints; the block's layout is unknown, so it is skipped whole.
-        return (
-            (ProxyHeader(2, command, Family.UNSPEC, None, None), total)
-            if (len(data) >= total)
-            else None
-        )
+        if len(data) < total:
+            return None
+        return ProxyHeader(2, command, Family.UNSPEC, None, None), total
     family = Family(fam >> 4)
     block = _ADDRESS_BLOCK[family]
     if length < block:
@@ -288,8 +307,8 @@ def _parse_v2(data: bytes) -> tuple[ProxyHeader, int] | None:
     src: tuple[str, int] | None = None
     dst: tuple[str, int] | None = None
     if family is Family.INET:
-        src = (str(ipaddress.IPv4Address(body[0:4])), body[8] << 8 | body[9])
-        dst = (str(ipaddress.IPv4Address(body[4:8])), body[10] << 8 | body[11])
+        src = (".".join(map(str, body[0:4])), body[8] << 8 | body[9])
+        dst = (".".join(map(str, body[4:8])), body[10] << 8 | body[11])
     elif family is Family.INET6:
         src = (str(ipaddress.IPv6Address(body[0:16])), body[32] << 8 | body[33])
         dst = (str(ipaddress.IPv6Address(body[16:32])), body[34] << 8 | body[35])
@@ -338,8 +357,8 @@ def encode_proxy_header(h: ProxyHeader) -> bytes:
             block += h.destination[0].encode("latin-1").ljust(UNIX_PATH_LENGTH, b"\x00")
         else:
             block = (
-                ipaddress.ip_address(h.source[0]).packed
-                + ipaddress.ip_address(h.destination[0]).packed
+                _packed(h.family, h.source[0])
+                + _packed(h.family, h.destination[0])
                 + h.source[1].to_bytes(2, "big")
                 + h.destination[1].to_bytes(2, "big")
             )
@@ -348,3 +367,9 @@ def encode_proxy_header(h: ProxyHeader) -> bytes:
     )
     length = len(block) + len(tlvs)
     return V2_SIGNATURE + bytes((0x20 | h.command, fam)) + length.to_bytes(2, "big") + block + tlvs
+
+
+def _packed(family: Family, host: str) -> bytes:
+    if family is Family.INET:
+        return bytes(map(int, host.split(".")))
+    return ipaddress.IPv6Address(host).packed

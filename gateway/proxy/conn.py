@@ -96,6 +96,7 @@ _TIMEOUT_REASON = {
     Phase.SERVING: "handshake_timeout",
 }
 _NEVER = float("inf")
+_BROKEN = frozenset({"reset", "tls_error", "tls_handshake"})
 _DECISION_CACHE = 4096  # distinct SNIs remembered per snapshot (cleared when full)
 
 
@@ -134,6 +135,7 @@ class Conn:
         "last_activity",
         "buf",
         "legacy_health",
+        "failed",
     )
 
     def __init__(
@@ -168,6 +170,7 @@ class Conn:
         self.last_activity = -1
         self.buf = b""
         self.legacy_health = False
+        self.failed: tuple[str, str] | None = None  # backend failure held until the handshake ends
 
     # -- phase and timer ------------------------------------------------------------------
 
@@ -217,8 +220,12 @@ class Conn:
             )
             return
         if self.connecting and now >= self.connect_deadline:
-            self.close("connect_timeout")
-            return
+            if phase is Phase.HANDSHAKE:  # report it once the handshake ends, as above
+                self._abandon_others()
+                self.failed = ("connect_timeout", self.upstream_text())
+            else:
+                self.close("connect_timeout", self.upstream_text())
+                return
         if phase is not Phase.CONNECTING and now >= self.setup_deadline:
             self.close(_TIMEOUT_REASON[phase])
             return
@@ -303,8 +310,7 @@ class Conn:
             self.mode = "terminate"
             if self._admit(decision.upstream):
                 self._start_connect()
-                if self.phase is not Phase.CLOSED:
-                    self._handshake(decision.context)
+                self._handshake(decision.context)
         elif isinstance(decision, Passthrough):
             self.mode = "passthrough"
             if self._admit(decision.upstream):
@@ -386,7 +392,9 @@ class Conn:
         self._set_writer(None)
         tls = self.tls
         self.tls_info = f"{tls.version()}{'+resumed' if tls.session_reused else ''}"
-        if self.mode == "gateway":
+        if self.failed is not None:
+            self.close(*self.failed)
+        elif self.mode == "gateway":
             self._enter(Phase.SERVING)
             self._set_reader(self._on_gateway_read)
         elif self.bsock is not None:
@@ -446,7 +454,7 @@ class Conn:
             else:
                 bsock.close()
         if not self.connecting:
-            self.close("connect_failed", f"{self.upstream_text()}: nothing accepted the connection")
+            self._connect_failed(f"{self.upstream_text()}: nothing accepted the connection")
             return
         if self.phase is Phase.CONNECTING or deadline < self.setup_deadline:
             self._arm(deadline)
@@ -458,11 +466,18 @@ class Conn:
             self.loop.remove_writer(bsock.fileno())
             bsock.close()
             if not self.connecting:
-                reason = errno.errorcode.get(err, str(err))
-                self.close("connect_failed", f"{self.upstream_text()}: {reason}")
+                self._connect_failed(f"{self.upstream_text()}: {errno.errorcode.get(err, err)}")
             return
         self._abandon_others()
         self._won(bsock, target, registered=True)
+
+    def _connect_failed(self, detail: str) -> None:
+        """No candidate accepted. Mid-handshake, finish the handshake first so the client
+        gets a clean close_notify rather than a torn TLS stream."""
+        if self.mode == "terminate" and self.tls_info == "-":
+            self.failed = ("connect_failed", detail)  # reported when the handshake ends
+            return
+        self.close("connect_failed", detail)
 
     def _abandon_others(self) -> None:
         for other, _ in self.connecting:
@@ -503,6 +518,8 @@ class Conn:
             Side(bsock),
             self.w.settings.buffer_size,
             self._relay_done,
+            self.w.pipes,
+            self.w.settings.splice_after,
         )
         self.last_activity = -1  # the pending setup timer becomes the first idle check
         relay.start(header, client_registered=client_registered)
@@ -540,8 +557,10 @@ class Conn:
         else:
             if self.reader is not None:
                 self.loop.remove_reader(self.fd)
+                self.reader = None  # a bound method of self: a reference cycle
             if self.writer is not None:
                 self.loop.remove_writer(self.fd)
+                self.writer = None
             self._abandon_others()
             if self.bsock is not None:
                 self.bsock.close()
@@ -549,6 +568,11 @@ class Conn:
                 try:  # unread (peeked) bytes would turn our FIN into an RST
                     self.sock.recv(self.w.settings.hello_limit + _PEEK_EXTRA)
                 except OSError:
+                    pass
+            elif self.tls_info != "-" and reason not in _BROKEN:
+                try:  # handshake done (e.g. the backend never answered): end TLS cleanly
+                    self.tls.shutdown()
+                except (OSError, ValueError):
                     pass
             self.sock.close()
         state.open -= 1
@@ -561,10 +585,13 @@ class Conn:
         self.relay = None  # break the conn <-> relay <-> side cycles: freed by refcount,
         self.tls = None  # not left for the cyclic GC
         if w.access_enabled:
+            client = self.client
+            if self.pp_in is not None and self.pp_in.source is not None:
+                client = self.pp_in.source  # the address the load balancer saw
             access_log.info(
                 "client=%s:%s sni=%s mode=%s tls=%s upstream=%s up=%d down=%d ms=%.1f reason=%s%s",
-                self.client[0],
-                self.client[1],
+                client[0],
+                client[1],
                 self.sni or "-",
                 self.mode,
                 self.tls_info,

@@ -21,6 +21,7 @@ from gateway.certs.store import CertStore
 from gateway.proxy.conn import Conn, Phase
 from gateway.proxy.decide import Decision, Snapshot
 from gateway.proxy.endpoints import GatewayInfo
+from gateway.proxy.relay import PipePool
 from gateway.proxy.routes import RouteTable
 from gateway.proxy.settings import ListenSpec, ProxySettings, Timeouts
 from gateway.proxy.stats import WorkerState, write_stats
@@ -93,6 +94,7 @@ class Worker:
         self.app_limit = math.ceil(limit / workers) if limit else 0
         self.decisions: dict[str | None, Decision] = {}  # per snapshot, by SNI
         self.conns: set[Conn] = set()
+        self.pipes = PipePool()
         self.listeners: list[tuple[socket.socket, int]] = []
         self.access_enabled = settings.access_log and logging.getLogger(
             "gateway.access"

@@ -16,22 +16,74 @@ flushed, and the other direction keeps flowing. A TLS side cannot be half-closed
 so a backend EOF on a terminated connection flushes, sends close_notify and closes. The relay
 is finished when both directions are done, or on the first error.
 
+Splice: between two plain sockets (passthrough), once a direction has moved
+``splice_after`` bytes its reader switches to ``os.splice`` socket -> pipe -> socket, so the
+bytes never enter user space; what the destination does not take stays in the pipe, and that
+is the backpressure state (``in_pipe``) instead of ``pending``. Pipes come from a
+:class:`PipePool` and go back to it empty.
+
 The loop is any object with ``add_reader``/``remove_reader``/``add_writer``/``remove_writer``
 (uvloop in production, a fake in the unit tests).
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
 import socket
 import ssl
 from collections.abc import Callable
 from typing import Any, Protocol
 
-__all__ = ["Relay", "Side"]
+__all__ = ["PipePool", "Relay", "Side"]
 
 _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError)
 _CLEAN_EOF = (ssl.SSLZeroReturnError, ssl.SSLEOFError)
 _NO_CLOSE_NOTIFY = frozenset({"reset", "tls_error"})  # the TLS stream is unusable after these
+_SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_F_SETPIPE_SZ = 1031
+
+
+class PipePool:
+    """Empty pipes for ``splice`` relays, reused across connections (one per direction).
+
+    ``splice(2)`` moves bytes socket -> pipe -> socket inside the kernel: about half the CPU
+    per MB of ``recv`` + ``send`` on this machine. A pipe costs two descriptors and a
+    ``pipe2`` call, so pipes are kept (at most ``cap``) instead of being made per connection.
+    """
+
+    __slots__ = ("free", "cap", "size")
+
+    def __init__(self, cap: int = 64, size: int = 1 << 20) -> None:
+        self.free: list[tuple[int, int]] = []
+        self.cap = cap
+        self.size = size
+
+    def take(self) -> tuple[int, int] | None:
+        if self.free:
+            return self.free.pop()
+        try:
+            r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return None  # out of descriptors: stay on recv/send
+        try:
+            fcntl.fcntl(w, _F_SETPIPE_SZ, self.size)
+        except OSError:
+            pass  # keep the default 64 KiB capacity (pipe-max-size or user limits)
+        return r, w
+
+    def give(self, pipe: tuple[int, int], empty: bool) -> None:
+        if empty and len(self.free) < self.cap:
+            self.free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def close(self) -> None:
+        for r, w in self.free:
+            os.close(r)
+            os.close(w)
+        self.free.clear()
 
 
 class ReadyLoop(Protocol):
@@ -58,6 +110,8 @@ class Side:
         "shut",
         "shut_after_flush",
         "nread",
+        "pipe",
+        "in_pipe",
     )
 
     def __init__(self, sock: socket.socket, tls: Any = None) -> None:
@@ -75,6 +129,8 @@ class Side:
         self.shut = False  # we sent EOF to this side
         self.shut_after_flush = False
         self.nread = 0
+        self.pipe: tuple[int, int] | None = None  # splice pipe for bytes read from this side
+        self.in_pipe = 0  # bytes read from this side still in the pipe
 
 
 class Relay:
@@ -84,7 +140,18 @@ class Relay:
     reason (``"reset"``, ``"tls_error"``) or whatever :meth:`finish` was given.
     """
 
-    __slots__ = ("loop", "client", "backend", "bufsize", "on_done", "done", "progress")
+    __slots__ = (
+        "loop",
+        "client",
+        "backend",
+        "bufsize",
+        "on_done",
+        "done",
+        "progress",
+        "pipes",
+        "splice_after",
+        "splice_len",
+    )
 
     def __init__(
         self,
@@ -93,6 +160,8 @@ class Relay:
         backend: Side,
         bufsize: int,
         on_done: Callable[[str], None],
+        pipes: PipePool | None = None,
+        splice_after: int = -1,
     ) -> None:
         self.loop = loop
         self.client = client
@@ -103,6 +172,11 @@ class Relay:
         self.on_done = on_done
         self.done = False
         self.progress = 0  # bytes flushed from pending buffers (the idle watchdog adds nread)
+        # splice only between two plain sockets, once a direction has moved splice_after bytes
+        tls = client.tls is not None or backend.tls is not None
+        self.pipes = None if (pipes is None or splice_after < 0 or tls) else pipes
+        self.splice_after = splice_after
+        self.splice_len = pipes.size if pipes is not None else bufsize  # up to a pipeful per call
 
     # -- public ---------------------------------------------------------------------------
 
@@ -151,6 +225,11 @@ class Relay:
                 pass
         self.client.sock.close()
         self.backend.sock.close()
+        if self.pipes is not None:
+            for side in (self.client, self.backend):
+                if side.pipe is not None:
+                    self.pipes.give(side.pipe, empty=side.in_pipe == 0)
+                    side.pipe = None
         self.client.peer = self.backend.peer = None  # type: ignore[assignment]  # drop the cycle
         if notify:
             self.on_done(reason)
@@ -173,8 +252,70 @@ class Relay:
         if data:
             src.nread += len(data)
             self._send(src.peer, data)
+            if self.pipes is not None and src.nread >= self.splice_after and not self.done:
+                self._to_splice(src)
         else:
             self._on_eof(src)
+
+    def _to_splice(self, src: Side) -> None:
+        """Move this direction to splice; the reader callback is swapped in place."""
+        assert self.pipes is not None
+        pipe = self.pipes.take()
+        if pipe is None:
+            self.splice_after = 1 << 62  # no pipes to be had: do not retry per chunk
+            return
+        src.pipe = pipe
+        if src.reading:
+            self.loop.add_reader(src.fd, self._on_splice, src)
+
+    def _on_splice(self, src: Side) -> None:
+        dst = src.peer
+        r, w = src.pipe  # type: ignore[misc]
+        try:
+            n = os.splice(src.fd, w, self.splice_len, flags=_SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.finish("reset")
+            return
+        if n == 0:
+            self._on_eof(src)
+            return
+        src.nread += n
+        try:
+            m = os.splice(r, dst.fd, n, flags=_SPLICE_FLAGS)
+        except (BlockingIOError, InterruptedError):
+            m = 0
+        except OSError:
+            self.finish("reset")
+            return
+        if m < n:  # the rest waits in the pipe: pause this side until it drains
+            src.in_pipe = n - m
+            if src.reading:
+                self.loop.remove_reader(src.fd)
+                src.reading = False
+            self.loop.add_writer(dst.fd, self._on_pipe_writable, dst)
+            dst.writing = True
+
+    def _on_pipe_writable(self, dst: Side) -> None:
+        src = dst.peer
+        try:
+            m = os.splice(src.pipe[0], dst.fd, src.in_pipe, flags=_SPLICE_FLAGS)  # type: ignore[index]
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self.finish("reset")
+            return
+        self.progress += m
+        src.in_pipe -= m
+        if src.in_pipe:
+            return
+        self.loop.remove_writer(dst.fd)
+        dst.writing = False
+        if dst.shut_after_flush:
+            self._shut(dst)
+        else:
+            self._want_read(src)
 
     def _on_writable(self, dst: Side) -> None:
         data = dst.pending
@@ -205,7 +346,8 @@ class Relay:
 
     def _want_read(self, side: Side) -> None:
         if not side.reading and not side.eof:
-            self.loop.add_reader(side.fd, self._on_read, side)
+            cb = self._on_read if side.pipe is None else self._on_splice
+            self.loop.add_reader(side.fd, cb, side)
             side.reading = True
 
     def _send(self, dst: Side, data: bytes) -> None:
@@ -239,7 +381,7 @@ class Relay:
             self.loop.remove_reader(src.fd)
             src.reading = False
         dst = src.peer
-        if dst.pending is not None:
+        if dst.pending is not None or src.in_pipe:
             dst.shut_after_flush = True
         else:
             self._shut(dst)

@@ -172,6 +172,7 @@ class ProxySettings:
     connect_top_n: int = 3
     backlog: int = 4096
     buffer_size: int = 65536
+    splice_after: int = 65536
     insecure_localhost_backend: bool = False
     stats_interval: float = 2.0
     access_log: bool = True
@@ -208,6 +209,8 @@ class ProxySettings:
             raise ValueError("connect_top_n must be within 1-16")
         if self.backlog < 1 or self.buffer_size < 4096:
             raise ValueError("backlog must be >= 1 and buffer_size >= 4096")
+        if self.splice_after < -1:
+            raise ValueError("splice_after must be >= 0 bytes, or -1 to never splice")
         if self.stats_interval <= 0:
             raise ValueError("stats_interval must be > 0 seconds")
         ids: set[str] = set()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -66,6 +67,11 @@ def run_worker(
 
     async def main() -> None:
         worker.stopping = loop.create_future()
+        # A connection's objects form no reference cycles (tests/proxy/test_gc.py), so they
+        # are freed by refcount; the cyclic GC only needs to run rarely. Start-up objects are
+        # frozen out of its scans.
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
         loop.add_signal_handler(signal.SIGTERM, worker.begin_drain)
         loop.add_signal_handler(signal.SIGHUP, worker.reload)
         worker.listen()
@@ -112,9 +118,14 @@ class Supervisor:
         self.certs = CertStore(
             self.settings.certs_dir, self.settings.tls_versions, self.settings.session_tickets
         )
-        logger.info(
-            "certificates: %d loaded from %s", len(self.certs.snapshot), self.settings.certs_dir
-        )
+        loaded = len(self.certs.snapshot)
+        logger.info("certificates: %d loaded from %s", loaded, self.settings.certs_dir)
+        if not loaded and self.settings.base_domains:
+            logger.warning(
+                "no certificates in %s: terminated names will be refused until one is "
+                "installed there and the gateway gets SIGHUP (passthrough works meanwhile)",
+                self.settings.certs_dir,
+            )
         _hint_migrate_req()
         _raise_nofile()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -265,6 +265,23 @@ def test_slow_hello_is_dropped_after_handshake_timeout(gw: Gateway) -> None:
         assert 0.8 < time.monotonic() - start < 3.0
 
 
+def test_stalled_tls_handshake_is_dropped(gw: Gateway, origin: Origin) -> None:
+    with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
+        ctx = ssl.create_default_context()
+        out = ssl.MemoryBIO()
+        client = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname=sni(f"app-{origin.http}"))
+        with pytest.raises(ssl.SSLWantReadError):
+            client.do_handshake()
+        s.sendall(out.read())  # a real ClientHello, and then never another byte
+        start = time.monotonic()
+        first = s.recv(5)
+        assert first[:1] == b"\x16"  # the ServerHello came back ...
+        while s.recv(65536):
+            pass
+        assert 0.5 < time.monotonic() - start < 3.0  # ... and the handshake timeout hit
+    wait_until(lambda: "reason=handshake_timeout" in gw.log_text(), gw.proc, 5, "log")
+
+
 def test_trickled_hello_is_assembled(gw: Gateway, origin: Origin) -> None:
     hello = build_client_hello(sni(f"nope-{origin.http}"), fragment=100)
     with socket.create_connection(("127.0.0.1", gw.port), timeout=10) as s:
@@ -274,13 +291,38 @@ def test_trickled_hello_is_assembled(gw: Gateway, origin: Origin) -> None:
         assert s.recv(100) == ALERT_UNRECOGNIZED_NAME  # parsed whole, then routed
 
 
-def test_connect_timeout_or_refusal_closes(gw: Gateway, origin: Origin, ca: Path) -> None:
-    port = origin.http + 1 if origin.http < 65535 else origin.http - 1
-    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+def test_refused_backend_closes_cleanly(gw: Gateway, ca: Path) -> None:
+    port = free_port()  # nothing listens there
+    with tls_connect(gw.port, sni(f"app-{port}"), ca) as s:
+        s.settimeout(10)
+        assert s.recv(10) == b""  # close_notify, then EOF
+    wait_until(lambda: f"127.0.0.1:{port}: ECONNREFUSED" in gw.log_text(), gw.proc, 5, "log")
+
+
+def test_connect_timeout(gw: Gateway, ca: Path) -> None:
+    # a listener whose accept queue is full drops further SYNs: connects hang
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    port = hole.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(("127.0.0.1", port))
+        fillers.append(f)
+    time.sleep(0.2)
+    try:
         with tls_connect(gw.port, sni(f"app-{port}"), ca) as s:
-            s.sendall(b"GET / HTTP/1.1\r\n\r\n")
-            assert s.recv(100) == b""
-            raise ConnectionError("closed as expected")
+            start = time.monotonic()
+            s.settimeout(10)
+            assert s.recv(10) == b""  # closed once the connect timeout (1 s) passes
+            assert 0.5 < time.monotonic() - start < 3.0
+    finally:
+        for f in fillers:
+            f.close()
+        hole.close()
+    wait_until(lambda: "reason=connect_timeout" in gw.log_text(), gw.proc, 5, "log line")
 
 
 # -- names, alerts, policy -------------------------------------------------------------------
@@ -460,3 +502,70 @@ def test_killed_worker_is_replaced(root: Path, origin: Origin, ca: Path) -> None
             with tls_connect(g.port, sni(f"app-{origin.http}"), ca) as s:
                 assert get(s, "/health")[1] == b"ok"
         assert "restarting" in g.log_text()
+
+
+# -- abuse -----------------------------------------------------------------------------------
+
+
+def _abuse(port: int, names: list[str], ca: Path, seed: int, until: float) -> int:
+    import random
+    import struct
+
+    rng = random.Random(seed)
+    rst = struct.pack("ii", 1, 0)  # SO_LINGER 0: close() sends RST
+    n = 0
+    while time.monotonic() < until:
+        n += 1
+        kind = rng.randrange(6)
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        t: ssl.SSLSocket | None = None
+        try:
+            if kind == 0:
+                s.sendall(os.urandom(rng.randrange(1, 3000)))
+                s.recv(100)
+            elif kind == 1:
+                hello = build_client_hello(rng.choice(names))
+                s.sendall(hello[: rng.randrange(1, len(hello))])
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, rst)
+            elif kind == 2:
+                hello = bytearray(build_client_hello(rng.choice(names)))
+                for _ in range(rng.randrange(1, 5)):
+                    hello[rng.randrange(len(hello))] = rng.randrange(256)
+                s.sendall(bytes(hello))
+                s.recv(100)
+            else:
+                ctx = ssl.create_default_context(cafile=str(ca))
+                t = ctx.wrap_socket(s, server_hostname=rng.choice(names[:2]))
+                size = rng.choice([10, 100_000, 1_000_000])
+                t.sendall(f"GET /bytes/{size} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                t.recv(rng.choice([10, 65536]))
+                if rng.random() < 0.5:
+                    t.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, rst)
+        except (OSError, ssl.SSLError):
+            pass
+        finally:
+            if t is not None:
+                t.close()
+            s.close()
+    return n
+
+
+def test_abuse_never_breaks_a_worker(gw: Gateway, origin: Origin, ca: Path) -> None:
+    """Garbage, torn and mutated hellos, resets mid-handshake and mid-transfer, for 2 s."""
+    names = [sni(f"app-{origin.http}"), sni(f"app-{origin.tls}s"), sni("nope"), sni("gateway")]
+    until = time.monotonic() + 2.0
+    with ThreadPoolExecutor(4) as pool:
+        counts = list(pool.map(lambda i: _abuse(gw.port, names, ca, i, until), range(4)))
+    assert sum(counts) > 20
+    with tls_connect(gw.port, names[0], ca) as s:  # still serving
+        assert get(s, "/bytes/1000")[1] == pattern_bytes(1000)
+
+    def settled() -> bool:
+        from gateway.proxy.stats import read_stats
+
+        total = read_stats(gw.data_dir / "run" / "proxy")
+        return total["open"] == 0 and not total["app_open"]
+
+    wait_until(settled, gw.proc, 10, "every connection closed and accounted for")
+    assert "Traceback" not in gw.log_text()
+    assert "Exception in callback" not in gw.log_text()

@@ -147,7 +147,7 @@ def test_split_sni(sni: str, bases: Collection[str], expected: tuple[str, str] |
     assert split_sni(sni, bases) == expected
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(
     ident=st.from_regex(r"[a-z0-9_]{1,20}", fullmatch=True),
     port=st.integers(1, 65535),
@@ -159,7 +159,7 @@ def test_address_label_round_trip(ident: str, port: int, mode: Mode) -> None:
     assert parse_address(address.label().upper()) == address
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=300, deadline=None)
 @example(label="a-٣")
 @example(label="a-" + "9" * 5000)
 @given(

@@ -517,7 +517,13 @@ def _split_outcome(data: bytes, cuts: list[int]) -> object:
 @given(
     data=st.sampled_from(sorted(VECTORS.values())).flatmap(
         lambda v: st.lists(
-            st.tuples(st.integers(0, len(v) - 1), st.integers(0, 255)), min_size=1, max_size=4
+            st.tuples(
+                # half the mutations hit a length or type field, where parsers break
+                st.one_of(st.integers(0, len(v) - 1), st.sampled_from(structural_offsets(v))),
+                st.one_of(st.integers(0, 255), st.sampled_from([0, 1, 0x7F, 0x80, 0xFF])),
+            ),
+            min_size=1,
+            max_size=4,
         ).map(lambda muts: _mutate(v, muts))
     ),
     seed=st.integers(0, 2**16),
@@ -529,6 +535,27 @@ def test_mutated_hellos_raise_only_client_hello_error_whatever_the_split(
     assert whole is None or isinstance(whole, ClientHello | tuple)
     cuts = sorted({(seed * (i + 7)) % len(data) for i in range(seed % 5)} - {0})
     assert _split_outcome(data, cuts) == whole
+
+
+def structural_offsets(data: bytes) -> list[int]:
+    """Offsets of the record/handshake headers and of every length and type field up to and
+    including each extension header (for the first record's handshake message)."""
+    offsets = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]
+    msg = data[5:]
+    p = 4 + 2 + 32
+    offsets.append(5 + p)
+    p += 1 + msg[p]
+    offsets += [5 + p, 5 + p + 1]
+    p += 2 + int.from_bytes(msg[p : p + 2], "big")
+    offsets.append(5 + p)
+    p += 1 + msg[p]
+    offsets += [5 + p, 5 + p + 1]
+    p += 2
+    end = min(len(msg), int.from_bytes(data[3:5], "big"))  # the first record's payload
+    while p + 4 <= end:
+        offsets += [5 + p + i for i in range(6)]  # type, length and first data bytes
+        p += 4 + int.from_bytes(msg[p + 2 : p + 4], "big")
+    return [o for o in offsets if o < len(data)]
 
 
 def _mutate(data: bytes, muts: list[tuple[int, int]]) -> bytes:
@@ -561,3 +588,22 @@ def test_random_bytes_raise_only_our_error(data: bytes) -> None:
 
 def test_default_limit_is_64k() -> None:
     assert DEFAULT_LIMIT == 65536 and HelloSniffer().limit == DEFAULT_LIMIT
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=generated_hellos())
+@example(case=(VECTORS["openssl_s_client_frag512"], SNI, [], None))
+def test_feeding_exactly_what_is_wanted_takes_two_feeds_per_record(
+    case: tuple[bytes, str | None, list[bytes], list[int] | None],
+) -> None:
+    """A peeking caller that waits for ``wanted`` bytes parses once per header and record."""
+    data = case[0]
+    sniffer = HelloSniffer()
+    feeds, have, result = 0, 0, None
+    while result is None:
+        want = sniffer.wanted
+        assert have < want <= len(data)
+        result = sniffer.feed(data[have:want])
+        have, feeds = want, feeds + 1
+    assert result == parse_client_hello(data)
+    assert feeds == 2 * count_records(data) and sniffer.wanted == len(data)

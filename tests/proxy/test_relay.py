@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 from collections.abc import Callable
@@ -235,3 +236,87 @@ def test_finish_without_notify_is_idempotent() -> None:
     relay.finish("idle_timeout", notify=False)
     relay.finish("again")
     assert done == [] and c.closed and b.closed and tls.close_notify
+
+
+# -- splice (real socket pairs: os.splice needs real descriptors) ----------------------------
+
+
+def _pairs() -> tuple[socket.socket, socket.socket, socket.socket, socket.socket]:
+    ca, cb = socket.socketpair()  # the relay holds ca (client side), the test is cb
+    ba, bb = socket.socketpair()  # the relay holds ba (backend side), the test is bb
+    for s in (ca, cb, ba, bb):
+        s.setblocking(False)
+    return ca, cb, ba, bb
+
+
+def _drain(sock: socket.socket) -> bytes:
+    out = b""
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
+def test_splice_takes_over_after_the_threshold_and_keeps_order() -> None:
+    from gateway.proxy.relay import PipePool
+
+    ca, cb, ba, bb = _pairs()
+    loop, done, pool = FakeLoop(), [], PipePool(size=65536)
+    relay = Relay(loop, Side(ca), Side(ba), 4096, done.append, pool, splice_after=10)  # type: ignore[arg-type]
+    try:
+        relay.start()
+        cb.send(b"0123456789ab")
+        loop.readable(ca.fileno())  # recv path, then the direction switches to splice
+        assert relay.client.pipe is not None
+        assert loop.readers[ca.fileno()][0] == relay._on_splice
+        payload = os.urandom(3 << 20)
+        sent = 0
+        got = bytearray()
+        paused = 0
+        for _ in range(100000):
+            if sent < len(payload):
+                try:
+                    sent += cb.send(payload[sent : sent + 65536])
+                except BlockingIOError:
+                    pass
+            if ca.fileno() in loop.readers:
+                loop.readable(ca.fileno())
+            if ba.fileno() in loop.writers:  # backend full: the rest waits in the pipe
+                assert ca.fileno() not in loop.readers
+                paused += 1
+                loop.writable(ba.fileno())  # still full: nothing moves, nothing breaks
+                got += _drain(bb)
+                loop.writable(ba.fileno())
+            elif sent >= len(payload):
+                got += _drain(bb)
+            if len(got) == 12 + len(payload):
+                break
+        assert bytes(got) == b"0123456789ab" + payload
+        assert paused > 0
+        cb.shutdown(socket.SHUT_WR)
+        loop.readable(ca.fileno())  # splice returns 0: EOF is propagated
+        assert bb.recv(10) == b""
+        bb.shutdown(socket.SHUT_WR)
+        loop.readable(ba.fileno())
+        assert done == ["done"]
+        assert len(pool.free) == 1  # the empty pipe went back to the pool
+    finally:
+        relay.finish("test", notify=False)
+        pool.close()
+        for s in (cb, bb):
+            s.close()
+
+
+def test_no_splice_with_tls_or_when_disabled() -> None:
+    from gateway.proxy.relay import PipePool
+
+    loop = FakeLoop()
+    c, b = FakeSock(1), FakeSock(2)
+    r = Relay(loop, Side(c, FakeTls(c)), Side(b), 10, print, PipePool(), 0)  # type: ignore[arg-type]
+    assert r.pipes is None
+    r2 = Relay(loop, Side(FakeSock(3)), Side(FakeSock(4)), 10, print, PipePool(), -1)  # type: ignore[arg-type]
+    assert r2.pipes is None
