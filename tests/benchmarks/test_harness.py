@@ -361,3 +361,17 @@ def test_profile_summary_of_a_real_pyspy_capture() -> None:
     assert cats["kernel, via syscalls"] > 0.8 * prof.samples
     assert prof.self_time[0][0] == "send [libc.so.6]"
     assert not any("run_worker" in name for name, _ in prof.inclusive)  # scaffolding dropped
+
+
+def test_options_quick_mode_and_validation() -> None:
+    from benchmarks.run import parse_args
+
+    quick = parse_args(["--quick", "--scenarios", "S1,MEM", "--servers", "nginx,gateway"])
+    assert (quick.duration, quick.warmup, quick.rounds, quick.memory_rounds) == (2.0, 0.0, 1, 1)
+    assert quick.scenarios == ("S1",) and quick.memory and quick.memory_conns == 2000
+    full = parse_args([])
+    assert full.scenarios == ("S1", "S2r", "S2f", "S3", "S4", "S5") and full.memory
+    assert (full.rounds, full.workers, full.pin) == (3, 1, True)
+    for bad in (["--scenarios", "S9"], ["--servers", "haproxy,gateway"], ["--workers", "0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
