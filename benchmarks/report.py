@@ -116,6 +116,7 @@ class Cell:
     cpu_s: float
     origin_cpu_s: float = 0.0  # the origin's CPU in the same interval (diagnosis only)
     machine_busy: tuple[float, ...] = ()  # per CPU, busy fraction (everyone's work, incl. steal)
+    error_kinds: str = ""
 
     @property
     def throughput(self) -> float:

@@ -321,6 +321,7 @@ class Run:
             cpu_s=cpu,
             origin_cpu_s=origin_cpu,
             machine_busy=busy,
+            error_kinds=res.error_kinds,
         )
         self.cells.append(c)
         unit = "µs/MB" if sc.unit == "MB/s" else "µs/req"
@@ -328,7 +329,7 @@ class Run:
             f"r{rnd} {sc.key:<3} {target.name:<8} {c.throughput:>10.1f} {sc.unit:<5} "
             f"p99 {c.p99_ms:7.2f} ms  cpu {c.cpu_per_unit:8.1f} {unit} "
             f"({c.cpu_share:.2f} cores, origin {origin_cpu / c.duration_s:.2f}, busy "
-            f"{'/'.join(f'{b:.2f}' for b in busy)})  errors {c.errors}"
+            f"{'/'.join(f'{b:.2f}' for b in busy)})  errors {c.errors} {c.error_kinds}"
         )
 
     def memory_cell(self, target: Target, rnd: int) -> None:

@@ -42,6 +42,7 @@ class WrkResult:
     errors: int  # connect + read + write + status (>= 400) + timeouts
     p50_ms: float
     p99_ms: float
+    error_kinds: str = ""  # e.g. "read=3 status=1": which kinds, for a reader chasing errors
 
     @property
     def req_per_s(self) -> float:
@@ -63,9 +64,9 @@ def parse_result_line(output: str) -> WrkResult:
         raise ValueError("wrk printed no BENCH-RESULT line:\n" + output[-2000:])
     kv = dict(item.split("=", 1) for item in m.group(1).split())
     n = {k: int(v) for k, v in kv.items()}
-    errors = sum(
-        n[k] for k in ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
-    )
+    kinds = ("connect_errors", "read_errors", "write_errors", "status_errors", "timeouts")
+    errors = sum(n[k] for k in kinds)
+    detail = " ".join(f"{k.removesuffix('_errors')}={n[k]}" for k in kinds if n[k])
     return WrkResult(
         requests=n["requests"],
         bytes=n["bytes"],
@@ -73,6 +74,7 @@ def parse_result_line(output: str) -> WrkResult:
         errors=errors,
         p50_ms=n["p50_us"] / 1000,
         p99_ms=n["p99_us"] / 1000,
+        error_kinds=detail,
     )
 
 

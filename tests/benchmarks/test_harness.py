@@ -43,6 +43,7 @@ def test_wrk_values_from_real_runs() -> None:
     assert big.p99_ms == 28.774
     not_found = wrk.parse_result_line((DATA / "wrk-404.txt").read_text())
     assert not_found.errors == not_found.requests == 139518
+    assert not_found.error_kinds == "status=139518"
 
 
 def test_wrk_without_result_line_is_an_error() -> None:
