@@ -44,8 +44,14 @@ def install_cert(certs_dir: Path, cert: CertFiles) -> Path:
     return certs_dir
 
 
-def config_toml(*, data_dir: Path, certs_dir: Path, port: int, workers: int, tickets: bool) -> str:
-    """``tickets=False`` sets ``session_tickets = 0``: no TLS 1.3 tickets, no resumption."""
+def config_toml(
+    *, data_dir: Path, certs_dir: Path, port: int, workers: int, tickets: bool, splice: bool = True
+) -> str:
+    """``tickets=False`` sets ``session_tickets = 0``: no TLS 1.3 tickets, no resumption.
+
+    ``splice=False`` sets ``splice_after = -1`` (passthrough relays stay on recv/send), for
+    the optional ``gateway-nosplice`` column; otherwise the gateway's default applies.
+    """
     q = json.dumps
     return "\n".join(
         [
@@ -60,6 +66,7 @@ def config_toml(*, data_dir: Path, certs_dir: Path, port: int, workers: int, tic
             "max_connections_per_app = 0",
             "access_log = false",
             f"session_tickets = {2 if tickets else 0}",
+            *([] if splice else ["splice_after = -1"]),
             "[[proxy.routes]]",
             f"app_id = {q(APP_ID)}",
             'backends = ["127.0.0.1"]',

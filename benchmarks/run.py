@@ -42,6 +42,8 @@ from benchmarks.servers import wait_listening as _wait
 from benchmarks.tls import Pki, make_pki
 
 ALL_SERVERS = ("nginx", "haproxy", "gateway", "direct")
+# Optional variants, run only when named in --servers.
+EXTRA_SERVERS = ("gateway-nosplice",)  # the gateway with proxy.splice_after = -1
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUTPUT = ROOT / "benchmarks" / "results" / "latest.md"
 
@@ -244,7 +246,7 @@ class Run:
                 )
             )
             cmd = ["haproxy", "-db", "-f", str(conf)]
-        elif name == "gateway":
+        elif name in ("gateway", "gateway-nosplice"):
             term = pas = free_port()
             conf = self.work / f"{tag}.toml"
             conf.write_text(
@@ -254,6 +256,7 @@ class Run:
                     port=term,
                     workers=w,
                     tickets=tickets,
+                    splice=name == "gateway",
                 )
             )
             cmd = [self.opts.python, "-m", "gateway", "serve", "--config", str(conf)]
@@ -326,7 +329,7 @@ class Run:
         self.cells.append(c)
         unit = "µs/MB" if sc.unit == "MB/s" else "µs/req"
         log(
-            f"r{rnd} {sc.key:<3} {target.name:<8} {c.throughput:>10.1f} {sc.unit:<5} "
+            f"r{rnd} {sc.key:<3} {target.name:<16} {c.throughput:>10.1f} {sc.unit:<5} "
             f"p99 {c.p99_ms:7.2f} ms  cpu {c.cpu_per_unit:8.1f} {unit} "
             f"({c.cpu_share:.2f} cores, origin {origin_cpu / c.duration_s:.2f}, busy "
             f"{'/'.join(f'{b:.2f}' for b in busy)})  errors {c.errors} {c.error_kinds}"
@@ -382,7 +385,7 @@ class Run:
         )
         self.memory.append(m)
         log(
-            f"r{rnd} MEM {target.name:<8} {opened} open ({failed} failed): "
+            f"r{rnd} MEM {target.name:<16} {opened} open ({failed} failed): "
             f"PSS +{m.pss_delta / 1e6:.1f} MB, RSS +{m.rss_delta / 1e6:.1f} MB, "
             f"{m.kib_per_conn:.1f} KiB/conn"
         )
@@ -392,10 +395,11 @@ class Run:
 
     def servers_available(self) -> list[str]:
         names = list(self.opts.servers)
-        if "gateway" in names and not gateway_available(self.opts.python):
+        gateways = [n for n in names if n.startswith("gateway")]
+        if gateways and not gateway_available(self.opts.python):
             self.notes.append("gateway: `python -m gateway serve` is not available yet (pending)")
             log("gateway serve not available; its column stays pending")
-            names.remove("gateway")
+            names = [n for n in names if n not in gateways]
         return names
 
     def execute(self) -> None:
@@ -537,7 +541,8 @@ def parse_args(argv: list[str] | None) -> Options:
     p.add_argument(
         "--servers",
         default=",".join(ALL_SERVERS),
-        help="comma-separated subset of nginx,haproxy,gateway,direct",
+        help="comma-separated subset of nginx,haproxy,gateway,direct; gateway-nosplice adds "
+        "the gateway with splice off",
     )
     p.add_argument("--duration", type=float, default=4.0, help="seconds per cell (default 4)")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per cell")
@@ -561,8 +566,8 @@ def parse_args(argv: list[str] | None) -> Options:
     if bad:
         p.error(f"unknown scenario(s) {bad}; choose from {[s.key for s in SCENARIOS]} and MEM")
     servers = tuple(s.strip() for s in a.servers.split(",") if s.strip())
-    if any(s not in ALL_SERVERS for s in servers):
-        p.error(f"--servers: choose from {ALL_SERVERS}")
+    if any(s not in ALL_SERVERS + EXTRA_SERVERS for s in servers):
+        p.error(f"--servers: choose from {ALL_SERVERS + EXTRA_SERVERS}")
     if "nginx" not in servers:
         p.error("--servers must include nginx: every ratio is to nginx")
     if a.workers < 1:

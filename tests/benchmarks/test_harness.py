@@ -338,6 +338,11 @@ def test_gateway_config_routes_both_names_to_the_origin(tmp_path: Path) -> None:
         data_dir=tmp_path / "d", certs_dir=certs, port=19000, workers=1, tickets=False
     )
     assert parse_config(no_tickets).proxy.session_tickets == 0
+    assert parse_config(text).proxy.splice_after >= 0  # the gateway's default: splice on
+    no_splice = gateway_cfg.config_toml(
+        data_dir=tmp_path / "d", certs_dir=certs, port=19000, workers=1, tickets=True, splice=False
+    )
+    assert parse_config(no_splice).proxy.splice_after == -1
     assert [r.app_id for r in cfg.proxy.routes] == [gateway_cfg.APP_ID]
     assert cfg.proxy.access_log is False  # no per-connection line, like nginx's access_log off
     assert (certs / names.domain / "fullchain.pem").read_bytes() == pki.proxy.cert.read_bytes()
