@@ -2,13 +2,15 @@
 
 Configuration errors are reported before anything binds (exit code 2). SIGHUP re-reads
 certificates and the ``[[proxy.routes]]`` of the same file in every worker; SIGTERM or Ctrl-C
-drains (see ``docs/proxy.md``).
+drains (see ``docs/proxy.md``). The supervisor's PID is in ``<core.data_dir>/run/gateway.pid``
+while it runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -40,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     setup_logging(cfg.core.log_level, cfg.core.log_format)
     path = args.config
+    supervisor_pid = os.getpid()
 
     def reload_routes() -> RouteTable:
         return StaticRoutes(load_config(path).proxy.routes)
@@ -49,9 +52,18 @@ def run(args: argparse.Namespace) -> int:
         stats_dir=cfg.core.data_dir / "run" / "proxy",
         reload_routes=reload_routes if path is not None else None,
     )
+    pid_file = cfg.core.data_dir / "run" / "gateway.pid"
+    try:
+        pid_file.parent.mkdir(parents=True, exist_ok=True)
+        pid_file.write_text(f"{os.getpid()}\n")  # for `kill -HUP $(cat .../gateway.pid)`
+    except OSError as exc:
+        logger.warning("cannot write %s: %s", pid_file, exc)
     try:
         return supervisor.run()
     except OSError as exc:
         logger.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    finally:
+        if os.getpid() == supervisor_pid:  # never from a forked worker
+            pid_file.unlink(missing_ok=True)

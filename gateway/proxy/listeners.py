@@ -149,7 +149,11 @@ class Worker:
 
     def reload(self) -> None:
         """Swap in new certificates and routes; live connections keep what they have."""
-        certs = self.certs.reload()
+        try:
+            certs = self.certs.reload()
+        except OSError as exc:  # e.g. certs_dir unreadable: keep serving what we have
+            logger.error("certificate reload failed, keeping the old set: %s", exc)
+            certs = self.snapshot.certs
         routes = self.snapshot.routes
         if self.reload_routes is not None:
             try:

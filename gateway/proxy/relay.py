@@ -41,6 +41,7 @@ _WOULD_BLOCK = (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSL
 _CLEAN_EOF = (ssl.SSLZeroReturnError, ssl.SSLEOFError)
 _NO_CLOSE_NOTIFY = frozenset({"reset", "tls_error"})  # the TLS stream is unusable after these
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_TLS_RECORD = 16384
 _F_SETPIPE_SZ = 1031
 
 
@@ -112,6 +113,7 @@ class Side:
         "nread",
         "pipe",
         "in_pipe",
+        "rsize",
     )
 
     def __init__(self, sock: socket.socket, tls: Any = None) -> None:
@@ -131,6 +133,7 @@ class Side:
         self.nread = 0
         self.pipe: tuple[int, int] | None = None  # splice pipe for bytes read from this side
         self.in_pipe = 0  # bytes read from this side still in the pipe
+        self.rsize = 65536  # bytes asked of recv (the relay sets it)
 
 
 class Relay:
@@ -169,6 +172,8 @@ class Relay:
         client.peer = backend
         backend.peer = client
         self.bufsize = bufsize
+        for side in (client, backend):  # SSL_read returns at most one 16 KiB record
+            side.rsize = min(bufsize, _TLS_RECORD) if side.tls is not None else bufsize
         self.on_done = on_done
         self.done = False
         self.progress = 0  # bytes flushed from pending buffers (the idle watchdog adds nread)
@@ -186,15 +191,18 @@ class Relay:
         ``client_registered``: the client's fd is still registered for reading by the
         caller; the relay takes the registration over (swapping the callback) or drops it.
         """
+        client, backend = self.client, self.backend
+        if client_registered:
+            client.reading = True  # so that a failure below (finish) unregisters it
         if first_to_backend:
-            self._send(self.backend, first_to_backend)
+            self._send(backend, first_to_backend)  # a short write pauses the client
             if self.done:
                 return
-        if self.backend.pending is None:
-            self._want_read(self.client)
-        elif client_registered:
-            self.loop.remove_reader(self.client.fd)
-        self._want_read(self.backend)
+        if backend.pending is None:  # add, or swap the caller's callback for ours
+            self.loop.add_reader(client.fd, self._on_read, client)
+            client.reading = True
+        self.loop.add_reader(backend.fd, self._on_read, backend)  # likewise
+        backend.reading = True
 
     def activity(self) -> int:
         """A number that grows whenever bytes move (compared by the idle watchdog)."""
@@ -238,7 +246,7 @@ class Relay:
 
     def _on_read(self, src: Side) -> None:
         try:
-            data = src.recv(self.bufsize)
+            data = src.recv(src.rsize)
         except _WOULD_BLOCK:
             return
         except _CLEAN_EOF:

@@ -62,7 +62,12 @@ class Candidate:
 
 
 class RouteTable(Protocol):
-    """Read-only routing snapshot used by :func:`gateway.proxy.decide.decide`."""
+    """Read-only routing snapshot used by :func:`gateway.proxy.decide.decide`.
+
+    Workers cache decisions per SNI for as long as a snapshot is installed, so a table's
+    answers must not change while it is in use: when instances, freshness or policies change,
+    build a new table and install it with ``Worker.swap_snapshot``.
+    """
 
     def lookup(self, ident: str, top_n: int) -> tuple[Candidate, ...]:
         """Candidates for an instance or app id, best first (empty: unknown id)."""

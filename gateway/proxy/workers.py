@@ -113,6 +113,15 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self.signals.append(signum)  # only queue it; run() acts on it
 
+    def request_reload(self) -> None:
+        """Reload certificates and routes in every worker, as SIGHUP does (for in-process
+        callers such as a certificate writer; safe from another thread)."""
+        self.signals.append(signal.SIGHUP)
+
+    def request_stop(self) -> None:
+        """Drain and stop, as SIGTERM does."""
+        self.signals.append(signal.SIGTERM)
+
     def run(self) -> int:
         probe_listeners(self.settings.listen_specs(), self.settings.backlog)
         self.certs = CertStore(
@@ -139,7 +148,10 @@ class Supervisor:
                 if signum == signal.SIGHUP:
                     self._forward(signal.SIGHUP)
                     if self.certs is not None:
-                        self.certs.reload()  # future forks start from the new set
+                        try:
+                            self.certs.reload()  # future forks start from the new set
+                        except OSError as exc:
+                            logger.error("certificate reload failed: %s", exc)
                     logger.info(
                         "reload requested: forwarded SIGHUP to %d workers", len(self.children)
                     )

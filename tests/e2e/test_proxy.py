@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -41,7 +42,7 @@ from tests.helpers.gateway import (
     worker_pids,
     write_config,
 )
-from tests.helpers.processes import free_port, wait_until
+from tests.helpers.processes import free_port, port_open, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -128,6 +129,25 @@ def _can_fetch(port: int, name: str, ca: Path) -> bool:
             return get(s, "/health")[1] == b"ok"
     except (ssl.SSLError, OSError):
         return False
+
+
+def test_tls12_client_and_session_resumption(gw: Gateway, origin: Origin, ca: Path) -> None:
+    name = sni(f"app-{origin.http}")
+    for version in (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3):
+        ctx = ssl.create_default_context(cafile=str(ca))
+        ctx.maximum_version = version
+        session = None
+        reused = []
+        for _ in range(3):  # one worker of two may differ; tickets are shared (same keys)
+            raw = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+            with ctx.wrap_socket(raw, server_hostname=name, session=session) as s:
+                assert s.version() == (
+                    "TLSv1.2" if version == ssl.TLSVersion.TLSv1_2 else "TLSv1.3"
+                )
+                assert get(s, "/bytes/100000")[1] == pattern_bytes(100000)
+                reused.append(s.session_reused)
+                session = s.session
+        assert reused == [False, True, True]
 
 
 def test_upload_is_intact(gw: Gateway, origin: Origin, ca: Path) -> None:
@@ -468,13 +488,22 @@ def test_sighup_reloads_certs_without_dropping(root: Path, origin: Origin, ca: P
         dev = DevCa(root / "ca" / "ca.pem", root / "ca" / "ca.key")
         cert, key = issue_wildcard(dev, [f"*.{BASE}", BASE])
         write_cert_dir(certs, BASE, [cert, dev.load()[0]], key)
-        os.kill(g.proc.pid, signal.SIGHUP)
+        pid = int((g.data_dir / "run" / "gateway.pid").read_text())
+        assert pid == g.proc.pid
+        os.kill(pid, signal.SIGHUP)
         wait_until(
             lambda: _leaf_serial(g.port, name, ca) == cert.serial_number, g.proc, 10, "new cert"
         )
         assert before != cert.serial_number
         assert get(live, "/bytes/1000")[1] == pattern_bytes(1000)  # the old connection lives on
         live.close()
+        # routes come from the same file on SIGHUP
+        newname = sni(f"fresh-{origin.http}")
+        assert recv_alert(g.port, build_client_hello(newname)) == ALERT_UNRECOGNIZED_NAME
+        with cfg.open("a") as fh:
+            fh.write('\n[[proxy.routes]]\napp_id = "fresh"\nbackends = ["127.0.0.1"]\n')
+        os.kill(pid, signal.SIGHUP)
+        wait_until(lambda: _can_fetch(g.port, newname, ca), g.proc, 10, "the new route")
 
 
 def test_sigterm_drains_a_transfer_in_flight(root: Path, origin: Origin, ca: Path) -> None:
@@ -483,12 +512,19 @@ def test_sigterm_drains_a_transfer_in_flight(root: Path, origin: Origin, ca: Pat
         s = tls_connect(g.port, sni(f"app-{origin.http}"), ca)
         s.sendall(b"GET /trickle/1280 HTTP/1.1\r\nHost: x\r\n\r\n")  # ~1 s of trickle
         assert s.recv(5) == b"HTTP/"
+        silent = socket.create_connection(("127.0.0.1", g.port), timeout=10)  # no hello yet
+        time.sleep(0.1)
         os.kill(g.proc.pid, signal.SIGTERM)
+        start = time.monotonic()
+        assert silent.recv(10) == b""  # not relaying yet: closed at once, not after drain
+        assert time.monotonic() - start < 0.8
+        silent.close()
         data = read_until_eof(s)
         s.close()
         assert data.endswith(pattern_bytes(1280))
         assert g.proc.wait(timeout=10) == 0
         assert "drained: 0 connections closed at the deadline" in g.log_text()
+        assert not (g.data_dir / "run" / "gateway.pid").exists()
 
 
 def test_killed_worker_is_replaced(root: Path, origin: Origin, ca: Path) -> None:
@@ -569,3 +605,54 @@ def test_abuse_never_breaks_a_worker(gw: Gateway, origin: Origin, ca: Path) -> N
     wait_until(settled, gw.proc, 10, "every connection closed and accounted for")
     assert "Traceback" not in gw.log_text()
     assert "Exception in callback" not in gw.log_text()
+
+
+# -- configuration at the edge ---------------------------------------------------------------
+
+
+def _free_range(n: int) -> int:
+    for _ in range(50):
+        first = free_port()
+        socks = []
+        try:
+            for p in range(first, first + n):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return first
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port range")
+
+
+def test_listen_port_range(root: Path, origin: Origin, ca: Path) -> None:
+    first = _free_range(3)
+    cfg = write_config(root, "range", origin, workers=1, listen=[f"127.0.0.1:{first}-{first + 2}"])
+    with run_gateway(cfg) as g:
+        for port in range(first, first + 3):
+            wait_until(lambda p=port: port_open("127.0.0.1", p), g.proc, 10, f"port {port}")
+            with tls_connect(port, sni(f"app-{origin.http}"), ca) as s:
+                assert get(s, "/health")[1] == b"ok"
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ("[proxy]\nlisten = ['127.0.0.1:1-3', '127.0.0.1:2']\n", "proxy: listen entries"),
+        ("[proxy]\nworkerz = 2\n", "proxy.workerz: unknown key (hint: did you mean 'workers'?)"),
+        ("[proxy.timeouts]\nidle = -1\n", "proxy.timeouts: timeouts.idle must be > 0"),
+    ],
+)
+def test_serve_rejects_bad_config_before_binding(tmp_path: Path, body: str, needle: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(body)
+    out = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)],
+        capture_output=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert needle in out.stderr.decode()

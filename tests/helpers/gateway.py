@@ -129,7 +129,7 @@ def gateway_port(config: Path) -> int:
     import tomllib
 
     listen = tomllib.loads(config.read_text())["proxy"]["listen"][0]
-    return int(listen.rsplit(":", 1)[1])
+    return int(listen.rsplit(":", 1)[1].split("-")[0])  # the first port of a range
 
 
 @contextmanager

@@ -320,3 +320,20 @@ def test_no_splice_with_tls_or_when_disabled() -> None:
     assert r.pipes is None
     r2 = Relay(loop, Side(FakeSock(3)), Side(FakeSock(4)), 10, print, PipePool(), -1)  # type: ignore[arg-type]
     assert r2.pipes is None
+
+
+def test_start_takes_over_or_drops_the_callers_registrations() -> None:
+    loop, relay, c, b, done, _ = make()
+    loop.add_reader(10, print)  # registered by the connection before the relay existed
+    b.capacity = 3  # the PROXY header does not fit: the client must be paused
+    relay.start(b"PROXY ...\r\n", client_registered=True)
+    assert 10 not in loop.readers and 11 in loop.writers and 11 in loop.readers
+    loop2, relay2, c2, b2, done2, _ = make()
+    loop2.add_reader(10, print)
+    relay2.backend.send = lambda data: (_ for _ in ()).throw(ConnectionResetError())
+    relay2.start(b"PROXY ...\r\n", client_registered=True)
+    assert done2 == ["reset"] and not loop2.readers and not loop2.writers  # nothing left behind
+    loop3, relay3, *_ = make()
+    loop3.add_reader(10, print)
+    relay3.start(client_registered=True)
+    assert loop3.readers[10][0] == relay3._on_read  # swapped, not duplicated
