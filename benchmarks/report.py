@@ -167,6 +167,7 @@ class Summary:
     errors: int
     requests: int
     rounds: int
+    error_kinds: tuple[str, ...] = ()  # e.g. ("read",): which wrk counters the errors are in
 
     @property
     def valid(self) -> bool:
@@ -204,6 +205,9 @@ def summarize(cells: list[Cell]) -> dict[tuple[str, str], Summary]:
             errors=sum(c.errors for c in group),
             requests=sum(c.requests for c in group),
             rounds=len(group),
+            error_kinds=tuple(
+                sorted({k.split("=")[0] for c in group for k in c.error_kinds.split()})
+            ),
         )
     return out
 
@@ -310,10 +314,11 @@ def markdown(
                 continue
             thr = ratio(s.throughput, ref.throughput) if ref else math.nan
             cpu = ratio(s.cpu_per_unit, ref.cpu_per_unit) if ref else math.nan
+            errs = f"{s.errors} ({', '.join(s.error_kinds)})" if s.error_kinds else str(s.errors)
             lines.append(
                 f"| {server} | {_fmt(s.throughput, 1)} | {_fmt(s.spread * 100, 0)} % "
                 f"| {_fmt(s.p99_ms)} | {_fmt(s.cpu_per_unit, 1)} | {_fmt(s.cpu_share)} "
-                f"| {_fmt(thr)}x | {_fmt(cpu)}x | {s.errors} |"
+                f"| {_fmt(thr)}x | {_fmt(cpu)}x | {errs} |"
             )
         lines.append("")
     if memory:

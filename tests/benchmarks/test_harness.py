@@ -215,7 +215,10 @@ def test_generated_configs_are_accepted_by_nginx_and_haproxy(tmp_path: Path, tic
 
 
 def _cell(server: str, scenario: str, rnd: int, requests: int, cpu: float, errors: int = 0) -> Cell:
-    return Cell(server, scenario, rnd, requests, requests * 200, 5.0, errors, 10.0, cpu)
+    kinds = f"read={errors}" if errors else ""
+    return Cell(
+        server, scenario, rnd, requests, requests * 200, 5.0, errors, 10.0, cpu, error_kinds=kinds
+    )
 
 
 def test_ratios_medians_and_verdicts() -> None:
@@ -249,6 +252,7 @@ def test_ratios_medians_and_verdicts() -> None:
     )
     assert "| S1 CPU per unit | 2.00x | <= 1.5 | MISS |" in md
     assert "| idle memory | 1.50x | <= 1.5 | PASS |" in md
+    assert "| 500 (read) |" in md  # the gateway's S2r row says which kind of error
 
 
 def test_missing_gateway_is_pending_not_pass() -> None:
