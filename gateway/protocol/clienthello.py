@@ -604,7 +604,7 @@ def _fast_hello(data: bytes, limit: int) -> ClientHello | None:
             n = p - start - 1
             if n < 2 or n & 1 or data[start] != n:
                 return None
-            versions = tuple(data[i] << 8 | data[i + 1] for i in range(start + 1, p, 2))
+            versions = _U16_ARRAYS[n >> 1](data, start + 1)
     if len(set(types)) != len(types) or (EXT_PRE_SHARED_KEY in types and types[-1] != 41):
         return None
     # every field passed __post_init__'s checks above (sni by _is_host_name, alpn names are
@@ -622,3 +622,4 @@ def _fast_hello(data: bytes, limit: int) -> ClientHello | None:
 _new_hello = object.__new__
 _set_field = object.__setattr__  # what the frozen dataclass's own __init__ uses
 _EXT_HEADER = struct.Struct(">HH").unpack_from
+_U16_ARRAYS = tuple(struct.Struct(f">{k}H").unpack_from for k in range(128))  # by count
