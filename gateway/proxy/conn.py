@@ -68,6 +68,7 @@ _ACCESS_FMT = "client=%s:%s sni=%s mode=%s tls=%s upstream=%s up=%d down=%d ms=%
 
 _PEEK_EXTRA = 4096  # room for bytes after the hello (and a PROXY v1 line) in one peek
 _PP_MAX = 2048 + 16
+_STREAM_NONBLOCK = socket.SOCK_STREAM | socket.SOCK_NONBLOCK  # Python sets timeout 0 for it
 
 
 class Phase(enum.Enum):
@@ -451,10 +452,9 @@ class Conn:
         for target in upstream.targets:
             family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
             try:
-                bsock = socket.socket(family, socket.SOCK_STREAM)
+                bsock = socket.socket(family, _STREAM_NONBLOCK)  # no extra ioctl
             except OSError:
                 continue
-            bsock.setblocking(False)
             bsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             err = bsock.connect_ex((target.host, upstream.port))
             if err == 0:
