@@ -559,54 +559,68 @@ def _fast_hello(data: bytes, limit: int) -> ClientHello | None:
     if p + 2 + (data[p] << 8 | data[p + 1]) != end:
         return None
     p += 2
-    sni: str | None = None
-    alpn: tuple[str, ...] = ()
-    versions: tuple[int, ...] = ()
-    types: list[int] = []
-    while p < end:
-        if p + 4 > end:
-            return None
-        etype, elen = _EXT_HEADER(data, p)
-        start = p + 4
-        p = start + elen
-        if p > end:
-            return None
-        types.append(etype)
-        if etype == EXT_SERVER_NAME:
-            # exactly one entry, a host_name filling the list that fills the extension
-            name_len = p - start - 5
-            if (
-                name_len < 1
-                or (data[start] << 8 | data[start + 1]) != name_len + 3
-                or data[start + 2] != NAME_TYPE_HOST_NAME
-                or (data[start + 3] << 8 | data[start + 4]) != name_len
-            ):
+    # the walk only records where each extension's header is; the three that routing
+    # needs are decoded after it (most extensions cost just this loop)
+    header = _EXT_HEADER
+    at: dict[int, int] = {}  # extension type -> offset of its header
+    count = 0
+    try:
+        while p < end:
+            etype, elen = header(data, p)  # struct.error past the end of data
+            at[etype] = p
+            count += 1
+            p += 4 + elen
+            if p > end:  # also a header overrunning the block
                 return None
-            raw = data[start + 5 : p]
-            if not raw.isascii():
-                return None
-            sni = raw.decode("ascii").lower()
-            if not _is_host_name(sni):
-                return None
-        elif etype == EXT_ALPN:
-            if p - start < 4 or (data[start] << 8 | data[start + 1]) != p - start - 2:
-                return None
-            q = start + 2
-            names: list[str] = []
-            while q < p:
-                n = data[q]
-                q += 1 + n
-                if n == 0 or q > p:
-                    return None
-                names.append(data[q - n : q].decode("latin-1"))
-            alpn = tuple(names)
-        elif etype == EXT_SUPPORTED_VERSIONS:
-            n = p - start - 1
-            if n < 2 or n & 1 or data[start] != n:
-                return None
-            versions = _U16_ARRAYS[n >> 1](data, start + 1)
-    if len(set(types)) != len(types) or (EXT_PRE_SHARED_KEY in types and types[-1] != 41):
+    except struct.error:
         return None
+    if count != len(at):  # a duplicate
+        return None
+    h = at.get(EXT_PRE_SHARED_KEY)
+    if h is not None and h + 4 + (data[h + 2] << 8 | data[h + 3]) != end:  # not last
+        return None
+    sni: str | None = None
+    h = at.get(EXT_SERVER_NAME)
+    if h is not None:
+        # exactly one entry, a host_name filling the list that fills the extension
+        start = h + 4
+        name_len = (data[h + 2] << 8 | data[h + 3]) - 5
+        if (
+            name_len < 1
+            or (data[start] << 8 | data[start + 1]) != name_len + 3
+            or data[start + 2] != NAME_TYPE_HOST_NAME
+            or (data[start + 3] << 8 | data[start + 4]) != name_len
+        ):
+            return None
+        raw = data[start + 5 : start + 5 + name_len]
+        if not raw.isascii():
+            return None
+        sni = raw.decode("ascii").lower()
+        if not _is_host_name(sni):
+            return None
+    alpn: tuple[str, ...] = ()
+    h = at.get(EXT_ALPN)
+    if h is not None:
+        start = h + 4
+        stop = start + (data[h + 2] << 8 | data[h + 3])
+        if stop - start < 4 or (data[start] << 8 | data[start + 1]) != stop - start - 2:
+            return None
+        q = start + 2
+        names: list[str] = []
+        while q < stop:
+            n = data[q]
+            q += 1 + n
+            if n == 0 or q > stop:
+                return None
+            names.append(data[q - n : q].decode("latin-1"))
+        alpn = tuple(names)
+    versions: tuple[int, ...] = ()
+    h = at.get(EXT_SUPPORTED_VERSIONS)
+    if h is not None:
+        n = (data[h + 2] << 8 | data[h + 3]) - 1
+        if n < 2 or n & 1 or data[h + 4] != n:
+            return None
+        versions = _U16_ARRAYS[n >> 1](data, h + 5)
     # every field passed __post_init__'s checks above (sni by _is_host_name, alpn names are
     # 1..255 latin-1 characters, versions are two bytes, end >= 5 + 4 + _MIN_BODY): build it
     # without running them again (they were a fifth of this function's time)

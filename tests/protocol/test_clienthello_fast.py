@@ -170,6 +170,28 @@ def test_fast_path_matches_full_parser_on_generated_hellos(
     check_same(case[0])
 
 
+PSK = extension(EXT_PRE_SHARED_KEY, b"\x00\x01\x02")
+VALID_EXTS = [
+    server_name_extension("app.example"),
+    alpn_extension(["h2", "http/1.1"]),
+    supported_versions_extension([0x0304, 0x0303]),
+    extension(0x0A0A, b""),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(exts=st.permutations([*VALID_EXTS, PSK]), dup=st.sampled_from([None, *VALID_EXTS, PSK]))
+def test_fast_path_matches_full_parser_wherever_pre_shared_key_is(
+    exts: list[bytes], dup: bytes | None
+) -> None:
+    """pre_shared_key must be last and no type may repeat: the fast path checks both after
+    its walk, the full parser per extension; same outcome either way."""
+    listed = exts if dup is None else [*exts[:2], dup, *exts[2:]]
+    data = wrap_records(client_hello_message(extensions=listed))
+    hello = check_same(data)
+    assert (hello is not None) == (dup is None and exts[-1] == PSK)
+
+
 # --- mutations ----------------------------------------------------------------------------
 
 
