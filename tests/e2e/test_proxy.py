@@ -657,3 +657,65 @@ def test_serve_rejects_bad_config_before_binding(tmp_path: Path, body: str, need
     )
     assert out.returncode == 2
     assert needle in out.stderr.decode()
+
+
+def test_client_bytes_sent_while_the_backend_connects_are_relayed(
+    root: Path, origin: Origin, ca: Path
+) -> None:
+    """The handshake ends long before the backend accepts (its SYN is dropped once): the
+    client's early request waits in the kernel, the parked fd does not spin, and the relay
+    delivers the request once the connect completes."""
+    cfg = write_config(root, "slowconnect", origin, workers=1)
+    cfg.write_text(cfg.read_text().replace("connect = 1.0", "connect = 5.0"))
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(0)
+    port = hole.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # fill the accept queue: further SYNs are dropped, then retried ~1 s
+        f = socket.socket()
+        f.setblocking(False)
+        f.connect_ex(("127.0.0.1", port))
+        fillers.append(f)
+    time.sleep(0.2)
+    try:
+        with run_gateway(cfg) as g:
+            wait_until(lambda: bool(worker_pids(g)), g.proc, 10, "worker stats")
+            (pid,) = worker_pids(g).values()
+            with tls_connect(g.port, sni(f"app-{port}"), ca) as s:
+                s.sendall(b"early request")
+                cpu0 = _cpu_seconds(pid)
+                time.sleep(0.5)
+                assert _cpu_seconds(pid) - cpu0 < 0.2  # waiting, not polling a readable fd
+                hole.settimeout(10)
+                ours = {f.getsockname() for f in fillers}
+                while True:  # make room: the gateway's retried SYN gets in
+                    conn, peer = hole.accept()
+                    if peer not in ours:
+                        break
+                    conn.close()
+                with conn:
+                    conn.settimeout(10)
+                    assert read_exactly(conn, 13) == b"early request"
+                    conn.sendall(b"late reply")
+                    s.settimeout(10)
+                    assert read_exactly(s, 10) == b"late reply"
+    finally:
+        for f in fillers:
+            f.close()
+        hole.close()
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def read_exactly(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            break
+        buf += chunk
+    return buf
