@@ -143,8 +143,10 @@ def odd_hellos(draw: st.DrawFn) -> bytes:
         exts.append(supported_versions_extension(versions))
     exts += draw(st.lists(ODD_EXTENSIONS, max_size=3))
     exts = draw(st.permutations(exts))
-    if exts and draw(st.booleans()):
-        exts.append(draw(st.sampled_from(exts)))  # a duplicate
+    if exts:
+        duplicate: bool = draw(st.booleans())
+        if duplicate:
+            exts.append(draw(st.sampled_from(exts)))  # a duplicate
     message = client_hello_message(
         extensions=None if draw(st.integers(0, 9)) == 0 else exts,
         legacy_version=draw(st.sampled_from([0x0303, 0x0303, 0x0301, 0x0203])),
