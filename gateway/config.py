@@ -193,8 +193,6 @@ from gateway.proxy.settings import ProxySettings  # noqa: E402
 from gateway.registry.settings import RegistrySettings  # noqa: E402
 from gateway.settings import CoreSettings  # noqa: E402
 from gateway.tunnel.settings import WgSettings  # noqa: E402
-from gateway.proxy.settings import ProxySettings  # noqa: E402
-from gateway.settings import CoreSettings  # noqa: E402  (after the generic decoder on purpose)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

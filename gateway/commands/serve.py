@@ -2,8 +2,9 @@
 
 Configuration errors are reported before anything binds (exit code 2). SIGHUP re-reads
 certificates and the ``[[proxy.routes]]`` of the same file in every worker; SIGTERM or Ctrl-C
-drains (see ``docs/proxy.md``). The supervisor's PID is in ``<core.data_dir>/run/gateway.pid``
-while it runs.
+drains (see ``docs/proxy.md``). With ``proxy.registry_routes`` (the default) every worker also
+follows the tunnel registry's SQLite file (``[registry]``) and routes to registered CVMs.
+The supervisor's PID is in ``<core.data_dir>/run/gateway.pid`` while it runs.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from gateway.config import ConfigError, load_config
+from gateway.config import Config, ConfigError, load_config
+from gateway.proxy.listeners import RouteFeed
 from gateway.proxy.routes import RouteTable, StaticRoutes
 from gateway.util.logs import setup_logging
 
@@ -26,6 +29,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=None, help="override proxy.workers (0 = one per CPU)"
     )
+
+
+def registry_feed_factory(cfg: Config) -> Callable[[], RouteFeed] | None:
+    """What each worker calls (after the fork) to follow the tunnel registry, if enabled."""
+    if not cfg.proxy.registry_routes:
+        return None
+    from gateway.proxy.registry_routes import feed_for_sqlite
+    from gateway.registry.factory import store_path
+
+    db = store_path(cfg.registry, cfg.core.data_dir)
+    proxy = cfg.proxy
+
+    def factory() -> RouteFeed:
+        return feed_for_sqlite(
+            db,
+            refresh_every=proxy.registry_refresh_interval,
+            stale_after=proxy.registry_stale_after,
+        )
+
+    return factory
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         cfg.proxy,
         stats_dir=cfg.core.data_dir / "run" / "proxy",
         reload_routes=reload_routes if path is not None else None,
+        registry_feed=registry_feed_factory(cfg),
     )
     pid_file = cfg.core.data_dir / "run" / "gateway.pid"
     try:

@@ -16,21 +16,32 @@ import socket
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 from gateway.certs.store import CertStore
 from gateway.proxy.conn import Conn, Phase
 from gateway.proxy.decide import Decision, Snapshot
 from gateway.proxy.endpoints import GatewayInfo
 from gateway.proxy.relay import PipePool
-from gateway.proxy.routes import RouteTable
+from gateway.proxy.routes import CombinedRoutes, RouteTable
 from gateway.proxy.settings import ListenSpec, ProxySettings, Timeouts
 from gateway.proxy.stats import WorkerState, write_stats
 
-__all__ = ["Worker", "bind_listener", "probe_listeners"]
+__all__ = ["RouteFeed", "Worker", "bind_listener", "probe_listeners"]
 
 logger = logging.getLogger(__name__)
 
 _ACCEPT_BATCH = 64
+
+
+class RouteFeed(Protocol):
+    """Where a worker gets fresh registry tables (:class:`RegistryRouteFeed`)."""
+
+    def poll(self) -> RouteTable | None:
+        """A new table when something changed, else ``None`` (keep the current one)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
@@ -73,6 +84,7 @@ class Worker:
         stats_dir: Path | None = None,
         info: GatewayInfo | None = None,
         reload_routes: Callable[[], RouteTable] | None = None,
+        registry_feed: RouteFeed | None = None,
     ) -> None:
         self.loop = loop
         self.settings = settings
@@ -82,6 +94,10 @@ class Worker:
         self.stats_dir = stats_dir
         self.info = info or GatewayInfo()
         self.reload_routes = reload_routes
+        self.static_routes = routes
+        self.registry_feed = registry_feed
+        self.registry_routes: RouteTable | None = None
+        self._registry_handle: asyncio.TimerHandle | None = None
         self.snapshot = Snapshot(
             base_domains=settings.base_domains,
             certs=certs.snapshot,
@@ -154,14 +170,42 @@ class Worker:
         except OSError as exc:  # e.g. certs_dir unreadable: keep serving what we have
             logger.error("certificate reload failed, keeping the old set: %s", exc)
             certs = self.snapshot.certs
-        routes = self.snapshot.routes
         if self.reload_routes is not None:
             try:
-                routes = self.reload_routes()
+                self.static_routes = self.reload_routes()
             except Exception as exc:  # a bad edit must not take the worker down
                 logger.error("route reload failed, keeping the old routes: %s", exc)
-        self.swap_snapshot(replace(self.snapshot, certs=certs, routes=routes))
+        self.swap_snapshot(replace(self.snapshot, certs=certs, routes=self.combined_routes()))
         logger.info("worker %d reloaded: %d certificates", self.state.index, len(certs))
+
+    # -- registry routes ------------------------------------------------------------------
+
+    def combined_routes(self) -> RouteTable:
+        """Static routes first, then the registry's (when a registry table is installed)."""
+        if self.registry_routes is None:
+            return self.static_routes
+        return CombinedRoutes(self.static_routes, self.registry_routes)
+
+    def start_registry_polling(self) -> None:
+        """Poll the registry now and then every ``registry_poll_interval`` seconds."""
+        if self.registry_feed is not None:
+            self._poll_registry()
+
+    def _poll_registry(self) -> None:
+        feed = self.registry_feed
+        if feed is None or self.state.draining:
+            return
+        try:
+            table = feed.poll()
+        except Exception:  # noqa: BLE001 - a registry problem must never stop the worker
+            logger.exception("worker %d: registry poll failed", self.state.index)
+            table = None
+        if table is not None:
+            self.registry_routes = table
+            self.swap_snapshot(replace(self.snapshot, routes=self.combined_routes()))
+        self._registry_handle = self.loop.call_later(
+            self.settings.registry_poll_interval, self._poll_registry
+        )
 
     # -- stats ----------------------------------------------------------------------------
 
@@ -218,6 +262,10 @@ class Worker:
         )
         if self._stats_handle is not None:
             self._stats_handle.cancel()
+        if self._registry_handle is not None:
+            self._registry_handle.cancel()
+        if self.registry_feed is not None:
+            self.registry_feed.close()
         self.write_stats()
         if self.stopping is not None and not self.stopping.done():
             self.stopping.set_result(None)

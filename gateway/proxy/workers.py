@@ -29,7 +29,7 @@ from types import FrameType
 
 from gateway.certs.store import CertStore
 from gateway.proxy.endpoints import GatewayInfo
-from gateway.proxy.listeners import Worker, probe_listeners
+from gateway.proxy.listeners import RouteFeed, Worker, probe_listeners
 from gateway.proxy.routes import RouteTable, StaticRoutes
 from gateway.proxy.settings import ProxySettings
 from gateway.proxy.stats import WorkerState
@@ -49,6 +49,7 @@ def run_worker(
     stats_dir: Path | None,
     reload_routes: Callable[[], RouteTable] | None,
     info: GatewayInfo | None = None,
+    registry_feed: Callable[[], RouteFeed] | None = None,
 ) -> int:
     """A worker process's main: its own uvloop loop until drained. Returns the exit code."""
     import uvloop
@@ -63,7 +64,8 @@ def run_worker(
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     state = WorkerState(index, os.getpid())
-    worker = Worker(loop, settings, certs, routes, state, stats_dir, info, reload_routes)
+    feed = registry_feed() if registry_feed is not None else None  # opened after the fork
+    worker = Worker(loop, settings, certs, routes, state, stats_dir, info, reload_routes, feed)
 
     async def main() -> None:
         worker.stopping = loop.create_future()
@@ -75,6 +77,7 @@ def run_worker(
         loop.add_signal_handler(signal.SIGTERM, worker.begin_drain)
         loop.add_signal_handler(signal.SIGHUP, worker.reload)
         worker.listen()
+        worker.start_registry_polling()
         logger.info("worker %d (pid %d) listening", index, os.getpid())
         await worker.stopping
 
@@ -97,8 +100,10 @@ class Supervisor:
         stats_dir: Path | None = None,
         reload_routes: Callable[[], RouteTable] | None = None,
         info: GatewayInfo | None = None,
+        registry_feed: Callable[[], RouteFeed] | None = None,
     ) -> None:
         self.settings = settings
+        self.registry_feed = registry_feed
         self.stats_dir = stats_dir
         self.reload_routes = reload_routes
         self.info = info
@@ -174,6 +179,7 @@ class Supervisor:
                     self.stats_dir,
                     self.reload_routes,
                     self.info,
+                    self.registry_feed,
                 )
             except BaseException:  # noqa: BLE001 - last resort before os._exit
                 logger.exception("worker %d crashed", index)
