@@ -4,6 +4,9 @@ Configuration errors are reported before anything binds (exit code 2). SIGHUP re
 certificates and the ``[[proxy.routes]]`` of the same file in every worker; SIGTERM or Ctrl-C
 drains (see ``docs/proxy.md``). With ``proxy.registry_routes`` (the default) every worker also
 follows the tunnel registry's SQLite file (``[registry]``) and routes to registered CVMs.
+When the registration RPC has an identity (``[rpc_identity] tee`` or ``rpc.cert_file``), the
+supervisor also runs ``gateway rpc`` as a supervised child (registration RPC, WireGuard device,
+registry maintenance; :mod:`gateway.commands.control_process`); ``--no-control`` opts out.
 The supervisor's PID is in ``<core.data_dir>/run/gateway.pid`` while it runs.
 """
 
@@ -16,6 +19,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from gateway.commands.control_process import ControlProcess, wants_control
 from gateway.config import Config, ConfigError, load_config
 from gateway.proxy.listeners import RouteFeed
 from gateway.proxy.routes import RouteTable, StaticRoutes
@@ -28,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, default=None, help="TOML configuration file")
     parser.add_argument(
         "--workers", type=int, default=None, help="override proxy.workers (0 = one per CPU)"
+    )
+    parser.add_argument(
+        "--no-control",
+        action="store_true",
+        help="do not start the registration RPC + WireGuard child even if [rpc] is configured",
     )
 
 
@@ -70,11 +79,15 @@ def run(args: argparse.Namespace) -> int:
     def reload_routes() -> RouteTable:
         return StaticRoutes(load_config(path).proxy.routes)
 
+    control = None
+    if path is not None and wants_control(cfg) and not args.no_control:
+        control = ControlProcess(path.resolve())
     supervisor = Supervisor(
         cfg.proxy,
         stats_dir=cfg.core.data_dir / "run" / "proxy",
         reload_routes=reload_routes if path is not None else None,
         registry_feed=registry_feed_factory(cfg),
+        sidecars=(control,) if control is not None else (),
     )
     pid_file = cfg.core.data_dir / "run" / "gateway.pid"
     try:
@@ -90,4 +103,6 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         if os.getpid() == supervisor_pid:  # never from a forked worker
+            if control is not None:
+                control.stop()  # no-op after a normal shutdown
             pid_file.unlink(missing_ok=True)

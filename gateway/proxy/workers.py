@@ -23,9 +23,10 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 from gateway.certs.store import CertStore
 from gateway.proxy.endpoints import GatewayInfo
@@ -34,11 +35,26 @@ from gateway.proxy.routes import RouteTable, StaticRoutes
 from gateway.proxy.settings import ProxySettings
 from gateway.proxy.stats import WorkerState
 
-__all__ = ["Supervisor", "run_worker"]
+__all__ = ["Sidecar", "Supervisor", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
 _RESTART_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+class Sidecar(Protocol):
+    """A non-worker child the supervisor starts, reaps, restarts and stops (e.g. the control
+    process of :mod:`gateway.commands.control_process`)."""
+
+    def start(self) -> None: ...
+
+    def owns(self, pid: int) -> bool: ...
+
+    def reaped(self, status: int) -> None: ...
+
+    def tick(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 def run_worker(
@@ -101,9 +117,11 @@ class Supervisor:
         reload_routes: Callable[[], RouteTable] | None = None,
         info: GatewayInfo | None = None,
         registry_feed: Callable[[], RouteFeed] | None = None,
+        sidecars: Sequence[Sidecar] = (),
     ) -> None:
         self.settings = settings
         self.registry_feed = registry_feed
+        self.sidecars = tuple(sidecars)
         self.stats_dir = stats_dir
         self.reload_routes = reload_routes
         self.info = info
@@ -144,6 +162,8 @@ class Supervisor:
         _raise_nofile()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        for sidecar in self.sidecars:  # spawned (not forked): no loop or thread is copied
+            sidecar.start()
         for index in range(self.count):
             self._spawn(index)
         logger.info("gateway proxy: %d workers on %s", self.count, ", ".join(self.settings.listen))
@@ -163,6 +183,8 @@ class Supervisor:
                 else:
                     return self._shutdown()
             self._reap()
+            for sidecar in self.sidecars:
+                sidecar.tick()
             time.sleep(0.05)
 
     def _spawn(self, index: int) -> None:
@@ -194,8 +216,13 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
+    def _sidecar_reaped(self, pid: int, status: int) -> None:
+        for sidecar in self.sidecars:
+            if sidecar.owns(pid):
+                sidecar.reaped(status)
+
     def _reap(self) -> None:
-        while self.children:
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -204,6 +231,7 @@ class Supervisor:
                 return
             index = self.children.pop(pid, None)
             if index is None:
+                self._sidecar_reaped(pid, status)
                 continue
             fails = self.failures.get(index, 0)
             if time.monotonic() - self.born.get(index, 0.0) > 60.0:
@@ -232,7 +260,8 @@ class Supervisor:
             if pid == 0:
                 time.sleep(0.05)
                 continue
-            self.children.pop(pid, None)
+            if self.children.pop(pid, None) is None:
+                self._sidecar_reaped(pid, status)
         if self.children:
             logger.error("killing %d workers that did not drain in time", len(self.children))
             self._forward(signal.SIGKILL)
@@ -240,6 +269,8 @@ class Supervisor:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
             self.children.clear()
+        for sidecar in self.sidecars:  # after the drain: relays over the tunnel could finish
+            sidecar.stop()
         logger.info("gateway proxy stopped")
         return 0
 
