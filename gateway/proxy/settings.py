@@ -178,7 +178,7 @@ class ProxySettings:
     access_log: bool = True
     registry_routes: bool = True
     registry_poll_interval: float = 1.0
-    registry_refresh_interval: float = 10.0
+    registry_refresh_interval: float = 2.0
     registry_stale_after: float = 1800.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     routes: tuple[StaticRoute, ...] = ()
