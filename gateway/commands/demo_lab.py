@@ -28,6 +28,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.certs.devca import ensure_dev_ca, ensure_dev_wildcard
@@ -83,8 +84,9 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
             proc.wait(timeout=5)
 
 
-def _wait(what: str, pred: object, procs: list[subprocess.Popen[bytes]], timeout: float) -> None:
-    assert callable(pred)
+def _wait(
+    what: str, pred: Callable[[], bool], procs: list[subprocess.Popen[bytes]], timeout: float
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for proc in procs:

@@ -298,6 +298,33 @@ def test_gateway_restart_resumes_traffic_without_reregistration(world: World) ->
         assert status(work)["client_ip"] == before[i]["client_ip"]
 
 
+def test_a_dead_control_child_is_restarted(world: World) -> None:
+    log = world.tmp / "serve-2.log"
+    text = log.read_text()
+    pid = int(re.findall(r"control process .* started, pid (\d+)", text)[-1])
+    regs = status(world.works[1])["counters"]["registrations"]
+    os.kill(pid, signal.SIGKILL)  # the registration RPC + WireGuard child dies
+    t0 = time.monotonic()
+    wait_until(
+        lambda: log.read_text().count("registration RPC on") > text.count("registration RPC on"),
+        world.gateway,
+        20,
+        "the control child's restart",
+        log,
+    )
+    wait_until(lambda: who(world) is not None, world.gateway, 20, "traffic after restart", log)
+    print(
+        f"control child killed -> restarted and tunnel traffic back: {time.monotonic() - t0:.2f}s"
+    )
+    # the CVMs' periodic refresh reaches the new RPC listener
+    wait_until(
+        lambda: status(world.works[1])["counters"]["registrations"] > regs + 1,
+        world.registrars[1],
+        10,
+        "a refresh against the restarted RPC",
+    )
+
+
 def test_failover_then_recycling_of_a_silent_instance(world: World) -> None:
     dead, alive = world.lab.nodes
     dead_ip = status(world.works[dead.index])["client_ip"]
