@@ -11,7 +11,9 @@ Why a separate process rather than a thread or a task in the supervisor: the sup
 workers, and forking with an event loop or threads alive is unsafe; the child is started with
 ``posix_spawn`` (a fresh interpreter) in its own session, so a terminal's Ctrl-C reaches only
 the supervisor, which stops the child by PID after the workers drained. The supervisor reaps
-it like a worker and restarts it with back-off if it dies.
+it like a worker and restarts it with back-off if it dies. The child first runs this module's
+``main`` (``PR_SET_PDEATHSIG``: SIGTERM when the supervisor dies, even by SIGKILL), which then
+execs ``gateway rpc`` in the same process, so the PID the supervisor tracks stays the same.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class ControlProcess:
     """One supervised ``python -m gateway rpc --config FILE`` child (see the module doc)."""
 
     def __init__(self, config: Path, *, stop_grace: float = 10.0) -> None:
-        self.argv = [sys.executable, "-m", "gateway", "rpc", "--config", str(config)]
+        self.command = [sys.executable, "-m", "gateway", "rpc", "--config", str(config)]
         self.stop_grace = stop_grace
         self.pid: int | None = None
         self.started_at = 0.0
@@ -51,7 +53,8 @@ class ControlProcess:
         self.stopping = False
 
     def start(self) -> None:
-        self.pid = os.posix_spawn(self.argv[0], self.argv, dict(os.environ), setsid=True)
+        argv = [sys.executable, "-m", __name__, str(os.getpid()), "--", *self.command]
+        self.pid = os.posix_spawn(argv[0], argv, dict(os.environ), setsid=True)
         self.started_at = time.monotonic()
         self.restart_at = None
         logger.info("control process (registration RPC + WireGuard) started, pid %d", self.pid)
@@ -108,3 +111,29 @@ class ControlProcess:
                 os.waitpid(pid, 0)
         self.pid = None
         logger.info("control process stopped")
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def main(argv: list[str]) -> int:
+    """``python -m gateway.commands.control_process PARENT_PID -- COMMAND...``: ask the kernel
+    for SIGTERM when the parent dies, then exec COMMAND (never returns on success)."""
+    import ctypes
+
+    if len(argv) < 3 or argv[1] != "--":
+        sys.stderr.write("usage: python -m gateway.commands.control_process PARENT_PID -- CMD\n")
+        return 2
+    parent = int(argv[0])
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        sys.stderr.write(f"warning: prctl(PR_SET_PDEATHSIG) failed: errno {ctypes.get_errno()}\n")
+    if os.getppid() != parent:  # the supervisor died before the request took effect
+        return 0
+    command = argv[2:]
+    os.execv(command[0], command)
+    return 1  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +37,7 @@ def _reap(proc: ControlProcess, timeout: float = 10.0) -> int:
 
 def test_a_dead_child_is_restarted_with_backoff_and_stopped_by_pid(tmp_path: Path) -> None:
     proc = ControlProcess(tmp_path / "gateway.toml", stop_grace=2.0)
-    proc.argv = [sys.executable, "-c", "import time; time.sleep(60)"]  # stands in for rpc
+    proc.command = [sys.executable, "-c", "import time; time.sleep(60)"]  # stands in for rpc
     proc.start()
     first = proc.pid
     try:
@@ -60,3 +61,49 @@ def test_a_dead_child_is_restarted_with_backoff_and_stopped_by_pid(tmp_path: Pat
         if proc.pid is not None:
             os.kill(proc.pid, signal.SIGKILL)
             os.waitpid(proc.pid, 0)
+
+
+def test_the_child_goes_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG: a SIGKILLed supervisor leaves no control child behind."""
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from gateway.commands.control_process import ControlProcess\n"
+        "p = ControlProcess(Path('x.toml'))\n"
+        "p.command = [sys.executable, '-c', 'import time; time.sleep(60)']\n"
+        "p.start(); print(p.pid, flush=True); time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # wait for the exec: the child runs the command
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"control_process" not in cmdline:  # exec'd: the command itself
+                break
+            time.sleep(0.02)
+        assert b"time.sleep" in cmdline and b"control_process" not in cmdline
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=5)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.05)
+        assert not _alive(child), "the control child outlived its supervisor"
+    finally:
+        if parent.poll() is None:
+            os.kill(parent.pid, signal.SIGKILL)
+            parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for init to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
