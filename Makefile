@@ -13,6 +13,7 @@ demo: setup
 
 lint: setup
 	.venv/bin/ruff check gateway tests benchmarks
+	.venv/bin/ruff format --check gateway tests benchmarks
 	.venv/bin/mypy
 
 test: setup lint

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("config", "gateway.commands.config_cmd", "check a configuration file and print it resolved"),
     ("ctl", "gateway.control.ctl", "operate a running gateway through its admin API"),
+    ("control", "gateway.control.cli", "run the control plane alone (admin API, certbot)"),
     (
         "certs",
         "gateway.commands.certs_cmd",
@@ -34,7 +35,9 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser. Only ``command``'s module is imported (each command module may
+    pull in heavy dependencies; ``gateway ctl`` should not pay for the data plane's)."""
     parser = argparse.ArgumentParser(
         prog="gateway",
         description="Attested TLS gateway for confidential VMs (dstack-compatible).",
@@ -43,12 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_text in COMMANDS:
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         cmd.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(cmd)
+        if name == command:
+            importlib.import_module(module).add_arguments(cmd)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    names = {name for name, _, _ in COMMANDS}
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in names else None)
     args = parser.parse_args(argv)
     if not getattr(args, "_module", None):
         parser.print_help(sys.stderr)

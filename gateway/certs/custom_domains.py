@@ -122,6 +122,16 @@ class AppAddressResolver:
     def cache_size(self) -> int:
         return len(self._cache)
 
+    def peek(self, name: str) -> Lookup | None:
+        """The cached, unexpired answer for ``name`` (lower-case, no trailing dot), or None.
+
+        Synchronous, so the proxy answers a warm custom domain without creating a task."""
+        hit = self._cache.get(name)
+        if hit is None or hit[0] <= self._clock():
+            return None
+        self._cache.move_to_end(name)
+        return hit[1]
+
     async def resolve(self, domain: str) -> Lookup:
         """The app for ``domain`` (an SNI name), from cache or DNS; never raises for bad input."""
         name = domain.strip().lower().rstrip(".")

@@ -1,11 +1,13 @@
 """The tunnel node as a child of ``gateway serve``: ``gateway rpc`` run by the supervisor.
 
 ``gateway serve`` runs the whole gateway in one command: the proxy supervisor with its
-workers, plus (when the configuration gives the registration RPC an identity, i.e. exactly
-when ``gateway rpc`` would start: ``[rpc_identity] tee`` or ``rpc.cert_file`` is set) one
-control child running what ``gateway rpc`` runs: the registration RPC, the WireGuard device
-and registry maintenance. The two halves share nothing but the registry database, which the
-workers read (``proxy.registry_routes``) and the child writes.
+workers, the control plane child (``gateway control``: admin API, certbot, and the
+registration RPC + tunnel when ``rpc.cert_file`` is set), and, when the registration RPC is
+attested instead (``[rpc_identity] tee`` set, no ``rpc.cert_file``; ``gateway control`` does
+not serve that), one more child running what ``gateway rpc`` runs: the registration RPC with
+its RA-TLS identity, the WireGuard device and registry maintenance. The proxy and this child
+share nothing but the registry database, which the workers read (``proxy.registry_routes``)
+and the child writes.
 
 Why a separate process rather than a thread or a task in the supervisor: the supervisor forks
 workers, and forking with an event loop or threads alive is unsafe; the child is started with
@@ -28,16 +30,18 @@ from pathlib import Path
 
 from gateway.config import Config
 
-__all__ = ["ControlProcess", "wants_control"]
+__all__ = ["ControlProcess", "wants_tunnel_child"]
 
 logger = logging.getLogger(__name__)
 
 _BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
-def wants_control(cfg: Config) -> bool:
-    """Whether ``gateway serve`` should run the tunnel node too (same test as ``gateway rpc``)."""
-    return bool(cfg.rpc_identity.tee or cfg.rpc.cert_file)
+def wants_tunnel_child(cfg: Config) -> bool:
+    """Whether ``gateway serve`` runs ``gateway rpc`` as a child: an attested RPC identity,
+    and no ``rpc.cert_file`` (with one, ``gateway control`` runs the RPC and the tunnel: two
+    would fight over the interface and the port)."""
+    return bool(cfg.rpc_identity.tee) and not cfg.rpc.cert_file
 
 
 class ControlProcess:

@@ -1,25 +1,37 @@
-"""``gateway serve --config FILE``: run the data plane (supervisor plus worker processes).
+"""``gateway serve --config FILE``: run the gateway: proxy supervisor, workers, control plane.
 
 Configuration errors are reported before anything binds (exit code 2). SIGHUP re-reads
 certificates and the ``[[proxy.routes]]`` of the same file in every worker; SIGTERM or Ctrl-C
 drains (see ``docs/proxy.md``). With ``proxy.registry_routes`` (the default) every worker also
 follows the tunnel registry's SQLite file (``[registry]``) and routes to registered CVMs.
-When the registration RPC has an identity (``[rpc_identity] tee`` or ``rpc.cert_file``), the
-supervisor also runs ``gateway rpc`` as a supervised child (registration RPC, WireGuard device,
-registry maintenance; :mod:`gateway.commands.control_process`); ``--no-control`` opts out.
 The supervisor's PID is in ``<core.data_dir>/run/gateway.pid`` while it runs.
+
+The control plane (admin API, certbot, registration RPC and tunnel: ``gateway control``)
+runs as a child process started before the workers and stopped by PID after they drained;
+it signals the supervisor (SIGHUP) after a certificate is installed or the operator changed
+routes, drains or port policies, and every worker's route reload applies the routing overlay
+it publishes (``docs/operations.md``). It starts when the admin API has credentials, or
+``[acme]`` or ``[rpc]`` is enabled; ``[admin]`` enabled without credentials is an error
+then (fail closed), and a proxy-only configuration runs without it (a warning says so).
+
+An attested registration RPC (``[rpc_identity] tee`` without ``rpc.cert_file``, which
+``gateway control`` does not serve) runs as another supervised child, ``gateway rpc``
+(registration RPC with an RA-TLS identity, WireGuard device, registry maintenance;
+:mod:`gateway.commands.control_process`), restarted if it dies; ``--no-control`` opts out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.commands.control_process import ControlProcess, wants_control
+from gateway.commands.control_process import ControlProcess, wants_tunnel_child
 from gateway.config import Config, ConfigError, load_config
 from gateway.proxy.listeners import RouteFeed
 from gateway.proxy.routes import RouteTable, StaticRoutes
@@ -36,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-control",
         action="store_true",
-        help="do not start the registration RPC + WireGuard child even if [rpc] is configured",
+        help="do not start the attested registration RPC + WireGuard child ([rpc_identity])",
     )
 
 
@@ -75,20 +87,38 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(cfg.core.log_level, cfg.core.log_format)
     path = args.config
     supervisor_pid = os.getpid()
+    try:
+        control = wants_control(cfg)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from gateway.control.overlay import OverlayRoutes, overlay_path, read_overlay
+
+    overlay_file = overlay_path(cfg.core.data_dir)
+    stats_dir = cfg.core.data_dir / "run" / "proxy"
 
     def reload_routes() -> RouteTable:
-        return StaticRoutes(load_config(path).proxy.routes)
+        routes = load_config(path).proxy.routes if path is not None else cfg.proxy.routes
+        return OverlayRoutes(StaticRoutes(routes), read_overlay(overlay_file))
 
-    control = None
-    if path is not None and wants_control(cfg) and not args.no_control:
-        control = ControlProcess(path.resolve())
+    tunnel = None
+    if path is not None and wants_tunnel_child(cfg) and not args.no_control:
+        tunnel = ControlProcess(path.resolve())
     supervisor = Supervisor(
         cfg.proxy,
-        stats_dir=cfg.core.data_dir / "run" / "proxy",
-        reload_routes=reload_routes if path is not None else None,
+        stats_dir=stats_dir,
+        reload_routes=reload_routes if path is not None or control else None,
+        resolver=cfg.dns.resolver,
         registry_feed=registry_feed_factory(cfg),
-        sidecars=(control,) if control is not None else (),
+        sidecars=(tunnel,) if tunnel is not None else (),
     )
+    child: subprocess.Popen[bytes] | None = None
+    if control:
+        try:
+            supervisor.routes = reload_routes()  # the overlay from the last run applies at once
+        except ValueError as exc:
+            logger.error("routing overlay unreadable, starting without it: %s", exc)
+        child = start_control(path, supervisor_pid, stats_dir)
     pid_file = cfg.core.data_dir / "run" / "gateway.pid"
     try:
         pid_file.parent.mkdir(parents=True, exist_ok=True)
@@ -103,6 +133,58 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         if os.getpid() == supervisor_pid:  # never from a forked worker
-            if control is not None:
-                control.stop()  # no-op after a normal shutdown
+            if tunnel is not None:
+                tunnel.stop()  # no-op after a normal shutdown
             pid_file.unlink(missing_ok=True)
+            if child is not None:
+                stop_control(child)
+
+
+def wants_control(cfg: Config) -> bool:
+    """Whether to run the control plane; ConfigError if the admin API would run open."""
+    from gateway.control.auth import load_credentials
+
+    needed = cfg.acme.enabled or bool(cfg.rpc.cert_file)
+    if not cfg.admin.enabled:
+        return needed
+    try:
+        load_credentials(cfg.admin)
+    except ConfigError:
+        if needed:
+            raise  # a full gateway: refuse to start without admin credentials
+        logger.warning(
+            "admin API not started: no credentials (set %s, admin.token_file or "
+            "admin.htpasswd_file); running the proxy only",
+            cfg.admin.token_env,
+        )
+        return False
+    return True
+
+
+def start_control(
+    config: Path | None, supervisor_pid: int, stats_dir: Path
+) -> subprocess.Popen[bytes]:
+    """``gateway control`` as a child (its own interpreter: nothing of ours is forked)."""
+    cmd = [sys.executable, "-m", "gateway", "control"]
+    if config is not None:
+        cmd += ["--config", str(config)]
+    cmd += ["--notify-pid", str(supervisor_pid), "--stats-dir", str(stats_dir)]
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+    logger.info("control plane started (pid %d)", proc.pid)
+    return proc
+
+
+def stop_control(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
+    """SIGTERM the control process (it shuts down in order), SIGKILL after ``grace``."""
+    if proc.poll() is not None:  # e.g. Ctrl-C reached the whole process group
+        level = logging.INFO if proc.returncode == 0 else logging.ERROR
+        logger.log(level, "control plane exited with %s", proc.returncode)
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        logger.error("control plane did not stop in %.0fs; killing it", grace)
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(timeout=5)

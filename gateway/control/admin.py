@@ -73,7 +73,15 @@ def create_admin_app(
         return json_response(document)
 
     endpoints: list[Endpoint] = [
-        Endpoint("GET", "/health", health, "Liveness probe (public)", "meta", public=True),
+        Endpoint(
+            "GET",
+            "/health",
+            health,
+            "Liveness probe (public)",
+            "meta",
+            public=True,
+            action="health",
+        ),
         Endpoint(
             "GET",
             "/ready",
@@ -82,6 +90,7 @@ def create_admin_app(
             "meta",
             public=True,
             extra_statuses=(503,),
+            action="ready",
         ),
         Endpoint(
             "GET",
@@ -90,6 +99,7 @@ def create_admin_app(
             "This API description",
             "meta",
             response={"type": "object"},
+            action="openapi",
         ),
         Endpoint(
             "GET",

@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print raw JSON")
     parser.add_argument("--data", help="JSON request body (for add/set/update actions)")
     parser.add_argument(
+        "--if-match",
+        metavar="ETAG",
+        help="only change the resource if it is still at this revision (its ETag); else 412",
+    )
+    parser.add_argument(
         "words",
         nargs="*",
         metavar="TAG ACTION [PARAM...]",
@@ -130,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
                 except json.JSONDecodeError as exc:
                     print(f"error: --data is not valid JSON: {exc}", file=sys.stderr)
                     return 2
-            resp = client.request(method, path, json=body)
+            headers = {"If-Match": args.if_match} if args.if_match else {}
+            resp = client.request(method, path, json=body, headers=headers)
     except httpx.HTTPError as exc:
         print(
             f"error: cannot reach the admin API: {exc}; check --url/--unix and that "
@@ -146,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         else resp.text
     )
     print(json.dumps(data, indent=2) if args.json else render(data))
+    if etag := resp.headers.get("ETag"):
+        print(f"etag: {etag}", file=sys.stderr)
     return 0
 
 

@@ -15,13 +15,15 @@ carry the legacy ``Tproxy.`` prefix; JSON when ``Content-Type: application/json`
 ``?json`` (protobuf is not supported: such requests get 415 saying so); GET takes the query
 string as the payload. Errors are ``{"error": text, "reason": code}``.
 
-Authentication: the TLS client certificate. The listener asks for one (optional, so that
-``Info`` stays public) and checks at the TLS layer only that it chains to
-``client_ca_file`` (dstack's KMS CA); what admits a CVM is the evidence in that
-certificate, verified by :func:`gateway.attest.verifier.verify_with_source` (quote bound to
-the certificate key, RTMR3 replayed, identity decoded) and then the admission policy. The
-TLS handshake proved the client holds the certificate's key. Only then is the instance
-registered (:class:`gateway.registry.service.Registry`).
+Authentication: the TLS client certificate. The listener (:mod:`gateway.control.tls_server`,
+pyOpenSSL) asks for one (optional, so that ``Info`` stays public) and accepts any, so the
+TLS layer proves only that the client holds the leaf's key; it hands the whole presented
+chain (leaf first) to the handler. What admits a CVM is the evidence in that chain,
+verified by :func:`gateway.attest.verifier.verify_with_source`: a self-signed RA-TLS
+certificate (quote bound to the certificate key, RTMR3 replayed, identity decoded) or a
+KMS-signed chain to the configured KMS root carrying app info (dstack compatibility); then
+the admission policy. ``client_ca_file``, if set, is an extra TLS-layer requirement. Only
+then is the instance registered (:class:`gateway.registry.service.Registry`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import json
 import logging
 import ssl
 import time
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,12 +41,15 @@ from typing import Any
 
 from aiohttp import web
 from cryptography import x509
+from cryptography.utils import CryptographyDeprecationWarning
 
 from gateway.attest.collateral import CollateralError, CollateralSource
-from gateway.attest.evidence import VerifiedEvidence
+from gateway.attest.evidence import EvidenceError, RejectReason, VerifiedEvidence
+from gateway.attest.policy import Verdict
 from gateway.attest.policy_settings import AdmissionPolicy
 from gateway.attest.verifier import EvidenceResult, TrustAnchors, verify_with_source
 from gateway.config import Config
+from gateway.control.tls_server import PEER_CERT_CHAIN
 from gateway.registry.service import (
     AppMismatch,
     InvalidRegistration,
@@ -69,6 +75,8 @@ __all__ = [
     "RpcError",
     "create_rpc_app",
     "evidence_check",
+    "load_der_chain",
+    "load_kms_root",
     "rpc_ssl_context",
 ]
 
@@ -326,9 +334,18 @@ async def _payload(request: web.Request) -> Any:
 
 
 def peer_chain(request: web.Request) -> list[bytes]:
-    """The client certificate the TLS handshake authenticated (DER), or [] without one."""
+    """The client's certificate chain (DER, leaf first) from the TLS handshake, or [].
+
+    :class:`gateway.control.tls_server.TlsSite` gives the whole chain; a stdlib ``ssl``
+    listener (still accepted, e.g. by tools) only the leaf.
+    """
     transport = request.transport
-    ssl_obj = transport.get_extra_info("ssl_object") if transport is not None else None
+    if transport is None:
+        return []
+    chain = transport.get_extra_info(PEER_CERT_CHAIN)
+    if chain is not None:
+        return list(chain)
+    ssl_obj = transport.get_extra_info("ssl_object")
     if ssl_obj is None:
         return []
     der = ssl_obj.getpeercert(binary_form=True)
@@ -353,7 +370,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 def create_rpc_app(service: RegistrationService) -> web.Application:
-    """The main RPC app (serve it on TLS from :func:`rpc_ssl_context`)."""
+    """The main RPC app (serve it with :class:`gateway.control.tls_server.TlsSite`)."""
     app = web.Application(client_max_size=MAX_BODY)
     app[SERVICE_KEY] = service
     routes = [web.get("/health", health)]
@@ -365,11 +382,12 @@ def create_rpc_app(service: RegistrationService) -> web.Application:
 
 
 def rpc_ssl_context(cert_file: Path, key_file: Path, client_ca_file: Path | None) -> ssl.SSLContext:
-    """TLS for the RPC listener: our certificate; client certificates requested, optional.
+    """A stdlib context for the RPC app, for callers that cannot use ``TlsSite``.
 
-    ``client_ca_file`` is what client certificates must chain to at the TLS layer (dstack:
-    the KMS CA that signs guests' RA-TLS certificates). Without it no client certificate is
-    asked for, and RegisterCvm answers 401.
+    Limited by Python's ``ssl``: without ``client_ca_file`` no client certificate is asked
+    for (RegisterCvm answers 401), with it only certificates chaining to it get through and
+    only the leaf reaches the handler. The gateway itself serves with
+    :class:`gateway.control.tls_server.TlsSite`, which has neither limit.
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -378,6 +396,34 @@ def rpc_ssl_context(cert_file: Path, key_file: Path, client_ca_file: Path | None
         ctx.verify_mode = ssl.CERT_OPTIONAL
         ctx.load_verify_locations(cafile=str(client_ca_file))
     return ctx
+
+
+def load_kms_root(path: str) -> x509.Certificate | None:
+    """``[rpc] kms_root_file`` (PEM), or ``None`` when unset (KMS-signed chains refused)."""
+    if not path:
+        return None
+    try:
+        return x509.load_pem_x509_certificate(Path(path).read_bytes())
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"rpc.kms_root_file {path}: not a readable PEM certificate: {exc}"
+        ) from None
+
+
+def load_der_chain(chain: list[bytes]) -> list[x509.Certificate]:
+    """Parse a presented chain; a certificate OpenSSL took but cryptography refuses (or only
+    warns about) is malformed evidence, not a server error."""
+    certs = []
+    for i, der in enumerate(chain):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", CryptographyDeprecationWarning)
+                certs.append(x509.load_der_x509_certificate(der))
+        except (ValueError, CryptographyDeprecationWarning) as exc:
+            raise EvidenceError(
+                RejectReason.MALFORMED, f"client certificate {i} does not parse: {exc}"
+            ) from None
+    return certs
 
 
 def evidence_check(
@@ -394,7 +440,10 @@ def evidence_check(
     """
 
     async def check(chain: list[bytes]) -> EvidenceResult:
-        certs = [x509.load_der_x509_certificate(der) for der in chain]
+        try:
+            certs = load_der_chain(chain)
+        except EvidenceError as exc:
+            return EvidenceResult(Verdict.from_error(exc), None)
         return await verify_with_source(
             source=source, anchors=anchors, policy=policy(), now=int(clock()), cert=certs
         )

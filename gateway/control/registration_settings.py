@@ -11,10 +11,12 @@ __all__ = ["RpcSettings"]
 class RpcSettings:
     """Where ``/prpc/RegisterCvm`` and ``/prpc/Info`` are served, over TLS.
 
-    ``cert_file``/``key_file``: the listener's certificate (PEM). ``client_ca_file``: the CA
-    CVM client certificates must chain to at the TLS layer (dstack: the KMS CA); empty means
-    no client certificates are requested and RegisterCvm answers 401. ``url`` is how CVMs
-    and peers reach this listener, reported in ``gateways``.
+    ``cert_file``/``key_file``: the listener's certificate (PEM). Client certificates are
+    always requested and judged by their evidence: a self-signed RA-TLS certificate, or,
+    when ``kms_root_file`` (PEM) is set, a chain to that KMS root carrying app info (dstack
+    compatibility). ``client_ca_file``, optional, additionally requires client chains to
+    verify to that CA at the TLS layer. ``handshake_timeout`` (seconds) bounds a TLS
+    handshake. ``url`` is how CVMs and peers reach this listener, reported in ``gateways``.
     """
 
     address: str = "127.0.0.1"
@@ -22,6 +24,8 @@ class RpcSettings:
     cert_file: str = ""
     key_file: str = ""
     client_ca_file: str = ""
+    kms_root_file: str = ""
+    handshake_timeout: float = 10.0
     url: str = "https://localhost:8010"
 
     def __post_init__(self) -> None:
@@ -29,3 +33,5 @@ class RpcSettings:
             raise ValueError(f"rpc.port {self.port} is not a port")
         if bool(self.cert_file) != bool(self.key_file):
             raise ValueError("rpc.cert_file and rpc.key_file go together")
+        if not 0 < self.handshake_timeout <= 300:
+            raise ValueError("rpc.handshake_timeout must be in (0, 300] seconds")

@@ -1,6 +1,8 @@
 """``gateway rpc --config FILE``: the tunnel node alone (registration RPC + WireGuard).
 
-Serves ``/prpc/RegisterCvm`` and ``/prpc/Info`` on ``[rpc]`` over TLS, with the device,
+Serves ``/prpc/RegisterCvm`` and ``/prpc/Info`` on ``[rpc]`` over TLS (pyOpenSSL,
+:class:`gateway.control.tls_server.TlsSite`, so self-signed RA-TLS client certificates and
+KMS chains reach the evidence check), with the device,
 registry and maintenance task of :func:`gateway.registry.runtime.open_tunnel`; evidence is
 checked against ``[attest]`` and ``[admission]``. Runs until SIGTERM/SIGINT, then stops the
 listener, the maintenance task and our wireguard-go (by PID). Useful on its own (a gateway
@@ -29,12 +31,14 @@ from gateway.control.registration import (
     advertised_from_config,
     create_rpc_app,
     evidence_check,
+    load_kms_root,
 )
 from gateway.control.rpc_identity import (
     RpcIdentityError,
     identity_from_settings,
-    rpc_server_context,
+    rpc_server_credentials,
 )
+from gateway.control.tls_server import TlsServerError, TlsSite, server_context
 from gateway.registry.runtime import open_tunnel
 from gateway.tunnel.errors import TunnelError
 from gateway.util.tasks import spawn
@@ -56,11 +60,13 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
     rpc = cfg.rpc
     identity = identity_from_settings(cfg.rpc_identity, cfg.core.data_dir)  # RA-TLS, renewed
     client_ca = Path(rpc.client_ca_file) if rpc.client_ca_file else None
-    ctx = rpc_server_context(identity, rpc.cert_file, rpc.key_file, client_ca)
+    creds = rpc_server_credentials(identity, rpc.cert_file, rpc.key_file, client_ca)
+    server_context(creds)  # unreadable or mismatched files: fail before opening the tunnel
     verifier = verifier_from_settings(cfg.attest)  # logs a non-Intel root loudly
     anchors = TrustAnchors(
         collateral=_undecodable,
         root_ca_der=None if verifier.uses_intel_root else verifier.root_ca_der,
+        kms_root=load_kms_root(rpc.kms_root_file),
         tcb_policy=cfg.attest.tcb_policy(),
     )
     check = evidence_check(
@@ -76,9 +82,12 @@ async def serve(cfg: Config, stop: asyncio.Event) -> None:
         await runner.setup()
         renew = None
         try:
-            await web.TCPSite(runner, rpc.address, rpc.port, ssl_context=ctx).start()
+            site = TlsSite(
+                runner, rpc.address, rpc.port, creds, handshake_timeout=rpc.handshake_timeout
+            )
+            await site.start()
             logger.info("registration RPC on https://%s:%d", rpc.address, rpc.port)
-            renew = spawn(identity.run(ctx), name="rpc-identity") if identity else None
+            renew = spawn(identity.run(site.reload), name="rpc-identity") if identity else None
             await stop.wait()
         finally:
             if renew is not None:
@@ -106,7 +115,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(main())
-    except (TunnelError, CollateralError, RpcIdentityError, OSError, ValueError) as exc:
+    except (
+        TunnelError,
+        CollateralError,
+        RpcIdentityError,
+        TlsServerError,
+        OSError,
+        ValueError,
+    ) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
     return 0

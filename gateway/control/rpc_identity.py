@@ -10,9 +10,9 @@ so a CVM that verifies the quote and the app id knows it talks to an attested ga
 the pinned app, whatever the host did to DNS or routing.
 
 The certificate is short-lived (``validity``, default 7 days) and re-issued with a fresh key
-when less than ``renew_before`` remains (:meth:`RpcIdentity.ensure`); :meth:`reload` loads
-the new pair into the live ``SSLContext`` (new handshakes use it, open connections are
-untouched) and :meth:`RpcIdentity.run` does both on a timer. Files: ``rpc-cert.pem`` (0644)
+when less than ``renew_before`` remains (:meth:`RpcIdentity.ensure`); :meth:`RpcIdentity.run`
+does that on a timer and then calls the listener's reload (``TlsSite.reload``: new handshakes
+present the new pair, open connections are untouched). Files: ``rpc-cert.pem`` (0644)
 and ``rpc-key.pem`` (0600) in ``directory``, written atomically, key first.
 """
 
@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from gateway.attest import ratls
 from gateway.control.registration import rpc_ssl_context
 from gateway.control.rpc_identity_settings import RpcIdentitySettings
+from gateway.control.tls_server import TlsCredentials, TlsServerError
 from gateway.tee.base import TeeBackend, TeeError
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ __all__ = [
     "RpcIdentityOptions",
     "identity_from_settings",
     "rpc_server_context",
+    "rpc_server_credentials",
 ]
 
 CERT_FILE = "rpc-cert.pem"
@@ -177,6 +179,11 @@ class RpcIdentity:
         self.ensure()
         return rpc_ssl_context(self.cert_file, self.key_file, client_ca_file)
 
+    def credentials(self, client_ca_file: Path | None) -> TlsCredentials:
+        """What :class:`gateway.control.tls_server.TlsSite` serves, with a valid certificate."""
+        self.ensure()
+        return TlsCredentials(self.cert_file, self.key_file, client_ca_file)
+
     def reload(self, ctx: ssl.SSLContext) -> None:
         """Load the current pair into a live context: new handshakes present it."""
         try:
@@ -184,8 +191,10 @@ class RpcIdentity:
         except (OSError, ssl.SSLError) as exc:
             raise RpcIdentityError(f"cannot load {self.cert_file}: {exc}") from None
 
-    async def run(self, ctx: ssl.SSLContext) -> None:
-        """Renew before expiry for as long as the listener runs (cancel to stop).
+    async def run(self, reload: Callable[[], None]) -> None:
+        """Renew before expiry for as long as the listener runs (cancel to stop); after a
+        renewal, ``reload()`` makes the listener present the new pair (``TlsSite.reload``,
+        or ``lambda: identity.reload(ctx)`` for a stdlib context).
 
         A failed renewal is logged and retried at the next check; the old certificate
         stays in use until it expires.
@@ -193,8 +202,8 @@ class RpcIdentity:
         while True:
             try:
                 if await asyncio.to_thread(self.ensure):
-                    self.reload(ctx)
-            except (RpcIdentityError, OSError) as exc:
+                    reload()
+            except (RpcIdentityError, TlsServerError, OSError) as exc:
                 logger.error("RPC certificate renewal failed, retrying later: %s", exc)
             await asyncio.sleep(self.options.check_interval)
 
@@ -237,3 +246,20 @@ def rpc_server_context(
             "and key_file"
         )
     return rpc_ssl_context(Path(cert_file), Path(key_file), client_ca_file)
+
+
+def rpc_server_credentials(
+    identity: RpcIdentity | None,
+    cert_file: str,
+    key_file: str,
+    client_ca_file: Path | None,
+) -> TlsCredentials:
+    """What the RPC listener serves: the attested identity when set, else the files."""
+    if identity is not None:
+        return identity.credentials(client_ca_file)
+    if not cert_file:
+        raise RpcIdentityError(
+            "the RPC listener needs a certificate: set [rpc_identity] tee, or [rpc] cert_file "
+            "and key_file"
+        )
+    return TlsCredentials(Path(cert_file), Path(key_file), client_ca_file)

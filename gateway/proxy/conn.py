@@ -5,6 +5,13 @@ Pipeline (phases and their legal moves are the table :data:`TRANSITIONS`)::
     AWAIT_PROXY -> AWAIT_HELLO -> HANDSHAKE -> [CONNECTING] -> RELAYING -> CLOSED   terminate
      (optional)    (peek the       `-> SERVING (gateway's own endpoints)
                     ClientHello)  -> CONNECTING -> RELAYING                      passthrough
+                                  -> RESOLVING -> HANDSHAKE | CONNECTING       custom domain
+
+A custom domain (a name outside the base domains) waits in RESOLVING for its DNS TXT record
+(``AppAddressResolver``, one per worker; a warm cache answers without a task), under the
+handshake deadline, with the client's fd unwatched and the hello still in the kernel; the
+answer goes through the pure :func:`decide_custom` and the pipeline continues as for a base
+domain name.
 
 On the terminate path the backend connect (racing the top-N candidates) starts as soon as the
 hello is routed and runs during the TLS handshake: the handshake's round trip hides the
@@ -37,6 +44,7 @@ import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from gateway.certs.custom_domains import AddressMiss, Lookup, MissReason
 from gateway.protocol.clienthello import HelloSniffer, encode_alert
 from gateway.protocol.errors import ClientHelloError, ProxyHeaderError, TlsAlert
 from gateway.protocol.proxy_header import (
@@ -49,13 +57,16 @@ from gateway.proxy.decide import (
     ConnInfo,
     Gateway,
     Passthrough,
+    Resolve,
     Target,
     Terminate,
     Upstream,
     decide,
+    decide_custom,
 )
 from gateway.proxy.endpoints import MAX_HEAD, respond
 from gateway.proxy.relay import Relay, Side
+from gateway.util.tasks import spawn
 
 if TYPE_CHECKING:
     from gateway.proxy.listeners import Worker
@@ -73,6 +84,7 @@ _PP_MAX = 2048 + 16
 class Phase(enum.Enum):
     AWAIT_PROXY = "await_proxy"
     AWAIT_HELLO = "await_hello"
+    RESOLVING = "resolving"
     HANDSHAKE = "handshake"
     CONNECTING = "connecting"
     SERVING = "serving"
@@ -83,7 +95,8 @@ class Phase(enum.Enum):
 # Every legal move in one place; CLOSED is reachable from anywhere.
 TRANSITIONS: dict[Phase, frozenset[Phase]] = {
     Phase.AWAIT_PROXY: frozenset({Phase.AWAIT_HELLO}),
-    Phase.AWAIT_HELLO: frozenset({Phase.HANDSHAKE, Phase.CONNECTING}),
+    Phase.AWAIT_HELLO: frozenset({Phase.HANDSHAKE, Phase.CONNECTING, Phase.RESOLVING}),
+    Phase.RESOLVING: frozenset({Phase.HANDSHAKE, Phase.CONNECTING}),
     Phase.HANDSHAKE: frozenset({Phase.CONNECTING, Phase.SERVING, Phase.RELAYING}),
     Phase.CONNECTING: frozenset({Phase.RELAYING}),
     Phase.SERVING: frozenset(),
@@ -231,6 +244,14 @@ class Conn:
                 self.close("connect_timeout", self.upstream_text())
                 return
         if phase is not Phase.CONNECTING and now >= self.setup_deadline:
+            if phase is Phase.RESOLVING:  # the client still waits for a ServerHello: alert
+                self._reject(
+                    TlsAlert.UNRECOGNIZED_NAME,
+                    "custom_timeout",
+                    f"{self.sni}: no TXT answer within the handshake timeout",
+                    consume=-1,
+                )
+                return
             self.close(_TIMEOUT_REASON[phase])
             return
         # woke for a deadline that no longer applies (e.g. the connect finished): next one
@@ -327,8 +348,60 @@ class Conn:
             self.w.state.gateway += 1
             self.legacy_health = decision.legacy_health
             self._handshake(decision.context)
+        elif isinstance(decision, Resolve):
+            self._resolve(decision.sni)
         else:
             self._reject(decision.alert, decision.reason, decision.detail, consume=len(data))
+
+    # -- RESOLVING: custom domains ----------------------------------------------------------
+
+    def _resolve(self, sni: str) -> None:
+        """Route a custom domain by its TXT record: from the cache now, or from DNS later."""
+        resolver = self.w.resolver
+        if resolver is None:
+            self._reject(
+                TlsAlert.UNRECOGNIZED_NAME,
+                "custom_domain",
+                f"{sni} is not under a base domain and custom domains are off "
+                "(set dns.resolver.nameservers and proxy.custom_domains = true)",
+                consume=-1,
+            )
+            return
+        answer = resolver.peek(sni)
+        if answer is not None:
+            self._on_resolved(answer)
+            return
+        self._set_reader(None)  # the hello waits in the kernel; the timer bounds the wait
+        self._enter(Phase.RESOLVING)
+        spawn(self._lookup(sni), name="custom-domain-lookup")
+
+    async def _lookup(self, sni: str) -> None:
+        resolver = self.w.resolver
+        assert resolver is not None
+        try:
+            answer: Lookup = await resolver.resolve(sni)
+        except Exception as exc:  # never let a resolver bug leave the client hanging
+            answer = AddressMiss(sni, MissReason.ERROR, f"resolver failed: {exc!r}")
+        if self.phase is Phase.RESOLVING:  # else closed meanwhile (timeout, drain)
+            self._on_resolved(answer)
+
+    def _on_resolved(self, answer: Lookup) -> None:
+        decision = decide_custom(
+            self.sni, answer, ConnInfo(self.client[:2], self.local), self.w.snapshot
+        )
+        if isinstance(decision, Terminate):
+            self.mode = "terminate"
+            if self._admit(decision.upstream):
+                self._start_connect()
+                self._handshake(decision.context)
+        elif isinstance(decision, Passthrough):
+            self.mode = "passthrough"
+            if self._admit(decision.upstream):
+                self._set_reader(None)
+                self._enter(Phase.CONNECTING)
+                self._start_connect()
+        else:
+            self._reject(decision.alert, decision.reason, decision.detail, consume=-1)
 
     def _wait_more(self, have: int) -> None:
         """Sleep until more than ``have`` bytes are buffered (level-triggered poll, no spin)."""

@@ -13,15 +13,25 @@ Rules, in order (the parser has lower-cased and validated the SNI):
    * otherwise the label is an address ``<id>[-<port>][s|g]`` looked up in the route table,
      candidates filtered by port policy (fail-closed); ``s`` passes TLS through, anything else
      terminates (``g``: ALPN ``h2`` only) with the certificate for the SNI;
-3. any other name is a custom domain: routed later by DNS TXT records (another component plugs
-   in at :func:`_custom_domain`); until then it is rejected with reason ``custom_domain``.
+3. any other name is a custom domain. If the route table carries an operator route for it
+   (:class:`CustomRouteTable`, e.g. ``gateway ctl custom-domains add`` through the control
+   plane's overlay), that ``<app_id>:<port>`` goes straight to :func:`decide_custom` (no DNS,
+   cached per SNI like any decision). Otherwise ``decide`` returns :class:`Resolve`, the edge
+   looks up the TXT record ``_dstack-app-address.<sni>`` (or the wildcard fallback)
+   asynchronously and hands the answer to :func:`decide_custom`, the second pure function:
+   * a miss (not found, malformed, timeout, server error) -> reject ``custom_<why>``;
+   * ``<app_id>:<port>`` -> the route table and port policy as in rule 2 (fail-closed);
+   * a certificate in the store for the SNI (exact or one-level wildcard) -> terminate with
+     ALPN ``http/1.1``; otherwise pass TLS through, as upstream always does.
 """
 
 from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
+from gateway.certs.custom_domains import AddressMiss, AppAddress
 from gateway.certs.store import CertSnapshot
 from gateway.certs.tls import ALPN_H1, ALPN_H2
 from gateway.protocol.address import Mode, parse_address, split_sni
@@ -31,15 +41,18 @@ from gateway.proxy.routes import OPEN_POLICY, Candidate, RouteTable
 
 __all__ = [
     "ConnInfo",
+    "CustomRouteTable",
     "Decision",
     "Gateway",
     "Passthrough",
     "Reject",
+    "Resolve",
     "Snapshot",
     "Target",
     "Terminate",
     "Upstream",
     "decide",
+    "decide_custom",
 ]
 
 LOCALHOST_ID = "localhost"
@@ -112,7 +125,14 @@ class Reject:
     detail: str = ""
 
 
-Decision = Terminate | Passthrough | Gateway | Reject
+@dataclass(frozen=True, slots=True)
+class Resolve:
+    """A custom domain: look up its TXT record, then call :func:`decide_custom`."""
+
+    sni: str
+
+
+Decision = Terminate | Passthrough | Gateway | Reject | Resolve
 
 
 def decide(hello: ClientHello, conn: ConnInfo, snap: Snapshot) -> Decision:
@@ -151,19 +171,9 @@ def decide(hello: ClientHello, conn: ConnInfo, snap: Snapshot) -> Decision:
                 TlsAlert.UNRECOGNIZED_NAME, "unknown_app", f"{sni}: no app or instance {addr.id!r}"
             )
 
-    targets = tuple(
-        Target(c.instance_id, c.host, c.policy.wants_pp(addr.port))
-        for c in cands
-        if c.policy is not None and c.policy.allows(addr.port)
-    )
-    if not targets:
-        return Reject(
-            TlsAlert.HANDSHAKE_FAILURE,
-            "port_denied",
-            f"{sni}: port {addr.port} denied by the app's port policy",
-        )
-    upstream = Upstream(cands[0].app_id, addr.port, targets)
-
+    upstream = _upstream(sni, cands, addr.port)
+    if isinstance(upstream, Reject):
+        return upstream
     if addr.mode is Mode.PASSTHROUGH:
         return Passthrough(upstream)
     if cert is None:
@@ -172,14 +182,76 @@ def decide(hello: ClientHello, conn: ConnInfo, snap: Snapshot) -> Decision:
     return Terminate(upstream, cert.context(alpn), alpn)
 
 
-def _custom_domain(sni: str, conn: ConnInfo, snap: Snapshot) -> Decision:
-    """Hook for custom domains (DNS TXT ``_dstack-app-address.<sni>`` -> passthrough).
-
-    Resolution needs I/O, so the custom-domain component will add a decision kind that the
-    edge resolves asynchronously (or a pre-resolved map in the snapshot). Until then: reject.
-    """
-    return Reject(
-        TlsAlert.UNRECOGNIZED_NAME,
-        "custom_domain",
-        f"{sni} is not under a base domain and custom domains are not routed yet",
+def _upstream(sni: str, cands: tuple[Candidate, ...], port: int) -> Upstream | Reject:
+    """The candidates whose port policy allows ``port`` (fail-closed: unknown policy = no)."""
+    targets = tuple(
+        Target(c.instance_id, c.host, c.policy.wants_pp(port))
+        for c in cands
+        if c.policy is not None and c.policy.allows(port)
     )
+    if not targets:
+        return Reject(
+            TlsAlert.HANDSHAKE_FAILURE,
+            "port_denied",
+            f"{sni}: port {port} denied by the app's port policy",
+        )
+    return Upstream(cands[0].app_id, port, targets)
+
+
+class _RouteTarget(Protocol):
+    @property
+    def app_id(self) -> str: ...
+
+    @property
+    def port(self) -> int: ...
+
+
+@runtime_checkable
+class CustomRouteTable(Protocol):
+    """A route table that also knows operator-set custom-domain routes."""
+
+    def custom_route(self, sni: str) -> _RouteTarget | None: ...
+
+
+OPERATOR_ROUTE = "operator route"  # AppAddress.record for routes that did not come from DNS
+
+
+def _custom_domain(sni: str, conn: ConnInfo, snap: Snapshot) -> Decision:
+    """An operator route wins and needs no I/O; anything else needs a DNS lookup, which is
+    I/O: hand it to the edge."""
+    routes = snap.routes
+    if isinstance(routes, CustomRouteTable):
+        target = routes.custom_route(sni)
+        if target is not None:
+            answer = AppAddress(target.app_id, target.port, OPERATOR_ROUTE)
+            return decide_custom(sni, answer, conn, snap)
+    return Resolve(sni)
+
+
+def decide_custom(
+    sni: str, answer: AppAddress | AddressMiss, conn: ConnInfo, snap: Snapshot
+) -> Terminate | Passthrough | Reject:
+    """Map a custom domain's TXT answer to a decision. Pure, like :func:`decide`.
+
+    ``<app_id>:<port>`` names an app or instance id in the route table. Upstream always
+    passes custom domains through (the app terminates TLS, e.g. with dstack-ingress); when
+    the operator installed a certificate for the name we terminate instead, offering
+    ``http/1.1`` only, and the TXT port is then the app's plain-HTTP port.
+    """
+    if isinstance(answer, AddressMiss):
+        reason = "custom_" + answer.reason.value.replace("-", "_")
+        return Reject(TlsAlert.UNRECOGNIZED_NAME, reason, f"{sni}: {answer.detail}")
+    cands = snap.routes.lookup(answer.app_id, snap.top_n)
+    if not cands:
+        return Reject(
+            TlsAlert.UNRECOGNIZED_NAME,
+            "unknown_app",
+            f"{sni}: {answer.record} names {answer.app_id!r}, no such app or instance",
+        )
+    upstream = _upstream(sni, cands, answer.port)
+    if isinstance(upstream, Reject):
+        return upstream
+    cert = snap.certs.lookup(sni)
+    if cert is None:
+        return Passthrough(upstream)
+    return Terminate(upstream, cert.context(ALPN_H1), ALPN_H1)

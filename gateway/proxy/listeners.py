@@ -18,6 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Protocol
 
+from gateway.certs.custom_domains import AppAddressResolver
 from gateway.certs.store import CertStore
 from gateway.proxy.conn import Conn, Phase
 from gateway.proxy.decide import Decision, Snapshot
@@ -112,6 +113,8 @@ class Worker:
         self.decisions: dict[str | None, Decision] = {}  # per snapshot, by SNI
         self.conns: set[Conn] = set()
         self.pipes = PipePool()
+        # custom domains' TXT lookups (gateway/proxy/custom.py); None = custom domains off
+        self.resolver: AppAddressResolver | None = None
         self.listeners: list[tuple[socket.socket, int]] = []
         self.access_enabled = settings.access_log and logging.getLogger(
             "gateway.access"

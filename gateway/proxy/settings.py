@@ -158,7 +158,11 @@ class StaticRoute:
 
 @dataclass(frozen=True, slots=True)
 class ProxySettings:
-    """The data plane. ``workers = 0`` means one worker process per CPU."""
+    """The data plane. ``workers = 0`` means one worker process per CPU.
+
+    ``custom_domains``: route names outside ``base_domains`` by their DNS TXT record
+    (``_dstack-app-address.<name>``); takes effect only when ``dns.resolver.nameservers`` is
+    set (see ``gateway/proxy/custom.py``)."""
 
     listen: tuple[str, ...] = ("0.0.0.0:8443",)
     workers: int = 0
@@ -176,6 +180,7 @@ class ProxySettings:
     insecure_localhost_backend: bool = False
     stats_interval: float = 2.0
     access_log: bool = True
+    custom_domains: bool = True
     registry_routes: bool = True
     registry_poll_interval: float = 1.0
     registry_refresh_interval: float = 2.0

@@ -28,7 +28,9 @@ from pathlib import Path
 from types import FrameType
 from typing import Protocol
 
+from gateway.certs.settings import ResolverSettings
 from gateway.certs.store import CertStore
+from gateway.proxy.custom import make_resolver
 from gateway.proxy.endpoints import GatewayInfo
 from gateway.proxy.listeners import RouteFeed, Worker, probe_listeners
 from gateway.proxy.routes import RouteTable, StaticRoutes
@@ -65,6 +67,7 @@ def run_worker(
     stats_dir: Path | None,
     reload_routes: Callable[[], RouteTable] | None,
     info: GatewayInfo | None = None,
+    resolver: ResolverSettings | None = None,
     registry_feed: Callable[[], RouteFeed] | None = None,
 ) -> int:
     """A worker process's main: its own uvloop loop until drained. Returns the exit code."""
@@ -82,6 +85,7 @@ def run_worker(
     state = WorkerState(index, os.getpid())
     feed = registry_feed() if registry_feed is not None else None  # opened after the fork
     worker = Worker(loop, settings, certs, routes, state, stats_dir, info, reload_routes, feed)
+    worker.resolver = make_resolver(settings, resolver)  # per worker: its own cache and loop
 
     async def main() -> None:
         worker.stopping = loop.create_future()
@@ -116,6 +120,7 @@ class Supervisor:
         stats_dir: Path | None = None,
         reload_routes: Callable[[], RouteTable] | None = None,
         info: GatewayInfo | None = None,
+        resolver: ResolverSettings | None = None,
         registry_feed: Callable[[], RouteFeed] | None = None,
         sidecars: Sequence[Sidecar] = (),
     ) -> None:
@@ -125,6 +130,7 @@ class Supervisor:
         self.stats_dir = stats_dir
         self.reload_routes = reload_routes
         self.info = info
+        self.resolver = resolver  # [dns.resolver], for custom domains
         self.count = settings.worker_count()
         self.children: dict[int, int] = {}  # pid -> worker index
         self.failures: dict[int, int] = {}  # worker index -> consecutive quick deaths
@@ -201,6 +207,7 @@ class Supervisor:
                     self.stats_dir,
                     self.reload_routes,
                     self.info,
+                    self.resolver,
                     self.registry_feed,
                 )
             except BaseException:  # noqa: BLE001 - last resort before os._exit

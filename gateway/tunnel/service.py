@@ -2,8 +2,9 @@
 
 The gateway's WireGuard private key lives in a file (``wg.private_key_file``, default
 ``<data_dir>/wg.key``) so that a restart keeps the key CVMs already trust. It is created on
-first start with mode 0600 and exclusive creation (two workers starting at once cannot write
-two different keys); an existing file readable by group or others is refused.
+first start with mode 0600, written whole and then linked into place (two starters at once
+cannot write two different keys, nor read a half-written one); an existing file readable
+by group or others is refused.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import secrets
 import stat
 from pathlib import Path
 
@@ -32,12 +34,21 @@ def load_or_create_private_key(path: Path) -> str:
     Raises :class:`TunnelError` if the file is not a key or is readable by others.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileExistsError):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(generate_private_key() + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+    if not path.exists():
+        # Write a complete key to a private temporary file, then link it into place: link(2)
+        # fails if the name exists, so exactly one starter wins and nobody can ever read a
+        # half-written (or empty) key file.
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(generate_private_key() + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
     mode = path.stat().st_mode
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise TunnelError(

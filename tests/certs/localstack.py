@@ -270,6 +270,11 @@ class LocalStack:
             self.stop()
             raise
 
+    def start_dns(self) -> None:
+        """Start only knotd (for tests that need authoritative DNS but no ACME CA)."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self._start_knot()
+
     def stop(self) -> None:
         self.stop_pebble()
         if self._knot is not None:

@@ -120,6 +120,20 @@ def test_positive_ttl_expiry(stack: LocalStack) -> None:
     assert run(capped.resolve(name)).app_id == "fourth"  # type: ignore[union-attr]
 
 
+def test_peek_returns_only_unexpired_cached_answers(stack: LocalStack) -> None:
+    clock = Clock()
+    r = resolver(stack, clock)
+    name = f"peek.{Z}"
+    assert r.peek(name) is None  # never looked up
+    put(stack, f"_dstack-app-address.{name}.", "peekapp:443", ttl=3)
+    hit = run(r.resolve(name))
+    assert r.peek(name) == hit == AppAddress("peekapp", 443, f"_dstack-app-address.{name}")
+    clock.now += 3.1
+    assert r.peek(name) is None  # expired: the proxy must ask DNS again
+    miss = run(r.resolve(f"nothing.peek.{Z}"))
+    assert isinstance(miss, AddressMiss) and r.peek(f"nothing.peek.{Z}") == miss
+
+
 def test_timeout_against_a_silent_port_is_not_cached() -> None:
     settings = ResolverSettings(nameservers=(f"127.0.0.1:{free_port()}",), timeout=0.5)
     r = AppAddressResolver(settings)

@@ -11,14 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from gateway.commands.control_process import ControlProcess, wants_control
+from gateway.commands.control_process import ControlProcess, wants_tunnel_child
 from gateway.config import parse_config
 
 
-def test_serve_runs_the_control_child_only_when_the_rpc_has_an_identity() -> None:
-    assert not wants_control(parse_config(""))
-    assert wants_control(parse_config("[rpc_identity]\ntee = 'sim'\nsim_dir = '/s'\n"))
-    assert wants_control(parse_config("[rpc]\ncert_file = '/x.pem'\nkey_file = '/x.key'\n"))
+def test_serve_runs_the_tunnel_child_only_for_an_attested_rpc() -> None:
+    attested = "[rpc_identity]\ntee = 'sim'\nsim_dir = '/s'\n"
+    plain = "[rpc]\ncert_file = '/x.pem'\nkey_file = '/x.key'\n"
+    assert not wants_tunnel_child(parse_config(""))
+    assert wants_tunnel_child(parse_config(attested))
+    assert not wants_tunnel_child(parse_config(plain))  # `gateway control` serves that one
+    assert not wants_tunnel_child(parse_config(attested + plain))
 
 
 def _reap(proc: ControlProcess, timeout: float = 10.0) -> int:

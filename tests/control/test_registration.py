@@ -8,11 +8,13 @@ carries HTTP through the tunnel the answer describes.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import http.client
 import ipaddress
 import json
+import socket
 import ssl
 import subprocess
 import threading
@@ -38,9 +40,10 @@ from gateway.control.registration import (
     RegistrationService,
     create_rpc_app,
     evidence_check,
-    rpc_ssl_context,
 )
+from gateway.control.tls_server import TlsCredentials, TlsSite
 from gateway.lab.harness import Lab
+from gateway.protocol.appinfo import AppInfo, encode_app_info
 from gateway.registry.service import Registry
 from gateway.registry.sqlite import SqliteStore
 from gateway.registry.store import Store
@@ -50,7 +53,6 @@ from gateway.tee.sim_pki import SimPki
 from gateway.tunnel.ipalloc import AddressPlan
 from gateway.tunnel.keys import generate_private_key, public_key
 from tests.helpers.lab import lab_env, make_lab, pytest_runtest_makereport
-from tests.helpers.processes import free_port
 
 __all__ = ["lab_env", "make_lab", "pytest_runtest_makereport"]
 
@@ -161,6 +163,7 @@ class Rpc:
     registry: Registry
     policy: list[AdmissionPolicy]
     service: RegistrationService
+    site: TlsSite
 
     def post(
         self,
@@ -215,42 +218,55 @@ def serve(
     kms_ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
     registry: Registry,
     advertised: Advertised,
+    *,
+    client_ca: bool = False,
+    kms_root: x509.Certificate | None = None,
+    handshake_timeout: float = 10.0,
 ) -> Iterator[Rpc]:
-    """Run the RPC app on 127.0.0.1 in a thread with its own loop; stop it afterwards."""
+    """Run the RPC app (TlsSite) on 127.0.0.1 in a thread with its own loop; stop it after.
+
+    ``ca_file`` (the KMS CA) signs the server certificate; it is the TLS-layer client CA
+    only with ``client_ca`` (no longer needed: the evidence decides).
+    """
     ca_file = tmp_path / "ca.pem"
     ca_file.write_bytes(kms_ca[0].public_bytes(serialization.Encoding.PEM))
     cert_pem, key_pem = server_cert(kms_ca)
     (tmp_path / "server.pem").write_bytes(cert_pem)
     (tmp_path / "server.key").write_bytes(key_pem)
-    ctx = rpc_ssl_context(tmp_path / "server.pem", tmp_path / "server.key", ca_file)
-    policy = [AdmissionPolicy(app_ids=(APP,))]
+    creds = TlsCredentials(
+        tmp_path / "server.pem", tmp_path / "server.key", ca_file if client_ca else None
+    )
+    policy = [AdmissionPolicy(app_ids=(APP,), allow_kms_cert=True)]
     check = evidence_check(
         source=SimCollateralSource(pki, clock=lambda: NOW),
-        anchors=TrustAnchors(collateral=None, root_ca_der=pki.root_ca_der),
+        anchors=TrustAnchors(collateral=None, root_ca_der=pki.root_ca_der, kms_root=kms_root),
         policy=lambda: policy[0],
         clock=lambda: NOW,
     )
     service = RegistrationService(registry, check, advertised)
-    port = free_port()
     loop = asyncio.new_event_loop()
-    started = threading.Event()
+    errors: list[dict[str, Any]] = []  # anything that escaped to the loop is a server bug
+    loop.set_exception_handler(lambda _loop, context: errors.append(context))
     runner = web.AppRunner(create_rpc_app(service))
+    sites: list[TlsSite] = []
 
     async def start() -> None:
         await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=ctx).start()
-        started.set()
+        site = TlsSite(runner, "127.0.0.1", 0, creds, handshake_timeout=handshake_timeout)
+        await site.start()
+        sites.append(site)
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=10)
     try:
-        yield Rpc(port, ca_file, registry.store, registry, policy, service)
+        yield Rpc(sites[0].port, ca_file, registry.store, registry, policy, service, sites[0])
     finally:
         asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(timeout=10)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout=10)
         loop.close()
+    assert errors == []
 
 
 @pytest.fixture
@@ -365,11 +381,21 @@ def test_key_held_by_another_instance_is_a_conflict(
     assert (status, err["reason"]) == (409, "key_in_use")
 
 
-def test_client_cert_outside_the_client_ca_fails_tls(rpc: Rpc, pki: SimPki, tmp_path: Path) -> None:
-    cvm = make_cvm(pki, tmp_path / "cvm", b"\x51" * 20, None)  # self-signed RA-TLS
-    with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
-        rpc.post(cvm, {"client_public_key": public_key(generate_private_key())})
-    assert rpc.store.list_instances() == []
+def test_client_ca_when_configured_is_an_extra_tls_requirement(
+    pki: SimPki, kms_ca: Any, tmp_path: Path
+) -> None:
+    store = SqliteStore(tmp_path / "registry.sqlite3")
+    registry = Registry(store, PLAN, clock=time.time)
+    adv = Advertised(public_key(generate_private_key()), "10.0.0.1/24", "192.0.2.1:51820")
+    with serve(tmp_path, pki, kms_ca, registry, adv, client_ca=True) as rpc:
+        outside = make_cvm(pki, tmp_path / "cvm", b"\x51" * 20, None)  # self-signed RA-TLS
+        with pytest.raises((ssl.SSLError, ConnectionResetError, BrokenPipeError)):
+            rpc.post(outside, {"client_public_key": public_key(generate_private_key())})
+        assert rpc.store.list_instances() == []
+        inside = make_cvm(pki, tmp_path / "cvm2", b"\x52" * 20, kms_ca)
+        status, ok = rpc.post(inside, {"client_public_key": public_key(generate_private_key())})
+        assert status == 200 and ok["wg"]["client_ip"]
+    store.close()
 
 
 @pytest.mark.netns
@@ -421,3 +447,282 @@ def test_evidence_copied_to_another_key_is_refused(
     status, err = rpc.post(cvm, {"client_public_key": public_key(generate_private_key())})
     assert (status, err["reason"]) == (403, "key_binding")
     assert rpc.store.list_instances() == []
+
+
+# --- evidence at the TLS layer: self-signed RA-TLS, KMS chains, no evidence ---------------
+
+
+def make_intermediate(
+    root: tuple[x509.Certificate, ec.EllipticCurvePrivateKey], cn: str
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = dt.datetime.fromtimestamp(NOW - 86400, dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn))
+        .issuer_name(root[0].subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root[1].public_key()), False
+        )
+        .sign(root[1], hashes.SHA256())
+    )
+    return cert, key
+
+
+def make_kms_cvm(
+    directory: Path,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    instance: bytes,
+) -> Cvm:
+    """A dstack-style KMS-issued client certificate: app info (.9), no quote; the PEM file
+    holds the leaf and its issuing (app) CA, so the client sends both."""
+    info = AppInfo(
+        app_id=bytes.fromhex(APP),
+        compose_hash=b"\xc2" * 32,
+        instance_id=instance,
+        device_id=b"\xd0" * 32,
+        mr_system=b"\x01" * 32,
+        mr_aggregated=b"\x02" * 32,
+        os_image_hash=b"\x03" * 32,
+        key_provider_info=b'{"type":"kms","id":"00"}',
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = dt.datetime.fromtimestamp(NOW - 3600, dt.UTC)
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(_name("dstack-guest-agent"))
+        .issuer_name(issuer[0].subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=7))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer[1].public_key()), False
+        )
+        .add_extension(
+            x509.UnrecognizedExtension(
+                ratls.OID_APP_INFO, ratls._der_octet_string(encode_app_info(info))
+            ),
+            False,
+        )
+        .sign(issuer[1], hashes.SHA256())
+    )
+    directory.mkdir(parents=True)
+    pem = serialization.Encoding.PEM
+    (directory / "chain.pem").write_bytes(leaf.public_bytes(pem) + issuer[0].public_bytes(pem))
+    (directory / "key.pem").write_bytes(pem_key(key))
+    return Cvm(directory / "chain.pem", directory / "key.pem", instance.hex())
+
+
+def self_signed_plain(directory: Path) -> Cvm:
+    """A self-signed client certificate with no evidence at all."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = dt.datetime.fromtimestamp(NOW - 3600, dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("just-a-client"))
+        .issuer_name(_name("just-a-client"))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=7))
+        .sign(key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True)
+    (directory / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "key.pem").write_bytes(pem_key(key))
+    return Cvm(directory / "cert.pem", directory / "key.pem", "")
+
+
+def test_self_signed_ratls_client_registers_without_a_client_ca(
+    rpc: Rpc, pki: SimPki, tmp_path: Path
+) -> None:
+    cvm = make_cvm(pki, tmp_path / "cvm", b"\x81" * 20, None)  # issuer None: self-signed
+    leaf = x509.load_pem_x509_certificate(cvm.cert.read_bytes())
+    assert leaf.issuer == leaf.subject
+    answer = rpc.curl(cvm, {"client_public_key": public_key(generate_private_key())})
+    record = rpc.store.get_instance(cvm.instance_id)
+    assert record is not None and str(record.ip) == answer["wg"]["client_ip"]
+    assert record.evidence["method"] == "ratls"
+
+
+def test_self_signed_cert_without_evidence_is_refused_with_its_reason(
+    rpc: Rpc, tmp_path: Path
+) -> None:
+    status, err = rpc.post(
+        self_signed_plain(tmp_path / "plain"),
+        {"client_public_key": public_key(generate_private_key())},
+    )
+    assert (status, err["reason"]) == (403, "no_evidence")
+    assert "neither an attestation nor app info" in err["error"]
+    assert rpc.store.list_instances() == []
+
+
+@pytest.mark.parametrize("root_configured", [True, False])
+def test_kms_chain_with_an_intermediate(
+    pki: SimPki, kms_ca: Any, tmp_path: Path, root_configured: bool
+) -> None:
+    """dstack's CVMs present leaf + app CA; the gateway verifies both up to the KMS root."""
+    kms_root = make_ca("KMS root")
+    app_ca = make_intermediate(kms_root, "app CA")
+    cvm = make_kms_cvm(tmp_path / "kms-cvm", app_ca, b"\x91" * 20)
+    store = SqliteStore(tmp_path / "registry.sqlite3")
+    registry = Registry(store, PLAN, clock=time.time)
+    adv = Advertised(public_key(generate_private_key()), "10.0.0.1/24", "192.0.2.1:51820")
+    root = kms_root[0] if root_configured else None
+    with serve(tmp_path, pki, kms_ca, registry, adv, kms_root=root) as rpc:
+        body = {"client_public_key": public_key(generate_private_key())}
+        status, answer = rpc.post(cvm, body)
+        if root_configured:
+            assert status == 200, answer
+            record = rpc.store.get_instance(cvm.instance_id)
+            assert record is not None and str(record.ip) == answer["wg"]["client_ip"]
+            assert record.evidence["method"] == "kms_cert"
+            assert record.evidence["compose_hash"] == "c2" * 32
+            # without the intermediate the chain cannot be built: refused by the evidence
+            leaf_only = tmp_path / "leaf.pem"
+            leaf_only.write_bytes(cvm.cert.read_bytes().split(b"-----END CERTIFICATE-----")[0])
+            leaf_only.write_bytes(leaf_only.read_bytes() + b"-----END CERTIFICATE-----\n")
+            status, err = rpc.post(Cvm(leaf_only, cvm.key, cvm.instance_id), body)
+            assert (status, err["reason"]) == (403, "chain_invalid")
+        else:
+            assert (status, answer["reason"]) == (403, "chain_invalid")
+            assert "no KMS root CA is configured" in answer["error"]
+            assert rpc.store.list_instances() == []
+    store.close()
+
+
+def test_kms_chain_to_another_root_is_refused(pki: SimPki, kms_ca: Any, tmp_path: Path) -> None:
+    app_ca = make_intermediate(make_ca("rogue KMS"), "rogue app CA")
+    cvm = make_kms_cvm(tmp_path / "kms-cvm", app_ca, b"\x92" * 20)
+    store = SqliteStore(tmp_path / "registry.sqlite3")
+    registry = Registry(store, PLAN, clock=time.time)
+    adv = Advertised(public_key(generate_private_key()), "10.0.0.1/24", "192.0.2.1:51820")
+    with serve(tmp_path, pki, kms_ca, registry, adv, kms_root=make_ca("KMS root")[0]) as rpc:
+        status, err = rpc.post(cvm, {"client_public_key": public_key(generate_private_key())})
+        assert (status, err["reason"]) == (403, "chain_invalid")
+        assert rpc.store.list_instances() == []
+    store.close()
+
+
+# --- hostile TLS never breaks the listener ------------------------------------------------
+
+
+def _raw(port: int, data: bytes, *, wait: float = 5.0) -> bytes:
+    """Send ``data`` on a plain TCP connection and read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait) as sock:
+        sock.sendall(data)
+        out = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(4096):
+                out += chunk
+        return out
+
+
+def _client_hello(port: int) -> bytes:
+    """A real ClientHello, captured from Python's ssl over memory BIOs."""
+    ctx = ssl.create_default_context()
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    obj = ctx.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        obj.do_handshake()
+    return outgoing.read()
+
+
+def test_hostile_tls_is_refused_and_registration_still_works(
+    pki: SimPki, kms_ca: Any, tmp_path: Path
+) -> None:
+    store = SqliteStore(tmp_path / "registry.sqlite3")
+    registry = Registry(store, PLAN, clock=time.time)
+    adv = Advertised(public_key(generate_private_key()), "10.0.0.1/24", "192.0.2.1:51820")
+    with serve(tmp_path, pki, kms_ca, registry, adv, handshake_timeout=1.0) as rpc:
+        # garbage: an alert (record type 21) or a plain close, quickly
+        reply = _raw(rpc.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert reply == b"" or reply[0] == 21
+        assert _raw(rpc.port, bytes(range(256)) * 8)[:1] in (b"", b"\x15")
+        # truncated handshake: half a ClientHello then FIN
+        hello = _client_hello(rpc.port)
+        with socket.create_connection(("127.0.0.1", rpc.port), timeout=5) as sock:
+            sock.sendall(hello[: len(hello) // 2])
+            sock.shutdown(socket.SHUT_WR)
+            assert sock.recv(4096) == b""
+        # slowloris: a byte at a time, never finishing; the deadline closes it
+        slow = socket.create_connection(("127.0.0.1", rpc.port), timeout=5)
+        started = time.monotonic()
+        try:
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+                for byte in hello[:40]:
+                    slow.send(bytes([byte]))
+                    time.sleep(0.02)
+            assert slow.recv(4096) == b""  # closed by the server
+        finally:
+            slow.close()
+        assert time.monotonic() - started < 4
+        # a client that says hello and then never answers
+        idle = socket.create_connection(("127.0.0.1", rpc.port), timeout=5)
+        idle.sendall(hello)
+        # meanwhile, and afterwards, CVMs register
+        cvm = make_cvm(pki, tmp_path / "cvm", b"\xa1" * 20, None)
+        status, ok = rpc.post(cvm, {"client_public_key": public_key(generate_private_key())})
+        assert status == 200 and ok["wg"]["client_ip"]
+        try:
+            got = b""
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := idle.recv(65536):
+                    got += chunk
+            assert got[:1] == b"\x16"  # the server's flight, then a close at the deadline
+        finally:
+            idle.close()
+        status, info = rpc.post(None, {}, path="/prpc/Info")
+        assert status == 200 and info["version"]
+        stats = dict(rpc.site.stats)
+        assert stats.get("refused", 0) >= 2, stats  # the two garbage connections
+        assert stats.get("handshaking", 0) >= 1, stats  # the truncated one
+        assert stats.get("timeout", 0) >= 2, stats  # slowloris and the stalled client
+        assert stats.get("established", 0) >= 1, stats  # the last may still be closing
+    store.close()
+
+
+def test_a_certificate_only_openssl_accepts_is_malformed_evidence(rpc: Rpc, tmp_path: Path) -> None:
+    """OpenSSL takes a negative serial; cryptography refuses it: 403 malformed, no crash.
+
+    The serial is patched in the DER after signing (the signature no longer matches, which
+    the accept-any TLS layer does not check: the evidence would)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = dt.datetime.fromtimestamp(NOW - 3600, dt.UTC)
+    der = (
+        x509.CertificateBuilder()
+        .subject_name(_name("negative-serial"))
+        .issuer_name(_name("negative-serial"))
+        .public_key(key.public_key())
+        .serial_number(7)
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    marker = bytes.fromhex("a003020102020107")  # version v3, then serial INTEGER 7
+    assert der.count(marker) == 1
+    der = der.replace(marker, marker[:-1] + b"\xf9")  # serial -7
+    pem = (
+        b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der) + b"-----END CERTIFICATE-----\n"
+    )
+    (tmp_path / "neg.pem").write_bytes(pem)
+    (tmp_path / "neg.key").write_bytes(pem_key(key))
+    cvm = Cvm(tmp_path / "neg.pem", tmp_path / "neg.key", "")
+    status, err = rpc.post(cvm, {"client_public_key": public_key(generate_private_key())})
+    assert (status, err["reason"]) == (403, "malformed"), err
+    assert "client certificate 0" in err["error"]
+    status, _ = rpc.post(None, {}, path="/prpc/Info")
+    assert status == 200

@@ -74,14 +74,26 @@ def test_workers_follow_the_registry_file(setup: tuple[Gateway, Origin, Path]) -
             expect_revision=0,
         )  # fmt: skip
         t0 = time.monotonic()
-        wait_until(lambda: fetch(gw, ca, name) is not None, gw.proc, 10, "registry route", gw.log)
+        wait_until(  # several in a row: every worker polls on its own timer
+            lambda: all(fetch(gw, ca, name) is not None for _ in range(4)),
+            gw.proc,
+            10,
+            "registry route",
+            gw.log,
+        )
         print(f"registry write -> routed by both workers' tables: {time.monotonic() - t0:.2f}s")
         for _ in range(6):  # every worker has it (connections spread over both)
             assert fetch(gw, ca, name) is not None
         assert fetch(gw, ca, f"{INSTANCE}-{origin.http}") is not None  # by instance id
         assert fetch(gw, ca, f"{APP}-{origin.tls}s") is None  # port not in the app's policy
         store.delete_instance(INSTANCE)
-        wait_until(lambda: fetch(gw, ca, name) is None, gw.proc, 10, "route removal", gw.log)
+        wait_until(
+            lambda: all(fetch(gw, ca, name) is None for _ in range(4)),
+            gw.proc,
+            10,
+            "route removal",
+            gw.log,
+        )
         assert fetch(gw, ca, f"app-{origin.http}") is not None  # static routes unaffected
     finally:
         store.close()

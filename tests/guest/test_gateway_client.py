@@ -24,8 +24,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.attest.collateral import SimCollateralSource
-from gateway.control.registration import Advertised, rpc_ssl_context
+from gateway.control.registration import Advertised
 from gateway.control.rpc_identity import RpcIdentity, RpcIdentityOptions
+from gateway.control.tls_server import TlsCredentials
 from gateway.guest.gateway_cache import CacheError, GatewayKeys, GatewayKeyStore, TeeCertIssuer
 from gateway.guest.gateway_client import (
     GatewayClient,
@@ -92,14 +93,14 @@ def _server(
     ca_file, _ = write_ca(client_ca, tmp_path / "gw", "client-ca")
     if ctx_kind == "ratls":
         tee = measured_tee(pki, tmp_path / "gw-tee", kw.get("app", GW_APP), b"\x99" * 20)
-        ctx = RpcIdentity(tee, tmp_path / "gw-rpc").ssl_context(ca_file)
+        ctx = RpcIdentity(tee, tmp_path / "gw-rpc").credentials(ca_file)
     elif ctx_kind == "plain":
-        ctx = rpc_ssl_context(*plain_server_files(tmp_path / "plain"), ca_file)
+        ctx = TlsCredentials(*plain_server_files(tmp_path / "plain"), ca_file)
     else:
         kms = make_ca("KMS root")
         (tmp_path / "kms-root.pem").write_bytes(kms[0].public_bytes(serialization.Encoding.PEM))
         files = kms_server_files(tmp_path / "kms", kms, kw.get("app", GW_APP))
-        ctx = rpc_ssl_context(*files, ca_file)
+        ctx = TlsCredentials(*files, ca_file)
     store = SqliteStore(tmp_path / "registry.sqlite3")
     registry = Registry(store, PLAN, clock=time.time)
     with serve_rpc(ctx, pki, registry, ADV, port=free_port()) as server:

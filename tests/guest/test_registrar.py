@@ -27,6 +27,7 @@ import pytest
 from gateway.attest.collateral import SimCollateralSource
 from gateway.control.registration import Advertised
 from gateway.control.rpc_identity import RpcIdentity
+from gateway.control.tls_server import TlsCredentials
 from gateway.guest.gateway_cache import GatewayKeyStore, TeeCertIssuer
 from gateway.guest.gateway_client import (
     GatewayClient,
@@ -192,11 +193,9 @@ def gateway(tmp: Path, pki: SimPki, client_ca: CA, *, attested: bool = True) -> 
     ca_file, _ = write_ca(client_ca, tmp, "client-ca")
     if attested:
         tee = measured_tee(pki, tmp / "tee", GW_APP, b"\x99" * 20)
-        ctx = RpcIdentity(tee, tmp / "rpc").ssl_context(ca_file)
+        ctx = RpcIdentity(tee, tmp / "rpc").credentials(ca_file)
     else:
-        from gateway.control.registration import rpc_ssl_context
-
-        ctx = rpc_ssl_context(*plain_server_files(tmp / "plain"), ca_file)
+        ctx = TlsCredentials(*plain_server_files(tmp / "plain"), ca_file)
     store = SqliteStore(tmp / "registry.sqlite3")
     adv = Advertised(public_key(generate_private_key()), "10.0.0.1/24", "192.0.2.1:51820")
     try:

@@ -38,9 +38,9 @@ from gateway.control.registration import (
     RegistrationService,
     create_rpc_app,
     evidence_check,
-    rpc_ssl_context,
 )
 from gateway.control.rpc_identity import RpcIdentity
+from gateway.control.tls_server import TlsCredentials, TlsSite
 from gateway.registry.service import Registry
 from gateway.registry.sqlite import SqliteStore
 from gateway.tee.base import RuntimeEvent
@@ -185,7 +185,7 @@ class RpcServer:
 
 @contextlib.contextmanager
 def serve_rpc(
-    ctx: ssl.SSLContext,
+    ctx: ssl.SSLContext | TlsCredentials,
     pki: SimPki,
     registry: Registry,
     advertised: Advertised,
@@ -194,7 +194,9 @@ def serve_rpc(
     port: int,
     allowed_apps: tuple[str, ...] = (CVM_APP,),
 ) -> Iterator[RpcServer]:
-    """Tunnel's RPC app on ``host:port`` in a thread with its own loop."""
+    """Tunnel's RPC app on ``host:port`` in a thread with its own loop: served by the
+    gateway's own TLS server (:class:`TlsSite`) for credentials, by aiohttp's stdlib TLS
+    for an ``SSLContext``."""
     check = evidence_check(
         source=SimCollateralSource(pki),
         anchors=TrustAnchors(collateral=None, root_ca_der=pki.root_ca_der),
@@ -206,7 +208,10 @@ def serve_rpc(
 
     async def start() -> None:
         await runner.setup()
-        await web.TCPSite(runner, host, port, ssl_context=ctx).start()
+        if isinstance(ctx, TlsCredentials):
+            await TlsSite(runner, host, port, ctx).start()
+        else:
+            await web.TCPSite(runner, host, port, ssl_context=ctx).start()
 
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -228,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", type=Path, required=True)
     p.add_argument("--pki", type=Path, required=True)
     p.add_argument("--port", type=int, required=True)
-    p.add_argument("--client-ca", type=Path, required=True)
+    p.add_argument("--client-ca", type=Path, help="optional extra TLS-layer client CA")
     p.add_argument("--mode", choices=["ratls", "plain"], default="ratls")
     p.add_argument("--app", default=GW_APP, help="the app id this gateway's TD measured")
     p.add_argument("--wg-iface", help="an existing WireGuard device to drive (default: none)")
@@ -240,10 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     pki = SimPki.load(args.pki)
     if args.mode == "ratls":
         tee = measured_tee(pki, args.dir / "tee", args.app, b"\x99" * 20)
-        ctx = RpcIdentity(tee, args.dir / "rpc").ssl_context(args.client_ca)
+        creds = RpcIdentity(tee, args.dir / "rpc").credentials(args.client_ca)
     else:
         cert, key = plain_server_files(args.dir / "plain")
-        ctx = rpc_ssl_context(cert, key, args.client_ca)
+        creds = TlsCredentials(cert, key, args.client_ca)
     wg_key = args.wg_key_file.read_text().strip()
     device = None
     if args.wg_iface:
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     adv = Advertised(public_key(wg_key), args.wg_ip, args.wg_endpoint)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with serve_rpc(ctx, pki, registry, adv, host="0.0.0.0", port=args.port):
+    with serve_rpc(creds, pki, registry, adv, host="0.0.0.0", port=args.port):
         args.ready_file.write_text("ready")
         while not stop.wait(0.2):
             pass

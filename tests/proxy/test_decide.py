@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-from gateway.certs.devca import ensure_dev_wildcard
+from gateway.certs.custom_domains import AddressMiss, AppAddress, MissReason
+from gateway.certs.devca import ensure_dev_ca, ensure_dev_wildcard, issue_wildcard, write_cert_dir
 from gateway.certs.store import CertSnapshot, load_snapshot
 from gateway.certs.tls import ALPN_H1, ALPN_H2
 from gateway.protocol.clienthello import ClientHello
@@ -17,10 +20,12 @@ from gateway.proxy.decide import (
     Gateway,
     Passthrough,
     Reject,
+    Resolve,
     Snapshot,
     Target,
     Terminate,
     decide,
+    decide_custom,
 )
 from gateway.proxy.routes import Candidate, PortPolicy, StaticRoutes
 from gateway.proxy.settings import PortRule, StaticRoute
@@ -58,6 +63,11 @@ class Table:
 def certs(tmp_path_factory: pytest.TempPathFactory) -> CertSnapshot:
     root = tmp_path_factory.mktemp("decide")
     ensure_dev_wildcard(root / "ca", root / "certs", "gw.test")
+    ca = ensure_dev_ca(root / "ca")
+    ca_cert, _ = ca.load()
+    for dirname, names in (("shop", ["shop.custom.test"]), ("wild", ["*.wild.test"])):
+        leaf, key = issue_wildcard(ca, names)
+        write_cert_dir(root / "certs", dirname, [leaf, ca_cert], key)
     return load_snapshot(root / "certs", ("1.2", "1.3"))
 
 
@@ -142,9 +152,6 @@ def test_top_n(certs: CertSnapshot) -> None:
         ("a-b-c.gw.test", TlsAlert.UNRECOGNIZED_NAME, "bad_address"),
         ("app-443gs.gw.test", TlsAlert.UNRECOGNIZED_NAME, "bad_address"),
         ("app-0.gw.test", TlsAlert.UNRECOGNIZED_NAME, "bad_address"),
-        ("example.com", TlsAlert.UNRECOGNIZED_NAME, "custom_domain"),
-        ("x.app.gw.test", TlsAlert.UNRECOGNIZED_NAME, "custom_domain"),
-        ("gw.test", TlsAlert.UNRECOGNIZED_NAME, "custom_domain"),
         ("strict-80.gw.test", TlsAlert.HANDSHAKE_FAILURE, "port_denied"),
         ("unknown-80.gw.test", TlsAlert.HANDSHAKE_FAILURE, "port_denied"),
         ("app.nocert.test", TlsAlert.UNRECOGNIZED_NAME, "no_cert"),
@@ -201,3 +208,173 @@ def test_static_routes_table() -> None:
     assert b.policy.allows(80) and not b.policy.allows(81) and b.policy.wants_pp(80)
     assert routes.lookup("zzz", 3) == ()
     assert routes.lookup("b", 3)[0].instance_id == ""
+
+
+# -- custom domains ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sni", ["example.com", "x.app.gw.test", "gw.test", "shop.custom.test"])
+def test_custom_names_are_resolved_at_the_edge(certs: CertSnapshot, sni: str) -> None:
+    assert decide(hello(sni), CONN, snap(certs)) == Resolve(sni)
+
+
+S1PP, M2 = Target("s1", "10.0.1.2", True), Target("m2", "10.0.3.3", False)
+
+
+def txt(app: str, port: int) -> AppAddress:
+    return AppAddress(app, port, "_dstack-app-address.x")
+
+
+@pytest.mark.parametrize(
+    ("sni", "answer", "kind", "app", "port", "targets"),
+    [
+        # no certificate for the name: pass TLS through, like upstream
+        ("a.example.com", txt("app", 8443), Passthrough, "app", 8443, (T2, T3)),
+        # an instance id in the TXT record reaches exactly that instance
+        ("a.example.com", txt("i1", 443), Passthrough, "app", 443, (T3,)),
+        # port policy applies as for base-domain names, pp flag carried
+        ("a.example.com", txt("strict", 8080), Passthrough, "strict", 8080, (S1PP,)),
+        ("a.example.com", txt("mixed", 443), Passthrough, "mixed", 443, (M2,)),
+        # a certificate for the exact name, or a one-level wildcard: terminate
+        ("shop.custom.test", txt("app", 8080), Terminate, "app", 8080, (T2, T3)),
+        ("any.wild.test", txt("app", 80), Terminate, "app", 80, (T2, T3)),
+        # the wildcard covers one level only
+        ("a.b.wild.test", txt("app", 443), Passthrough, "app", 443, (T2, T3)),
+        # a base domain's wildcard does not cover deeper names routed as custom domains
+        ("x.app.gw.test", txt("app", 443), Passthrough, "app", 443, (T2, T3)),
+    ],
+)
+def test_custom_routed(
+    certs: CertSnapshot,
+    sni: str,
+    answer: AppAddress,
+    kind: type,
+    app: str,
+    port: int,
+    targets: tuple[Target, ...],
+) -> None:
+    d = decide_custom(sni, answer, CONN, snap(certs))
+    assert isinstance(d, kind)
+    assert up(d) == (app, port, targets)
+    if isinstance(d, Terminate):
+        assert d.alpn == ALPN_H1
+
+
+def test_custom_terminate_uses_the_names_certificate(certs: CertSnapshot) -> None:
+    d = decide_custom("shop.custom.test", txt("app", 80), CONN, snap(certs))
+    entry = certs.lookup("shop.custom.test")
+    assert isinstance(d, Terminate) and entry is not None
+    assert d.context is entry.context(ALPN_H1)
+    assert entry is not certs.lookup("app.gw.test")
+
+
+@pytest.mark.parametrize(
+    ("answer", "alert", "reason"),
+    [
+        (
+            AddressMiss("a.example.com", MissReason.NOT_FOUND, "no TXT"),
+            "unrecognized",
+            "custom_not_found",
+        ),
+        (
+            AddressMiss("a.example.com", MissReason.MALFORMED, "bad"),
+            "unrecognized",
+            "custom_malformed",
+        ),
+        (
+            AddressMiss("a.example.com", MissReason.TIMEOUT, "slow"),
+            "unrecognized",
+            "custom_timeout",
+        ),
+        (
+            AddressMiss("a.example.com", MissReason.ERROR, "SERVFAIL"),
+            "unrecognized",
+            "custom_error",
+        ),
+        (txt("nope", 443), "unrecognized", "unknown_app"),
+        (txt("strict", 8443), "handshake", "port_denied"),  # restrict_mode, not listed
+        (txt("unknown", 443), "handshake", "port_denied"),  # unknown policy: fail closed
+        (txt("strict", 80), "handshake", "port_denied"),
+    ],
+)
+def test_custom_rejected(
+    certs: CertSnapshot, answer: AppAddress | AddressMiss, alert: str, reason: str
+) -> None:
+    expected = {"unrecognized": TlsAlert.UNRECOGNIZED_NAME, "handshake": TlsAlert.HANDSHAKE_FAILURE}
+    for sni in ("a.example.com", "shop.custom.test"):  # a certificate does not bypass routing
+        d = decide_custom(sni, answer, CONN, snap(certs))
+        assert isinstance(d, Reject)
+        assert (d.alert, d.reason) == (expected[alert], reason)
+        assert sni in d.detail
+
+
+_LABEL = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=10)
+
+
+@settings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    labels=st.lists(_LABEL, min_size=1, max_size=4),
+    tld=st.sampled_from(["custom.test", "wild.test", "gw.test", "example.com"]),
+    app=st.sampled_from(["app", "i1", "strict", "unknown", "mixed", "stale", "nope", "A-b_c"]),
+    port=st.integers(1, 65535),
+)
+def test_custom_decision_properties(
+    certs: CertSnapshot, labels: list[str], tld: str, app: str, port: int
+) -> None:
+    """Whatever the name and record: one of three outcomes; terminate iff a certificate
+    matches; every target is allowed by its instance's port policy."""
+    sni = ".".join([*labels, tld])
+    d = decide_custom(sni, AppAddress(app, port, "r"), CONN, snap(certs))
+    assert isinstance(d, Terminate | Passthrough | Reject)
+    if isinstance(d, Reject):
+        assert d.reason in {"unknown_app", "port_denied"} and sni in d.detail
+        return
+    assert isinstance(d, Terminate) == (certs.lookup(sni) is not None)
+    assert d.upstream.port == port and d.upstream.targets
+    table = Table()
+    for t in d.upstream.targets:
+        policy = table.instances[t.instance_id].policy
+        assert policy is not None and policy.allows(port)
+
+
+class OperatorTable(Table):
+    """A table that also carries operator custom-domain routes (as ``OverlayRoutes`` does)."""
+
+    def __init__(self, routes: dict[str, tuple[str, int]]) -> None:
+        super().__init__()
+        self.routes = routes
+
+    def custom_route(self, sni: str) -> AppAddress | None:
+        hit = self.routes.get(sni)
+        return AppAddress(hit[0], hit[1], "x") if hit else None
+
+
+@pytest.mark.parametrize(
+    ("sni", "kind", "reason"),
+    [
+        ("op.example.com", Passthrough, ""),  # no DNS: routed in decide()
+        ("shop.custom.test", Terminate, ""),  # a certificate for the name: terminate
+        ("denied.example.com", Reject, "port_denied"),  # policy still applies
+        ("gone.example.com", Reject, "unknown_app"),
+        ("other.example.com", Resolve, ""),  # no operator route: DNS
+    ],
+)
+def test_operator_routes_come_before_dns(
+    certs: CertSnapshot, sni: str, kind: type, reason: str
+) -> None:
+    table = OperatorTable(
+        {
+            "op.example.com": ("app", 8443),
+            "shop.custom.test": ("app", 8080),
+            "denied.example.com": ("strict", 9999),
+            "gone.example.com": ("nope", 443),
+        }
+    )
+    d = decide(hello(sni), CONN, snap(certs, routes=table))
+    assert isinstance(d, kind)
+    if isinstance(d, Reject):
+        assert d.reason == reason
+    if isinstance(d, Passthrough | Terminate):
+        assert d.upstream.app_id == "app" and d.upstream.targets == (T2, T3)

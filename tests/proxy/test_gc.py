@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import uvloop
 
+from gateway.certs.custom_domains import AppAddressResolver
 from gateway.certs.devca import ensure_dev_wildcard
+from gateway.certs.settings import ResolverSettings
 from gateway.certs.store import CertStore
 from gateway.proxy.listeners import Worker
 from gateway.proxy.origin import Origin
@@ -32,7 +34,7 @@ def origin() -> Iterator[int]:
     o.close()
 
 
-@pytest.mark.parametrize("path", ["terminate", "no_hello", "reject", "gateway"])
+@pytest.mark.parametrize("path", ["terminate", "no_hello", "reject", "gateway", "custom_miss"])
 def test_closed_connections_leave_no_cycles(tmp_path: Path, origin: int, path: str) -> None:
     ca, _ = ensure_dev_wildcard(tmp_path / "ca", tmp_path / "certs", "gw.test")
     port = free_port()
@@ -52,10 +54,16 @@ def test_closed_connections_leave_no_cycles(tmp_path: Path, origin: int, path: s
         StaticRoutes(settings.routes),
         WorkerState(),
     )
-    worker.listen()
-    name = {"gateway": "gateway.gw.test", "reject": "nope.gw.test"}.get(
-        path, f"app-{origin}.gw.test"
+    # a name server that never answers, and a short lookup timeout: the RESOLVING path
+    worker.resolver = AppAddressResolver(
+        ResolverSettings(nameservers=(f"127.0.0.1:{free_port()}",), timeout=0.05)
     )
+    worker.listen()
+    name = {
+        "gateway": "gateway.gw.test",
+        "reject": "nope.gw.test",
+        "custom_miss": "shop.example.test",
+    }.get(path, f"app-{origin}.gw.test")
     errors: list[BaseException] = []
 
     def client() -> None:
@@ -66,7 +74,7 @@ def test_closed_connections_leave_no_cycles(tmp_path: Path, origin: int, path: s
                 if path == "no_hello":
                     raw.close()
                     continue
-                if path == "reject":
+                if path in ("reject", "custom_miss"):
                     with pytest.raises(ssl.SSLError, match="UNRECOGNIZED_NAME"):
                         ctx.wrap_socket(raw, server_hostname=name)
                     raw.close()
@@ -89,6 +97,8 @@ def test_closed_connections_leave_no_cycles(tmp_path: Path, origin: int, path: s
         loop.run_until_complete(asyncio.sleep(0.2))
         assert not errors, errors
         assert worker.state.accepted == 20 and worker.state.open == 0
+        if path == "custom_miss":
+            assert worker.state.errors["custom_timeout"] == 20
         assert gc.collect() == 0
     finally:
         gc.enable()

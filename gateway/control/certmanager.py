@@ -1,0 +1,231 @@
+"""Keeps the certbot in step with the operator state: base domains and DNS credentials.
+
+:class:`~gateway.certs.certbot.Certbot` takes its domains and DNS providers at construction,
+so a change through the admin API (a base domain added, a credential's secret rotated)
+rebuilds it: the new certbot is built first (a build error keeps the old one running and is
+reported in :meth:`CertManager.status`), then the old renewal loop is cancelled and its
+providers closed, and the new loop starts, which issues at once for a domain without a
+certificate. Renewal state (failures, backoff) starts afresh; what is served stays on disk.
+
+Secrets of credentials created through the API come from the operator state: the provider
+factory is given a lookup that answers their placeholder names (``stored-dns-secret:<id>``)
+from the store, and every other name from the environment as usual.
+
+Without ``[acme] enabled`` there is no certbot: status and history still read the
+certificates directory (certificates placed there by hand or by ``gateway certs``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.certs import attestation, disk
+from gateway.certs.acme import AcmeClient, PropagationCheck
+from gateway.certs.certbot import Certbot, DomainStatus, RenewResult
+from gateway.certs.dns.factory import build_providers
+from gateway.certs.errors import CertError
+from gateway.certs.settings import AcmeDomain, AcmeSettings, DnsCredential
+from gateway.config import env_value
+from gateway.control.state import OperatorState
+from gateway.tee.base import TeeBackend
+from gateway.util.tasks import spawn
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AcmeDisabled", "CertManager", "UnknownDomain"]
+
+
+class AcmeDisabled(Exception):
+    """Renewal was asked for but ``[acme] enabled`` is false."""
+
+
+class UnknownDomain(Exception):
+    """The domain is not a base domain."""
+
+
+class CertManager:
+    """Owns the current :class:`Certbot` (if ACME is enabled) and answers status queries."""
+
+    def __init__(
+        self,
+        settings: AcmeSettings,
+        *,
+        state: OperatorState,
+        certs_dir: Path,
+        acme: AcmeClient | None,
+        on_change: Callable[[], Any],
+        tee: TeeBackend | None = None,
+        propagation: PropagationCheck | None = None,
+        env: Callable[[str], str | None] = env_value,
+    ) -> None:
+        self.settings = settings
+        self.state = state
+        self.certs_dir = certs_dir
+        self._acme = acme if settings.enabled else None
+        self._on_change = on_change
+        self._tee = tee
+        self._propagation = propagation
+        self._env = env
+        self._certbot: Certbot | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self._pending: asyncio.Task[None] | None = None
+        self.last_error: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self._acme is not None
+
+    @property
+    def certbot(self) -> Certbot | None:
+        return self._certbot
+
+    def directory_url(self) -> str | None:
+        return self._acme.directory_url if self._acme is not None else None
+
+    # --- lifecycle -------------------------------------------------------------------------
+
+    def _build(self) -> Certbot:
+        assert self._acme is not None
+        domains = self.state.domains()
+        settings = dataclasses.replace(
+            self.settings, domains=tuple(AcmeDomain(d.domain, d.dns_credential) for d in domains)
+        )
+        used = {d.dns_credential for d in domains}
+        creds: dict[str, DnsCredential] = {
+            k: v for k, v in self.state.config_credentials.items() if k in used
+        }
+        creds.update({c.id: c.settings() for c in self.state.credentials() if c.id in used})
+        secrets = self.state.secrets()
+
+        def lookup(name: str) -> str | None:
+            return secrets[name] if name in secrets else self._env(name)
+
+        return Certbot(
+            settings,
+            acme=self._acme,
+            providers=build_providers(creds, lookup),
+            certs_dir=self.certs_dir,
+            on_change=self._on_change,
+            tee=self._tee,
+            propagation=self._propagation,
+        )
+
+    async def start(self) -> None:
+        """Build and start the certbot (if enabled). Raises CertError on a bad credential."""
+        if self._acme is None:
+            return
+        self._certbot = self._build()
+        self._task = spawn(self._certbot.run(), name="certbot")
+
+    def reconfigure(self) -> None:
+        """Rebuild soon (subscribed to domain and credential changes; runs on the loop)."""
+        if self._acme is None:
+            return
+        self._pending = spawn(self._rebuild(), name="certbot-rebuild")
+
+    async def settled(self) -> None:
+        """Wait for a pending rebuild (so a renew right after an API change sees it)."""
+        pending = self._pending
+        if pending is not None and not pending.done():
+            await asyncio.shield(pending)
+
+    async def _rebuild(self) -> None:
+        async with self._lock:
+            try:
+                fresh = self._build()
+            except (CertError, ValueError) as exc:
+                self.last_error = f"certbot not reconfigured: {exc}"
+                logger.error("%s; the previous domains keep renewing", self.last_error)
+                return
+            await self._stop_current()
+            self.last_error = None
+            self._certbot = fresh
+            self._task = spawn(fresh.run(), name="certbot")
+            logger.info("certbot reconfigured: %s", ", ".join(fresh.domains) or "no domains")
+
+    async def _stop_current(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self._certbot is not None:
+            await self._certbot.close()
+            self._certbot = None
+
+    async def stop(self) -> None:
+        if self._pending is not None and not self._pending.done():
+            self._pending.cancel()
+        async with self._lock:
+            await self._stop_current()
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def _known(self, domain: str) -> None:
+        if domain not in {d.domain for d in self.state.domains()}:
+            raise UnknownDomain(f"{domain} is not a base domain")
+
+    def status(self, domain: str) -> dict[str, Any]:
+        """What is served for ``domain`` and, with ACME, the renewal state."""
+        cur = disk.current(self.certs_dir, domain) if _safe(domain) else None
+        out: dict[str, Any] = {
+            "domain": domain,
+            "has_cert": cur is not None,
+            "serial": f"{cur.serial:x}" if cur else None,
+            "names": list(cur.names) if cur else [],
+            "not_before": cur.not_before if cur else None,
+            "not_after": cur.not_after if cur else None,
+            "acme": self.enabled,
+            "next_check": None,
+            "failures": 0,
+            "last_error": None,
+        }
+        st = self._domain_status(domain)
+        if st is not None:
+            out.update(next_check=st.next_check, failures=st.failures, last_error=st.last_error)
+        return out
+
+    def _domain_status(self, domain: str) -> DomainStatus | None:
+        if self._certbot is None:
+            return None
+        return next((s for s in self._certbot.status() if s.domain == domain), None)
+
+    def history(self, domain: str) -> list[disk.StoredCert]:
+        self._known(domain)
+        return disk.history(self.certs_dir, domain)
+
+    async def renew(self, domain: str, force: bool) -> RenewResult:
+        """Issue now (``force``) or only if due; raises AcmeDisabled, UnknownDomain, CertError."""
+        self._known(domain)
+        if self._acme is None:
+            raise AcmeDisabled("ACME is disabled ([acme] enabled = false)")
+        await self.settled()
+        if self._certbot is None or domain not in self._certbot.domains:
+            raise CertError(self.last_error or f"{domain} is not managed by the certbot yet")
+        return await self._certbot.renew_now(domain, force=force)
+
+    def acme_info(self) -> dict[str, Any]:
+        """Upstream's ``/acme-info`` document plus the directory and account in use."""
+        names = [d.domain for d in self.state.domains()]
+        if self._certbot is not None:
+            info = self._certbot.acme_info()
+        else:
+            uri = self._acme.stored_account_uri() if self._acme is not None else None
+            info = attestation.acme_info(self.certs_dir, names, uri)
+        return {
+            "enabled": self.enabled,
+            "directory_url": self.directory_url(),
+            **info,
+        }
+
+
+def _safe(name: str) -> bool:
+    return bool(name) and not name.startswith(".") and "/" not in name and "\0" not in name
