@@ -56,6 +56,7 @@ def registry_feed_factory(cfg: Config) -> Callable[[], RouteFeed] | None:
     """What each worker calls (after the fork) to follow the tunnel registry, if enabled."""
     if not cfg.proxy.registry_routes:
         return None
+    from gateway.control.state import port_policy_overrides
     from gateway.proxy.registry_routes import feed_for_sqlite
     from gateway.registry.factory import store_path
 
@@ -67,6 +68,7 @@ def registry_feed_factory(cfg: Config) -> Callable[[], RouteFeed] | None:
             db,
             refresh_every=proxy.registry_refresh_interval,
             stale_after=proxy.registry_stale_after,
+            overrides=port_policy_overrides,  # the operator's port policies win
         )
 
     return factory

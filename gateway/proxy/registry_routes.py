@@ -183,6 +183,7 @@ def feed_for_sqlite(
     *,
     refresh_every: float = 10.0,
     stale_after: float = DEFAULT_STALE_AFTER,
+    overrides: Callable[[Store], Mapping[str, Mapping[str, Any]]] | None = None,
 ) -> RegistryRouteFeed:
     """A feed reading the SQLite registry at ``path`` once it exists (never creating it: the
     control plane owns the file; a worker is only a WAL reader)."""
@@ -192,4 +193,6 @@ def feed_for_sqlite(
             raise FileNotFoundError(path)
         return SqliteStore(path)
 
-    return RegistryRouteFeed(open_store, refresh_every=refresh_every, stale_after=stale_after)
+    return RegistryRouteFeed(
+        open_store, refresh_every=refresh_every, stale_after=stale_after, overrides=overrides
+    )

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.control.models import T_PORT_POLICY
 from gateway.registry.records import InstanceRecord
 from gateway.registry.sqlite import SqliteStore
 from tests.helpers.gateway import (
@@ -86,9 +87,20 @@ def test_workers_follow_the_registry_file(setup: tuple[Gateway, Origin, Path]) -
             assert fetch(gw, ca, name) is not None
         assert fetch(gw, ca, f"{INSTANCE}-{origin.http}") is not None  # by instance id
         assert fetch(gw, ca, f"{APP}-{origin.tls}s") is None  # port not in the app's policy
+        # the operator's port policy for the instance (admin API's table) wins over the app's
+        policy = {"restrict_mode": True, "ports": [{"port": origin.tls, "pp": False}]}
+        store.kv_put(T_PORT_POLICY, INSTANCE, policy)
+        wait_until(
+            lambda: all(fetch(gw, ca, f"{APP}-{origin.tls}s") is not None for _ in range(4)),
+            gw.proc,
+            10,
+            "the admin port policy",
+            gw.log,
+        )
+        assert fetch(gw, ca, name) is None  # 8080 is no longer allowed
         store.delete_instance(INSTANCE)
         wait_until(
-            lambda: all(fetch(gw, ca, name) is None for _ in range(4)),
+            lambda: all(fetch(gw, ca, f"{APP}-{origin.tls}s") is None for _ in range(4)),
             gw.proc,
             10,
             "route removal",
