@@ -6,6 +6,12 @@ gateway proxy on 127.0.0.1:8443 (or a free port if that one is taken) with a sta
 ``demo`` -> 127.0.0.1, and prints curl commands that reach the app through the gateway:
 terminated (``demo-<port>``), passed through (``demo-<port>s``) and HTTP/2 (``demo-<port>g``).
 Ctrl-C drains the gateway and stops the origin.
+
+``gateway demo --lab`` (the default when running as root with network namespaces,
+wireguard-go and iptables available) runs the whole system instead: a gateway namespace with
+``gateway serve`` (proxy + registration RPC + WireGuard) and two simulated CVMs that boot,
+register and are reached over HTTPS through the tunnel (:mod:`gateway.commands.demo_lab`).
+``--loopback`` forces the loopback demo.
 """
 
 from __future__ import annotations
@@ -30,6 +36,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--port", type=int, default=8443, help="gateway port (busy: pick one)")
     parser.add_argument("--workers", type=int, default=1, help="gateway worker processes")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--lab",
+        action="store_true",
+        help="gateway + simulated CVMs in network namespaces (default when root and possible)",
+    )
+    mode.add_argument("--loopback", action="store_true", help="the loopback-only demo")
+    parser.add_argument(
+        "--lab-prefix", default="gwd", help="3-character prefix of the lab's namespace names"
+    )
 
 
 def _pick_port(wanted: int) -> int:
@@ -70,6 +86,24 @@ def _start_origin(cert_dir: Path) -> tuple[subprocess.Popen[bytes], int, int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from gateway.commands.demo_lab import lab_available, run_lab
+
+    if not args.loopback:
+        why_not = lab_available()
+        if why_not is None:
+            print("gateway demo: lab mode (network namespaces, WireGuard tunnels)", flush=True)
+            setup_logging("info", "text")
+            return run_lab(args.data_dir.resolve(), prefix=args.lab_prefix)
+        if args.lab:
+            print(f"error: --lab: {why_not}", file=sys.stderr)
+            return 2
+        print(f"gateway demo: loopback mode ({why_not}; use --lab for the full lab)", flush=True)
+    else:
+        print("gateway demo: loopback mode", flush=True)
+    return _run_loopback(args)
+
+
+def _run_loopback(args: argparse.Namespace) -> int:
     from gateway.certs.devca import ensure_dev_wildcard
     from gateway.proxy.workers import Supervisor
 

@@ -2,8 +2,9 @@
 
 Configuration errors are reported before anything binds (exit code 2). SIGHUP re-reads
 certificates and the ``[[proxy.routes]]`` of the same file in every worker; SIGTERM or Ctrl-C
-drains (see ``docs/proxy.md``). The supervisor's PID is in ``<core.data_dir>/run/gateway.pid``
-while it runs.
+drains (see ``docs/proxy.md``). With ``proxy.registry_routes`` (the default) every worker also
+follows the tunnel registry's SQLite file (``[registry]``) and routes to registered CVMs.
+The supervisor's PID is in ``<core.data_dir>/run/gateway.pid`` while it runs.
 
 The control plane (admin API, certbot, registration RPC and tunnel: ``gateway control``)
 runs as a child process started before the workers and stopped by PID after they drained;
@@ -12,6 +13,11 @@ routes, drains or port policies, and every worker's route reload applies the rou
 it publishes (``docs/operations.md``). It starts when the admin API has credentials, or
 ``[acme]`` or ``[rpc]`` is enabled; ``[admin]`` enabled without credentials is an error
 then (fail closed), and a proxy-only configuration runs without it (a warning says so).
+
+An attested registration RPC (``[rpc_identity] tee`` without ``rpc.cert_file``, which
+``gateway control`` does not serve) runs as another supervised child, ``gateway rpc``
+(registration RPC with an RA-TLS identity, WireGuard device, registry maintenance;
+:mod:`gateway.commands.control_process`), restarted if it dies; ``--no-control`` opts out.
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ import logging
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
+from gateway.commands.control_process import ControlProcess, wants_tunnel_child
 from gateway.config import Config, ConfigError, load_config
+from gateway.proxy.listeners import RouteFeed
 from gateway.proxy.routes import RouteTable, StaticRoutes
 from gateway.util.logs import setup_logging
 
@@ -36,6 +45,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=None, help="override proxy.workers (0 = one per CPU)"
     )
+    parser.add_argument(
+        "--no-control",
+        action="store_true",
+        help="do not start the attested registration RPC + WireGuard child ([rpc_identity])",
+    )
+
+
+def registry_feed_factory(cfg: Config) -> Callable[[], RouteFeed] | None:
+    """What each worker calls (after the fork) to follow the tunnel registry, if enabled."""
+    if not cfg.proxy.registry_routes:
+        return None
+    from gateway.control.state import port_policy_overrides
+    from gateway.proxy.registry_routes import feed_for_sqlite
+    from gateway.registry.factory import store_path
+
+    db = store_path(cfg.registry, cfg.core.data_dir)
+    proxy = cfg.proxy
+
+    def factory() -> RouteFeed:
+        return feed_for_sqlite(
+            db,
+            refresh_every=proxy.registry_refresh_interval,
+            stale_after=proxy.registry_stale_after,
+            overrides=port_policy_overrides,  # the operator's port policies win
+        )
+
+    return factory
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,11 +103,16 @@ def run(args: argparse.Namespace) -> int:
         routes = load_config(path).proxy.routes if path is not None else cfg.proxy.routes
         return OverlayRoutes(StaticRoutes(routes), read_overlay(overlay_file))
 
+    tunnel = None
+    if path is not None and wants_tunnel_child(cfg) and not args.no_control:
+        tunnel = ControlProcess(path.resolve())
     supervisor = Supervisor(
         cfg.proxy,
         stats_dir=stats_dir,
         reload_routes=reload_routes if path is not None or control else None,
         resolver=cfg.dns.resolver,
+        registry_feed=registry_feed_factory(cfg),
+        sidecars=(tunnel,) if tunnel is not None else (),
     )
     child: subprocess.Popen[bytes] | None = None
     if control:
@@ -94,6 +135,8 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         if os.getpid() == supervisor_pid:  # never from a forked worker
+            if tunnel is not None:
+                tunnel.stop()  # no-op after a normal shutdown
             pid_file.unlink(missing_ok=True)
             if child is not None:
                 stop_control(child)

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -44,8 +45,9 @@ from gateway.guest.identity import AppCompose, KeyProviderKind
 from gateway.guest.keys import KeyProvider, LocalKeyProvider, NoneKeyProvider
 from gateway.guest.kms_client import KmsKeyProvider, kms_signer_for
 from gateway.guest.public import create_public_app
+from gateway.guest.registrar import Registrar
 from gateway.guest.runner import AppRunner, DockerComposeRunner, LocalProcessRunner
-from gateway.guest.service import AgentService
+from gateway.guest.service import AgentService, GuestState
 from gateway.protocol.attestation import TdxEvent
 from gateway.tee.base import TeeBackend
 from gateway.tee.sim import SimImage, SimTee
@@ -106,6 +108,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Guest API Shutdown powers the VM off (systemctl poweroff), as dstack does; "
         "without it, Shutdown only stops the agent",
+    )
+    agent.add_argument(
+        "--register",
+        action="store_true",
+        help="also run the gateway registration client (as `gateway guest-register "
+        "--boot-dir WORK_DIR`) when app-compose enables the gateway",
+    )
+    agent.add_argument(
+        "--register-opts",
+        default="",
+        help="extra `gateway guest-register` options as one shell-quoted string, "
+        'e.g. "--gateway-app-id HEX --backend wireguard-go"',
     )
     tee_args(agent)
 
@@ -249,12 +263,54 @@ async def _boot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registrar(args: argparse.Namespace) -> Registrar | None:
+    """The registration client for ``agent --register`` (``None``: gateway not enabled).
+
+    Built exactly as ``gateway guest-register --boot-dir WORK_DIR`` would be (URLs, pinned
+    gateway app id, port policy and keys from the finished boot), with the agent's TEE, its
+    status and cache under ``WORK_DIR/gateway``; ``--register-opts`` adds or overrides flags.
+    """
+    from gateway.guest import register_cmd
+
+    parser = argparse.ArgumentParser(prog="gateway guest agent --register-opts")
+    register_cmd.add_arguments(parser)
+    argv = ["--work-dir", str(args.work_dir / "gateway"), "--boot-dir", str(args.work_dir)]
+    argv += ["--tee", args.tee]
+    if args.tee == "sim":
+        argv += ["--sim-dir", str(args.sim_dir or args.work_dir / "sim")]
+    argv += shlex.split(args.register_opts)
+    try:
+        return register_cmd.build(parser.parse_args(argv))
+    except register_cmd.Disabled as exc:
+        logger.info("%s", exc)
+        return None
+
+
 async def _agent(args: argparse.Namespace) -> int:
     try:
         state = load_state(args.work_dir)
     except BootError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1
+    registrar = None
+    if args.register:
+        from gateway.guest.register_cmd import UsageError
+
+        try:
+            registrar = _registrar(args)
+        except (UsageError, OSError, ValueError) as exc:
+            sys.stderr.write(f"error: --register: {exc}\n")
+            return 2
+    if registrar is not None:
+        registrar.start()  # in the background: the agent never waits for a gateway
+    try:
+        return await _serve_agent(args, state)
+    finally:
+        if registrar is not None:
+            await registrar.close()
+
+
+async def _serve_agent(args: argparse.Namespace, state: GuestState) -> int:
     tee, boot_log = _tee(args, args.work_dir / "sim")
     stop = _stop_event()
     svc = AgentService(

@@ -16,6 +16,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Protocol
 
 from gateway.certs.custom_domains import AppAddressResolver
 from gateway.certs.store import CertStore
@@ -23,15 +24,25 @@ from gateway.proxy.conn import Conn, Phase
 from gateway.proxy.decide import Decision, Snapshot
 from gateway.proxy.endpoints import GatewayInfo
 from gateway.proxy.relay import PipePool
-from gateway.proxy.routes import RouteTable
+from gateway.proxy.routes import CombinedRoutes, RouteTable
 from gateway.proxy.settings import ListenSpec, ProxySettings, Timeouts
 from gateway.proxy.stats import WorkerState, write_stats
 
-__all__ = ["Worker", "bind_listener", "probe_listeners"]
+__all__ = ["RouteFeed", "Worker", "bind_listener", "probe_listeners"]
 
 logger = logging.getLogger(__name__)
 
 _ACCEPT_BATCH = 64
+
+
+class RouteFeed(Protocol):
+    """Where a worker gets fresh registry tables (:class:`RegistryRouteFeed`)."""
+
+    def poll(self) -> RouteTable | None:
+        """A new table when something changed, else ``None`` (keep the current one)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 def bind_listener(host: str, port: int, backlog: int) -> socket.socket:
@@ -74,6 +85,7 @@ class Worker:
         stats_dir: Path | None = None,
         info: GatewayInfo | None = None,
         reload_routes: Callable[[], RouteTable] | None = None,
+        registry_feed: RouteFeed | None = None,
     ) -> None:
         self.loop = loop
         self.settings = settings
@@ -83,6 +95,11 @@ class Worker:
         self.stats_dir = stats_dir
         self.info = info or GatewayInfo()
         self.reload_routes = reload_routes
+        self.static_routes = routes
+        self.registry_feed = registry_feed
+        self.registry_routes: RouteTable | None = None
+        self._registry_handle: asyncio.TimerHandle | None = None
+        self._registry_polling: asyncio.Future[RouteTable | None] | None = None
         self.snapshot = Snapshot(
             base_domains=settings.base_domains,
             certs=certs.snapshot,
@@ -157,14 +174,52 @@ class Worker:
         except OSError as exc:  # e.g. certs_dir unreadable: keep serving what we have
             logger.error("certificate reload failed, keeping the old set: %s", exc)
             certs = self.snapshot.certs
-        routes = self.snapshot.routes
         if self.reload_routes is not None:
             try:
-                routes = self.reload_routes()
+                self.static_routes = self.reload_routes()
             except Exception as exc:  # a bad edit must not take the worker down
                 logger.error("route reload failed, keeping the old routes: %s", exc)
-        self.swap_snapshot(replace(self.snapshot, certs=certs, routes=routes))
+        self.swap_snapshot(replace(self.snapshot, certs=certs, routes=self.combined_routes()))
         logger.info("worker %d reloaded: %d certificates", self.state.index, len(certs))
+
+    # -- registry routes ------------------------------------------------------------------
+
+    def combined_routes(self) -> RouteTable:
+        """Static routes first, then the registry's (when a registry table is installed)."""
+        if self.registry_routes is None:
+            return self.static_routes
+        return CombinedRoutes(self.static_routes, self.registry_routes)
+
+    def start_registry_polling(self) -> None:
+        """Poll the registry now and then every ``registry_poll_interval`` seconds."""
+        if self.registry_feed is not None:
+            self._poll_registry()
+
+    def _poll_registry(self) -> None:
+        """Read the registry in a thread (a rebuild of a large table takes a while: 10 000
+        instances ~120 ms here), swap the new table in on the loop, and space the next poll
+        so that rebuilding never takes more than ~5 % of the worker."""
+        feed = self.registry_feed
+        if feed is None or self.state.draining or self._registry_polling is not None:
+            return
+        started = self.loop.time()
+        fut = self.loop.run_in_executor(None, feed.poll)
+        self._registry_polling = fut
+        fut.add_done_callback(lambda done: self._registry_polled(done, started))
+
+    def _registry_polled(self, fut: asyncio.Future[RouteTable | None], started: float) -> None:
+        self._registry_polling = None
+        if fut.cancelled() or self.state.draining:
+            return
+        exc = fut.exception()
+        if exc is not None:  # a registry problem must never stop the worker
+            logger.error("worker %d: registry poll failed: %r", self.state.index, exc)
+        elif (table := fut.result()) is not None:
+            self.registry_routes = table
+            self.swap_snapshot(replace(self.snapshot, routes=self.combined_routes()))
+        took = self.loop.time() - started
+        delay = max(self.settings.registry_poll_interval, 20.0 * took)
+        self._registry_handle = self.loop.call_later(delay, self._poll_registry)
 
     # -- stats ----------------------------------------------------------------------------
 
@@ -221,6 +276,12 @@ class Worker:
         )
         if self._stats_handle is not None:
             self._stats_handle.cancel()
+        if self._registry_handle is not None:
+            self._registry_handle.cancel()
+        if self._registry_polling is not None:  # let a read in flight finish before closing
+            await asyncio.wait([self._registry_polling], timeout=5.0)
+        if self.registry_feed is not None:
+            self.registry_feed.close()
         self.write_stats()
         if self.stopping is not None and not self.stopping.done():
             self.stopping.set_result(None)

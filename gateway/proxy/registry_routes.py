@@ -22,16 +22,18 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 from gateway.proxy.routes import Candidate, PortPolicy
 from gateway.registry.records import InstanceRecord
+from gateway.registry.sqlite import SqliteStore
 from gateway.registry.store import Store, StoreError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RegistryRouteFeed", "RegistryRoutes", "policy_from_json"]
+__all__ = ["RegistryRouteFeed", "RegistryRoutes", "feed_for_sqlite", "policy_from_json"]
 
 DEFAULT_STALE_AFTER = 1800.0
 """Seconds after the last handshake at which an instance stops receiving app traffic."""
@@ -151,6 +153,9 @@ class RegistryRouteFeed:
                 return None
             records = self._store.list_instances()
             overrides = self._overrides(self._store) if self._overrides else None
+        except FileNotFoundError:  # no registry yet (control plane not started): no routes
+            self.close()
+            return None
         except (StoreError, OSError) as exc:
             logger.warning("registry routes: cannot read the registry (%s); keeping the last", exc)
             self.close()
@@ -171,3 +176,23 @@ class RegistryRouteFeed:
                 self._store.close()
             finally:
                 self._store = None
+
+
+def feed_for_sqlite(
+    path: Path,
+    *,
+    refresh_every: float = 10.0,
+    stale_after: float = DEFAULT_STALE_AFTER,
+    overrides: Callable[[Store], Mapping[str, Mapping[str, Any]]] | None = None,
+) -> RegistryRouteFeed:
+    """A feed reading the SQLite registry at ``path`` once it exists (never creating it: the
+    control plane owns the file; a worker is only a WAL reader)."""
+
+    def open_store() -> Store:
+        if not path.exists():
+            raise FileNotFoundError(path)
+        return SqliteStore(path)
+
+    return RegistryRouteFeed(
+        open_store, refresh_every=refresh_every, stale_after=stale_after, overrides=overrides
+    )

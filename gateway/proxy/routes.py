@@ -1,9 +1,10 @@
 """Where an app or instance id leads: candidate backends, freshest first.
 
 :class:`RouteTable` is the interface the data plane reads; :class:`StaticRoutes` serves the
-``[[proxy.routes]]`` config section, and the tunnel registry will provide another
-implementation later. Either way a table is an immutable snapshot: the control plane builds a
-new one and the worker swaps it in whole, so a connection never sees a half-updated table.
+``[[proxy.routes]]`` config section, :class:`~gateway.proxy.registry_routes.RegistryRoutes`
+the tunnel registry, and :class:`CombinedRoutes` puts the two together (static first).
+Either way a table is an immutable snapshot: the control plane builds a new one and the worker
+swaps it in whole, so a connection never sees a half-updated table.
 
 Lookup rules (from the upstream gateway, ``select_top_n_hosts``):
 
@@ -25,7 +26,14 @@ from typing import Protocol
 
 from gateway.proxy.settings import StaticRoute
 
-__all__ = ["OPEN_POLICY", "Candidate", "PortPolicy", "RouteTable", "StaticRoutes"]
+__all__ = [
+    "OPEN_POLICY",
+    "Candidate",
+    "CombinedRoutes",
+    "PortPolicy",
+    "RouteTable",
+    "StaticRoutes",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +114,27 @@ class StaticRoutes:
             return (inst,)
         cands = self._by_app.get(ident, ())
         return cands if len(cands) <= top_n else cands[:top_n]
+
+
+class CombinedRoutes:
+    """Several tables asked in order; the first that knows an id answers for it alone.
+
+    Static routes come first so that an operator's ``[[proxy.routes]]`` entry can pin an app
+    (or shadow a registered one) without touching the registry. Ids are not merged across
+    tables: mixing candidates of different sources would make their freshness incomparable.
+    """
+
+    __slots__ = ("tables",)
+
+    def __init__(self, *tables: RouteTable) -> None:
+        self.tables = tables
+
+    def lookup(self, ident: str, top_n: int) -> tuple[Candidate, ...]:
+        for table in self.tables:
+            found = table.lookup(ident, top_n)
+            if found:
+                return found
+        return ()
 
 
 def _age(c: Candidate) -> float:

@@ -181,6 +181,10 @@ class ProxySettings:
     stats_interval: float = 2.0
     access_log: bool = True
     custom_domains: bool = True
+    registry_routes: bool = True
+    registry_poll_interval: float = 1.0
+    registry_refresh_interval: float = 2.0
+    registry_stale_after: float = 1800.0
     timeouts: Timeouts = field(default_factory=Timeouts)
     routes: tuple[StaticRoute, ...] = ()
 
@@ -218,6 +222,9 @@ class ProxySettings:
             raise ValueError("splice_after must be >= 0 bytes, or -1 to never splice")
         if self.stats_interval <= 0:
             raise ValueError("stats_interval must be > 0 seconds")
+        for name in ("registry_poll_interval", "registry_refresh_interval", "registry_stale_after"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0 seconds")
         ids: set[str] = set()
         for route in self.routes:
             for name in (route.app_id, *route.instance_ids):

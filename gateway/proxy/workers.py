@@ -23,24 +23,40 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 from gateway.certs.settings import ResolverSettings
 from gateway.certs.store import CertStore
 from gateway.proxy.custom import make_resolver
 from gateway.proxy.endpoints import GatewayInfo
-from gateway.proxy.listeners import Worker, probe_listeners
+from gateway.proxy.listeners import RouteFeed, Worker, probe_listeners
 from gateway.proxy.routes import RouteTable, StaticRoutes
 from gateway.proxy.settings import ProxySettings
 from gateway.proxy.stats import WorkerState
 
-__all__ = ["Supervisor", "run_worker"]
+__all__ = ["Sidecar", "Supervisor", "run_worker"]
 
 logger = logging.getLogger(__name__)
 
 _RESTART_BACKOFF = (0.1, 0.5, 1.0, 2.0, 5.0)
+
+
+class Sidecar(Protocol):
+    """A non-worker child the supervisor starts, reaps, restarts and stops (e.g. the control
+    process of :mod:`gateway.commands.control_process`)."""
+
+    def start(self) -> None: ...
+
+    def owns(self, pid: int) -> bool: ...
+
+    def reaped(self, status: int) -> None: ...
+
+    def tick(self) -> None: ...
+
+    def stop(self) -> None: ...
 
 
 def run_worker(
@@ -52,6 +68,7 @@ def run_worker(
     reload_routes: Callable[[], RouteTable] | None,
     info: GatewayInfo | None = None,
     resolver: ResolverSettings | None = None,
+    registry_feed: Callable[[], RouteFeed] | None = None,
 ) -> int:
     """A worker process's main: its own uvloop loop until drained. Returns the exit code."""
     import uvloop
@@ -66,7 +83,8 @@ def run_worker(
     loop = uvloop.new_event_loop()
     asyncio.set_event_loop(loop)
     state = WorkerState(index, os.getpid())
-    worker = Worker(loop, settings, certs, routes, state, stats_dir, info, reload_routes)
+    feed = registry_feed() if registry_feed is not None else None  # opened after the fork
+    worker = Worker(loop, settings, certs, routes, state, stats_dir, info, reload_routes, feed)
     worker.resolver = make_resolver(settings, resolver)  # per worker: its own cache and loop
 
     async def main() -> None:
@@ -79,6 +97,7 @@ def run_worker(
         loop.add_signal_handler(signal.SIGTERM, worker.begin_drain)
         loop.add_signal_handler(signal.SIGHUP, worker.reload)
         worker.listen()
+        worker.start_registry_polling()
         logger.info("worker %d (pid %d) listening", index, os.getpid())
         await worker.stopping
 
@@ -102,8 +121,12 @@ class Supervisor:
         reload_routes: Callable[[], RouteTable] | None = None,
         info: GatewayInfo | None = None,
         resolver: ResolverSettings | None = None,
+        registry_feed: Callable[[], RouteFeed] | None = None,
+        sidecars: Sequence[Sidecar] = (),
     ) -> None:
         self.settings = settings
+        self.registry_feed = registry_feed
+        self.sidecars = tuple(sidecars)
         self.stats_dir = stats_dir
         self.reload_routes = reload_routes
         self.info = info
@@ -145,6 +168,8 @@ class Supervisor:
         _raise_nofile()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
+        for sidecar in self.sidecars:  # spawned (not forked): no loop or thread is copied
+            sidecar.start()
         for index in range(self.count):
             self._spawn(index)
         logger.info("gateway proxy: %d workers on %s", self.count, ", ".join(self.settings.listen))
@@ -164,6 +189,8 @@ class Supervisor:
                 else:
                     return self._shutdown()
             self._reap()
+            for sidecar in self.sidecars:
+                sidecar.tick()
             time.sleep(0.05)
 
     def _spawn(self, index: int) -> None:
@@ -181,6 +208,7 @@ class Supervisor:
                     self.reload_routes,
                     self.info,
                     self.resolver,
+                    self.registry_feed,
                 )
             except BaseException:  # noqa: BLE001 - last resort before os._exit
                 logger.exception("worker %d crashed", index)
@@ -195,8 +223,13 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
+    def _sidecar_reaped(self, pid: int, status: int) -> None:
+        for sidecar in self.sidecars:
+            if sidecar.owns(pid):
+                sidecar.reaped(status)
+
     def _reap(self) -> None:
-        while self.children:
+        while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
@@ -205,6 +238,7 @@ class Supervisor:
                 return
             index = self.children.pop(pid, None)
             if index is None:
+                self._sidecar_reaped(pid, status)
                 continue
             fails = self.failures.get(index, 0)
             if time.monotonic() - self.born.get(index, 0.0) > 60.0:
@@ -233,7 +267,8 @@ class Supervisor:
             if pid == 0:
                 time.sleep(0.05)
                 continue
-            self.children.pop(pid, None)
+            if self.children.pop(pid, None) is None:
+                self._sidecar_reaped(pid, status)
         if self.children:
             logger.error("killing %d workers that did not drain in time", len(self.children))
             self._forward(signal.SIGKILL)
@@ -241,6 +276,8 @@ class Supervisor:
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(pid, 0)
             self.children.clear()
+        for sidecar in self.sidecars:  # after the drain: relays over the tunnel could finish
+            sidecar.stop()
         logger.info("gateway proxy stopped")
         return 0
 

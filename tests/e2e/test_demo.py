@@ -29,6 +29,7 @@ def test_demo_prints_working_curl_commands(tmp_path: Path) -> None:
             str(tmp_path / "d"),
             "--port",
             str(port),
+            "--loopback",
         ],
         log,
     )

@@ -47,6 +47,7 @@ def test_boot_then_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
         str(sock),
         "--guest-api-socket",
         str(api),
+        "--register",  # the gateway is not enabled in app-compose: the agent serves alone
     ]
     with running(cmd, log, ready=lambda: sock.exists() and api.exists(), timeout=20) as agent:
         monkeypatch.setenv("DSTACK_SIMULATOR_ENDPOINT", str(sock))
@@ -62,6 +63,8 @@ def test_boot_then_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Non
             r = http.post("/api/Shutdown", json={})
             assert r.status_code == 200 and r.text == "null"
         assert agent.wait(timeout=15) == 0
+    assert "gateway_enabled is false in app-compose: not registering" in log.read_text()
+    assert not (work / "gateway").exists()
     assert info.app_name == "cli-app"
     assert (
         info.compose_hash == AppCompose.parse((shared / "app-compose.json").read_bytes()).hash.hex()

@@ -1,0 +1,143 @@
+"""The tunnel node as a child of ``gateway serve``: ``gateway rpc`` run by the supervisor.
+
+``gateway serve`` runs the whole gateway in one command: the proxy supervisor with its
+workers, the control plane child (``gateway control``: admin API, certbot, and the
+registration RPC + tunnel when ``rpc.cert_file`` is set), and, when the registration RPC is
+attested instead (``[rpc_identity] tee`` set, no ``rpc.cert_file``; ``gateway control`` does
+not serve that), one more child running what ``gateway rpc`` runs: the registration RPC with
+its RA-TLS identity, the WireGuard device and registry maintenance. The proxy and this child
+share nothing but the registry database, which the workers read (``proxy.registry_routes``)
+and the child writes.
+
+Why a separate process rather than a thread or a task in the supervisor: the supervisor forks
+workers, and forking with an event loop or threads alive is unsafe; the child is started with
+``posix_spawn`` (a fresh interpreter) in its own session, so a terminal's Ctrl-C reaches only
+the supervisor, which stops the child by PID after the workers drained. The supervisor reaps
+it like a worker and restarts it with back-off if it dies. The child first runs this module's
+``main`` (``PR_SET_PDEATHSIG``: SIGTERM when the supervisor dies, even by SIGKILL), which then
+execs ``gateway rpc`` in the same process, so the PID the supervisor tracks stays the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from gateway.config import Config
+
+__all__ = ["ControlProcess", "wants_tunnel_child"]
+
+logger = logging.getLogger(__name__)
+
+_BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
+
+
+def wants_tunnel_child(cfg: Config) -> bool:
+    """Whether ``gateway serve`` runs ``gateway rpc`` as a child: an attested RPC identity,
+    and no ``rpc.cert_file`` (with one, ``gateway control`` runs the RPC and the tunnel: two
+    would fight over the interface and the port)."""
+    return bool(cfg.rpc_identity.tee) and not cfg.rpc.cert_file
+
+
+class ControlProcess:
+    """One supervised ``python -m gateway rpc --config FILE`` child (see the module doc)."""
+
+    def __init__(self, config: Path, *, stop_grace: float = 10.0) -> None:
+        self.command = [sys.executable, "-m", "gateway", "rpc", "--config", str(config)]
+        self.stop_grace = stop_grace
+        self.pid: int | None = None
+        self.started_at = 0.0
+        self.failures = 0
+        self.restart_at: float | None = None
+        self.stopping = False
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", __name__, str(os.getpid()), "--", *self.command]
+        self.pid = os.posix_spawn(argv[0], argv, dict(os.environ), setsid=True)
+        self.started_at = time.monotonic()
+        self.restart_at = None
+        logger.info("control process (registration RPC + WireGuard) started, pid %d", self.pid)
+
+    def owns(self, pid: int) -> bool:
+        return pid == self.pid
+
+    def reaped(self, status: int) -> None:
+        """The supervisor reaped our child: schedule a restart unless we are stopping."""
+        pid, self.pid = self.pid, None
+        if self.stopping:
+            return
+        if time.monotonic() - self.started_at > 60.0:
+            self.failures = 0
+        delay = _BACKOFF[min(self.failures, len(_BACKOFF) - 1)]
+        self.failures += 1
+        self.restart_at = time.monotonic() + delay
+        logger.error(
+            "control process (pid %s) exited (status %d); restarting in %.1fs", pid, status, delay
+        )
+
+    def tick(self) -> None:
+        """Called from the supervisor's loop: restart when due."""
+        if self.pid is None and self.restart_at is not None and not self.stopping:
+            if time.monotonic() >= self.restart_at:
+                try:
+                    self.start()
+                except OSError as exc:
+                    logger.error("cannot restart the control process: %s", exc)
+                    self.restart_at = time.monotonic() + _BACKOFF[-1]
+
+    def stop(self) -> None:
+        """SIGTERM by PID, wait up to ``stop_grace``, then SIGKILL; reaps the child."""
+        self.stopping = True
+        pid = self.pid
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.stop_grace
+        while time.monotonic() < deadline:
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if done:
+                break
+            time.sleep(0.05)
+        else:
+            logger.error("control process (pid %d) did not stop in time; killing it", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self.pid = None
+        logger.info("control process stopped")
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def main(argv: list[str]) -> int:
+    """``python -m gateway.commands.control_process PARENT_PID -- COMMAND...``: ask the kernel
+    for SIGTERM when the parent dies, then exec COMMAND (never returns on success)."""
+    import ctypes
+
+    if len(argv) < 3 or argv[1] != "--":
+        sys.stderr.write("usage: python -m gateway.commands.control_process PARENT_PID -- CMD\n")
+        return 2
+    parent = int(argv[0])
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        sys.stderr.write(f"warning: prctl(PR_SET_PDEATHSIG) failed: errno {ctypes.get_errno()}\n")
+    if os.getppid() != parent:  # the supervisor died before the request took effect
+        return 0
+    command = argv[2:]
+    os.execv(command[0], command)
+    return 1  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

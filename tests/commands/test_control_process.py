@@ -1,0 +1,112 @@
+"""The supervised control child: when serve starts it, restart after death, stop by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from gateway.commands.control_process import ControlProcess, wants_tunnel_child
+from gateway.config import parse_config
+
+
+def test_serve_runs_the_tunnel_child_only_for_an_attested_rpc() -> None:
+    attested = "[rpc_identity]\ntee = 'sim'\nsim_dir = '/s'\n"
+    plain = "[rpc]\ncert_file = '/x.pem'\nkey_file = '/x.key'\n"
+    assert not wants_tunnel_child(parse_config(""))
+    assert wants_tunnel_child(parse_config(attested))
+    assert not wants_tunnel_child(parse_config(plain))  # `gateway control` serves that one
+    assert not wants_tunnel_child(parse_config(attested + plain))
+
+
+def _reap(proc: ControlProcess, timeout: float = 10.0) -> int:
+    """What the supervisor's loop does: waitpid, then hand the status to the owner."""
+    assert proc.pid is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid, status = os.waitpid(proc.pid, os.WNOHANG)
+        if pid:
+            assert proc.owns(pid)
+            proc.reaped(status)
+            return status
+        time.sleep(0.02)
+    raise TimeoutError("child did not exit")
+
+
+def test_a_dead_child_is_restarted_with_backoff_and_stopped_by_pid(tmp_path: Path) -> None:
+    proc = ControlProcess(tmp_path / "gateway.toml", stop_grace=2.0)
+    proc.command = [sys.executable, "-c", "import time; time.sleep(60)"]  # stands in for rpc
+    proc.start()
+    first = proc.pid
+    try:
+        assert first is not None and os.getsid(first) == first  # own session: no Ctrl-C
+        os.kill(first, signal.SIGKILL)
+        _reap(proc)
+        assert proc.pid is None and proc.restart_at is not None
+        proc.tick()
+        assert proc.pid is None  # not before the back-off (0.5 s)
+        time.sleep(0.6)
+        proc.tick()
+        assert proc.pid is not None and proc.pid != first
+        second = proc.pid
+        proc.stop()
+        assert proc.pid is None
+        with pytest.raises(ProcessLookupError):
+            os.kill(second, 0)  # stopped and reaped
+        proc.tick()
+        assert proc.pid is None  # never restarted once stopping
+    finally:
+        if proc.pid is not None:
+            os.kill(proc.pid, signal.SIGKILL)
+            os.waitpid(proc.pid, 0)
+
+
+def test_the_child_goes_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG: a SIGKILLed supervisor leaves no control child behind."""
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from gateway.commands.control_process import ControlProcess\n"
+        "p = ControlProcess(Path('x.toml'))\n"
+        "p.command = [sys.executable, '-c', 'import time; time.sleep(60)']\n"
+        "p.start(); print(p.pid, flush=True); time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        assert parent.stdout is not None
+        child = int(parent.stdout.readline())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # wait for the exec: the child runs the command
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            if b"time.sleep" in cmdline and b"control_process" not in cmdline:
+                break  # exec'd: the command itself (empty while an exec is under way)
+            time.sleep(0.02)
+        assert b"time.sleep" in cmdline and b"control_process" not in cmdline
+        os.kill(parent.pid, signal.SIGKILL)
+        parent.wait(timeout=5)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _alive(child):
+            time.sleep(0.05)
+        assert not _alive(child), "the control child outlived its supervisor"
+    finally:
+        if parent.poll() is None:
+            os.kill(parent.pid, signal.SIGKILL)
+            parent.wait()
+        if parent.stdout is not None:
+            parent.stdout.close()
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for init to reap it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(errors="replace")
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
