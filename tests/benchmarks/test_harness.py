@@ -211,7 +211,9 @@ def test_generated_configs_are_accepted_by_nginx_and_haproxy(tmp_path: Path, tic
         timeout=30,
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "WARNING" not in check.stdout + check.stderr
+    # no configuration warnings (e.g. rule order); limits-related ones depend on the host
+    warnings = [line for line in (check.stdout + check.stderr).splitlines() if "WARNING" in line]
+    assert not [w for w in warnings if "config :" in w or "parsing" in w], warnings
 
 
 def _cell(server: str, scenario: str, rnd: int, requests: int, cpu: float, errors: int = 0) -> Cell:
