@@ -70,6 +70,7 @@ def test_wrk_command_runs_in_private_namespace_with_hosts(tmp_path: Path) -> Non
     assert "-d2s" in cmd and "-c50" in cmd and cmd[-1] == "https://app.bench.test:1/small"
 
 
+@pytest.mark.slow
 def test_parse_stat_of_a_process_whose_name_has_spaces_and_parens(tmp_path: Path) -> None:
     odd = tmp_path / "a b) c"
     shutil.copy("/bin/sleep", odd)
@@ -102,6 +103,7 @@ else:
 """
 
 
+@pytest.mark.slow
 def test_cpu_seconds_sums_the_whole_process_tree() -> None:
     leader = subprocess.Popen(
         [sys.executable, "-c", BURN, "leader", BURN],
@@ -179,6 +181,7 @@ def _render(tmp_path: Path, tickets: bool) -> tuple[str, str, str]:
     return nginx, haproxy, orig
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tickets", [True, False])
 def test_generated_configs_are_accepted_by_nginx_and_haproxy(tmp_path: Path, tickets: bool) -> None:
     nginx, haproxy, origin = _render(tmp_path, tickets)
@@ -211,7 +214,9 @@ def test_generated_configs_are_accepted_by_nginx_and_haproxy(tmp_path: Path, tic
         timeout=30,
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "WARNING" not in check.stdout + check.stderr
+    # no configuration warnings (e.g. rule order); limits-related ones depend on the host
+    warnings = [line for line in (check.stdout + check.stderr).splitlines() if "WARNING" in line]
+    assert not [w for w in warnings if "config :" in w or "parsing" in w], warnings
 
 
 def _cell(server: str, scenario: str, rnd: int, requests: int, cpu: float, errors: int = 0) -> Cell:
@@ -263,6 +268,7 @@ def test_missing_gateway_is_pending_not_pass() -> None:
     assert "| gateway | pending |" in md and "PASS" not in md
 
 
+@pytest.mark.slow
 def test_idle_client_opens_and_holds_tls_connections(tmp_path: Path) -> None:
     """benchmarks.idle against a real TLS server: it reports READY and the count it holds."""
     import socket
