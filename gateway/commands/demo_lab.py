@@ -20,6 +20,7 @@ Ctrl-C tears everything down, namespaces included.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -82,6 +83,15 @@ def _stop(proc: subprocess.Popen[bytes], grace: float = 10.0) -> None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=5)
+
+
+def _succeeds(argv: list[str]) -> bool:
+    """True if ``argv`` exits 0 (three times in a row, so every worker has the route)."""
+    for _ in range(3):
+        done = subprocess.run(argv, capture_output=True, timeout=15, check=False)
+        if done.returncode != 0:
+            return False
+    return True
 
 
 def _wait(
@@ -271,6 +281,16 @@ def run_lab(data: Path, cvms: int = 2, prefix: str = PREFIX) -> int:
                     ),
                 ):
                     name = f"{label}.{BASE}"
+                    argv = [
+                        "ip", "netns", "exec", ns, "curl", "-sS", "-o", "/dev/null",
+                        "--max-time", "5", "--cacert", str(ca),
+                        "--resolve", f"{name}:{PROXY_PORT}:127.0.0.1",
+                        f"https://{name}:{PROXY_PORT}/",
+                    ]  # fmt: skip
+                    # registered is not yet routable: the workers pick the instance up from
+                    # the registry once its first WireGuard handshake is recorded
+                    _wait(f"{name} to answer through the gateway",
+                          functools.partial(_succeeds, argv), procs, 60)  # fmt: skip
                     lines.append(f"  # {what}")
                     lines.append(
                         f"  ip netns exec {ns} curl --cacert {ca} "

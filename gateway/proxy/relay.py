@@ -32,6 +32,8 @@ import fcntl
 import os
 import socket
 import ssl
+import sys
+import termios
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -43,6 +45,15 @@ _NO_CLOSE_NOTIFY = frozenset({"reset", "tls_error"})  # the TLS stream is unusab
 _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 _TLS_RECORD = 16384
 _F_SETPIPE_SZ = 1031
+
+
+def _pipe_bytes(fd: int) -> int:
+    """Bytes waiting in a pipe (``FIONREAD``); -1 if the kernel will not say."""
+    try:
+        buf = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return -1
+    return int.from_bytes(buf, sys.byteorder, signed=True)
 
 
 class PipePool:
@@ -74,7 +85,13 @@ class PipePool:
         return r, w
 
     def give(self, pipe: tuple[int, int], empty: bool) -> None:
-        if empty and len(self.free) < self.cap:
+        """Pool ``pipe`` if it is really empty, else close it.
+
+        A pipe that still holds bytes would hand them to the next connection (a corrupt
+        stream) and keep its reader readable forever (a spinning worker), so the kernel's
+        count is checked too, not only the relay's bookkeeping.
+        """
+        if empty and len(self.free) < self.cap and _pipe_bytes(pipe[0]) == 0:
             self.free.append(pipe)
         else:
             os.close(pipe[0])
@@ -295,6 +312,7 @@ class Relay:
         except (BlockingIOError, InterruptedError):
             m = 0
         except OSError:
+            src.in_pipe = n  # still in the pipe: it must not go back to the pool
             self.finish("reset")
             return
         if m < n:  # the rest waits in the pipe: pause this side until it drains

@@ -312,6 +312,49 @@ def test_splice_takes_over_after_the_threshold_and_keeps_order() -> None:
             s.close()
 
 
+def test_a_pipe_still_holding_bytes_is_never_pooled() -> None:
+    """Found by the benchmark: a relay reset while bytes sat in its pipe returned the pipe
+    to the pool, and the next connection sent those stale bytes first (and its worker spun
+    on the always-readable pipe)."""
+    from gateway.proxy.relay import PipePool
+
+    pool = PipePool(size=65536)
+    try:
+        full = pool.take()
+        empty = pool.take()
+        assert full is not None and empty is not None
+        os.write(full[1], b"stale")
+        pool.give(full, empty=True)  # the bookkeeping claims empty: the kernel says not
+        pool.give(empty, empty=True)
+        assert pool.free == [empty]
+        with pytest.raises(OSError):
+            os.fstat(full[0])  # closed, not pooled
+    finally:
+        pool.close()
+
+
+def test_reset_while_bytes_wait_in_the_pipe_closes_the_pipe() -> None:
+    from gateway.proxy.relay import PipePool
+
+    ca, cb, ba, bb = _pairs()
+    loop, pool = FakeLoop(), PipePool(size=65536)
+    relay = Relay(loop, Side(ca), Side(ba), 4096, lambda _: None, pool, splice_after=10)
+    try:
+        relay.start()
+        cb.send(b"0123456789ab")
+        loop.readable(ca.fileno())  # recv path, then the direction switches to splice
+        assert relay.client.pipe is not None and _drain(bb) == b"0123456789ab"
+        bb.close()  # the backend is gone: splicing the pipe into it fails
+        cb.send(b"x" * 1000)
+        loop.readable(ca.fileno())  # socket -> pipe works, pipe -> backend fails: reset
+        assert relay.done
+        assert pool.free == []  # whatever was spliced in was not handed to anyone else
+    finally:
+        relay.finish("test", notify=False)
+        pool.close()
+        cb.close()
+
+
 def test_no_splice_with_tls_or_when_disabled() -> None:
     from gateway.proxy.relay import PipePool
 
