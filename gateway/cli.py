@@ -17,21 +17,29 @@ from collections.abc import Sequence
 
 # (command, module, one-line help)
 COMMANDS: tuple[tuple[str, str, str], ...] = (
+    (
+        "serve",
+        "gateway.commands.serve",
+        "run the gateway: proxy workers and, when configured, the control process",
+    ),
+    ("demo", "gateway.commands.demo", "run a demo workload: lab namespaces as root, else loopback"),
     ("config", "gateway.commands.config_cmd", "check a configuration file and print it resolved"),
     ("ctl", "gateway.control.ctl", "operate a running gateway through its admin API"),
-    ("control", "gateway.control.cli", "run the control plane alone (admin API, certbot)"),
+    (
+        "control",
+        "gateway.control.cli",
+        "the control process alone: registration RPC, WireGuard, admin API, certbot",
+    ),
     (
         "certs",
         "gateway.commands.certs_cmd",
         "issue/renew ACME certificates, status, custom domains",
     ),
+    ("attest", "gateway.attest.cli", "verify TDX quotes; create simulated TDX PKIs and quotes"),
+    ("rpc", "gateway.control.rpc_cmd", "serve the registration RPC and the WireGuard tunnel"),
+    ("lab", "gateway.lab.cli", "WireGuard lab: gateway and CVM namespaces (up/down/status)"),
     ("guest", "gateway.guest.cli", "the CVM side: boot, guest agent, dstack simulator"),
     ("guest-register", "gateway.guest.register_cmd", "the CVM side: attested gateway tunnel"),
-    ("lab", "gateway.lab.cli", "WireGuard lab: gateway and CVM namespaces (up/down/status)"),
-    ("rpc", "gateway.control.rpc_cmd", "serve the registration RPC and the WireGuard tunnel"),
-    ("attest", "gateway.attest.cli", "verify TDX quotes; create simulated TDX PKIs and quotes"),
-    ("serve", "gateway.commands.serve", "run the gateway's TLS proxy (data plane)"),
-    ("demo", "gateway.commands.demo", "run the gateway with a demo app on loopback, no setup"),
 )
 
 
