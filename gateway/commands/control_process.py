@@ -45,10 +45,23 @@ def wants_tunnel_child(cfg: Config) -> bool:
 
 
 class ControlProcess:
-    """One supervised ``python -m gateway rpc --config FILE`` child (see the module doc)."""
+    """One supervised child of ``gateway serve`` (see the module doc): by default
+    ``python -m gateway rpc --config FILE``; ``command`` runs another (``gateway control``)."""
 
-    def __init__(self, config: Path, *, stop_grace: float = 10.0) -> None:
-        self.command = [sys.executable, "-m", "gateway", "rpc", "--config", str(config)]
+    def __init__(
+        self,
+        config: Path | None = None,
+        *,
+        command: list[str] | None = None,
+        label: str = "control process (registration RPC + WireGuard)",
+        stop_grace: float = 10.0,
+    ) -> None:
+        if command is None:
+            if config is None:
+                raise ValueError("ControlProcess needs a config file or a command")
+            command = [sys.executable, "-m", "gateway", "rpc", "--config", str(config)]
+        self.command = command
+        self.label = label
         self.stop_grace = stop_grace
         self.pid: int | None = None
         self.started_at = 0.0
@@ -61,7 +74,7 @@ class ControlProcess:
         self.pid = os.posix_spawn(argv[0], argv, dict(os.environ), setsid=True)
         self.started_at = time.monotonic()
         self.restart_at = None
-        logger.info("control process (registration RPC + WireGuard) started, pid %d", self.pid)
+        logger.info("%s started, pid %d", self.label, self.pid)
 
     def owns(self, pid: int) -> bool:
         return pid == self.pid
@@ -77,7 +90,7 @@ class ControlProcess:
         self.failures += 1
         self.restart_at = time.monotonic() + delay
         logger.error(
-            "control process (pid %s) exited (status %d); restarting in %.1fs", pid, status, delay
+            "%s (pid %s) exited (status %d); restarting in %.1fs", self.label, pid, status, delay
         )
 
     def tick(self) -> None:
@@ -87,7 +100,7 @@ class ControlProcess:
                 try:
                     self.start()
                 except OSError as exc:
-                    logger.error("cannot restart the control process: %s", exc)
+                    logger.error("cannot restart the %s: %s", self.label, exc)
                     self.restart_at = time.monotonic() + _BACKOFF[-1]
 
     def stop(self) -> None:
@@ -108,13 +121,13 @@ class ControlProcess:
                 break
             time.sleep(0.05)
         else:
-            logger.error("control process (pid %d) did not stop in time; killing it", pid)
+            logger.error("%s (pid %d) did not stop in time; killing it", self.label, pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
         self.pid = None
-        logger.info("control process stopped")
+        logger.info("%s stopped", self.label)
 
 
 _PR_SET_PDEATHSIG = 1

@@ -7,7 +7,8 @@ follows the tunnel registry's SQLite file (``[registry]``) and routes to registe
 The supervisor's PID is in ``<core.data_dir>/run/gateway.pid`` while it runs.
 
 The control plane (admin API, certbot, registration RPC and tunnel: ``gateway control``)
-runs as a child process started before the workers and stopped by PID after they drained;
+runs as a supervised child process (spawned, restarted with back-off if it dies, stopped by
+PID after the workers drained);
 it signals the supervisor (SIGHUP) after a certificate is installed or the operator changed
 routes, drains or port policies, and every worker's route reload applies the routing overlay
 it publishes (``docs/operations.md``). It starts when the admin API has credentials, or
@@ -23,10 +24,8 @@ An attested registration RPC (``[rpc_identity] tee`` without ``rpc.cert_file``, 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -103,24 +102,24 @@ def run(args: argparse.Namespace) -> int:
         routes = load_config(path).proxy.routes if path is not None else cfg.proxy.routes
         return OverlayRoutes(StaticRoutes(routes), read_overlay(overlay_file))
 
-    tunnel = None
+    sidecars: list[ControlProcess] = []
+    if control:
+        sidecars.append(control_plane_child(path, supervisor_pid, stats_dir))
     if path is not None and wants_tunnel_child(cfg) and not args.no_control:
-        tunnel = ControlProcess(path.resolve())
+        sidecars.append(ControlProcess(path.resolve()))
     supervisor = Supervisor(
         cfg.proxy,
         stats_dir=stats_dir,
         reload_routes=reload_routes if path is not None or control else None,
         resolver=cfg.dns.resolver,
         registry_feed=registry_feed_factory(cfg),
-        sidecars=(tunnel,) if tunnel is not None else (),
+        sidecars=sidecars,
     )
-    child: subprocess.Popen[bytes] | None = None
     if control:
         try:
             supervisor.routes = reload_routes()  # the overlay from the last run applies at once
         except ValueError as exc:
             logger.error("routing overlay unreadable, starting without it: %s", exc)
-        child = start_control(path, supervisor_pid, stats_dir)
     pid_file = cfg.core.data_dir / "run" / "gateway.pid"
     try:
         pid_file.parent.mkdir(parents=True, exist_ok=True)
@@ -135,11 +134,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     finally:
         if os.getpid() == supervisor_pid:  # never from a forked worker
-            if tunnel is not None:
-                tunnel.stop()  # no-op after a normal shutdown
+            for sidecar in sidecars:
+                sidecar.stop()  # no-op after a normal shutdown
             pid_file.unlink(missing_ok=True)
-            if child is not None:
-                stop_control(child)
 
 
 def wants_control(cfg: Config) -> bool:
@@ -163,30 +160,13 @@ def wants_control(cfg: Config) -> bool:
     return True
 
 
-def start_control(
+def control_plane_child(
     config: Path | None, supervisor_pid: int, stats_dir: Path
-) -> subprocess.Popen[bytes]:
-    """``gateway control`` as a child (its own interpreter: nothing of ours is forked)."""
+) -> ControlProcess:
+    """``gateway control`` as a supervised child: spawned (its own interpreter, nothing of
+    ours is forked), restarted with back-off if it dies, stopped by PID after the drain."""
     cmd = [sys.executable, "-m", "gateway", "control"]
     if config is not None:
-        cmd += ["--config", str(config)]
+        cmd += ["--config", str(config.resolve())]
     cmd += ["--notify-pid", str(supervisor_pid), "--stats-dir", str(stats_dir)]
-    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
-    logger.info("control plane started (pid %d)", proc.pid)
-    return proc
-
-
-def stop_control(proc: subprocess.Popen[bytes], grace: float = 15.0) -> None:
-    """SIGTERM the control process (it shuts down in order), SIGKILL after ``grace``."""
-    if proc.poll() is not None:  # e.g. Ctrl-C reached the whole process group
-        level = logging.INFO if proc.returncode == 0 else logging.ERROR
-        logger.log(level, "control plane exited with %s", proc.returncode)
-        return
-    proc.terminate()
-    try:
-        proc.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        logger.error("control plane did not stop in %.0fs; killing it", grace)
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        proc.wait(timeout=5)
+    return ControlProcess(command=cmd, label="control plane", stop_grace=15.0)

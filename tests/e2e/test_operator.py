@@ -3,7 +3,8 @@
 A real ``gateway serve`` (supervisor, two workers, the ``gateway control`` child) in front of
 the demo origin. Draining an instance or overriding its port policy through the admin API
 reaches every worker (overlay file + SIGHUP) and new connections are refused; undoing it
-restores them. Status and ``/metrics`` show the workers' counters. SIGTERM stops all of it.
+restores them. Status and ``/metrics`` show the workers' counters. A killed control plane is
+restarted by the supervisor. SIGTERM stops all of it.
 """
 
 from __future__ import annotations
@@ -108,10 +109,25 @@ def test_admin_changes_reach_the_workers(root: Path, origin: Origin) -> None:
         assert admin.delete("/api/v1/instances/inst1/port-policy").status_code == 200
         wait_until(lambda: reachable(port, label, ca), proc, 10, "override cleared", log)
 
-        text = log.read_text()
-        started = re.search(r"control plane started \(pid (\d+)\)", text)
-        assert started is not None, text[-3000:]
-        control_pid = int(started.group(1))
+        def control_pids() -> list[int]:
+            return [
+                int(p) for p in re.findall(r"control plane started, pid (\d+)", log.read_text())
+            ]
+
+        assert control_pids(), log.read_text()[-3000:]
+        first = control_pids()[-1]
+        os.kill(first, signal.SIGKILL)  # the supervisor restarts a dead control plane
+
+        def admin_back() -> bool:
+            try:
+                return admin.get("/api/v1/status").status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_until(lambda: len(control_pids()) >= 2, proc, 20, "control plane restart", log)
+        wait_until(admin_back, proc, 20, "admin API back after the restart", log)
+        control_pid = control_pids()[-1]
+        assert control_pid != first
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, log.read_text()[-3000:]
         with pytest.raises(ProcessLookupError):

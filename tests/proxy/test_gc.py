@@ -94,7 +94,15 @@ def test_closed_connections_leave_no_cycles(tmp_path: Path, origin: int, path: s
         t.start()
         loop.run_forever()
         t.join()
-        loop.run_until_complete(asyncio.sleep(0.2))
+
+        async def settle() -> None:  # lookups and closes finish on the loop: wait for them
+            for _ in range(100):
+                pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+                if worker.state.open == 0 and not pending:
+                    return
+                await asyncio.sleep(0.05)
+
+        loop.run_until_complete(settle())
         assert not errors, errors
         assert worker.state.accepted == 20 and worker.state.open == 0
         if path == "custom_miss":
