@@ -8,7 +8,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from gateway.lab.harness import Lab, cleanup_leftovers
 from gateway.tee.sim_pki import SimPki
 from gateway.tunnel.commands import in_netns
 from tests.control.test_registration import APP, NOW, make_ca, make_cvm, server_cert
+from tests.helpers.lab import require_lab
 from tests.helpers.processes import start, stop_by_pid, wait_until
 
 pytestmark = [pytest.mark.netns, pytest.mark.slow]
@@ -32,11 +32,7 @@ TOKEN = "node-token-" + "n" * 21
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:
-    if os.geteuid() != 0:
-        pytest.skip("the WireGuard lab needs root (network namespaces, TUN devices)")
-    for tool in ("ip", "wg", "wireguard-go", "curl"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"the WireGuard lab needs {tool} (apt-get install it)")
+    require_lab("curl")
     cleanup_leftovers(PREFIX)
     lab = Lab(cvms=1, workdir=tmp_path / "lab", prefix=PREFIX, gateway_device=False)
     lab.up()

@@ -13,9 +13,7 @@ simulated TDX backend, wireguard-go and iptables.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import sqlite3
 import subprocess
 import sys
@@ -36,6 +34,7 @@ from gateway.tunnel.commands import in_netns, run
 from gateway.tunnel.keys import generate_private_key, public_key
 from gateway.tunnel.wg import link_exists
 from tests.helpers.gateway_rpc import CVM_APP, GW_APP, OTHER_APP, make_ca, measured_tee, write_ca
+from tests.helpers.lab import require_lab
 from tests.helpers.processes import free_port, start, stop_by_pid, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
@@ -59,13 +58,7 @@ class World:
 
 
 def _env_ok() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, TUN devices)")
-    for tool in ("ip", "wg", "wireguard-go", "curl", "iptables"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool} (apt-get install it)")
-    if not Path("/dev/net/tun").exists():
-        pytest.skip("needs /dev/net/tun for wireguard-go")
+    require_lab("curl", "iptables")
 
 
 def _gateway_config(lab: Lab, tmp: Path, pki: SimPki, pki_dir: Path, ca_cert: Path) -> Path:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -35,6 +34,7 @@ from gateway.lab.harness import Lab, LabCvm, cleanup_leftovers
 from gateway.tee.sim_pki import SimPki
 from gateway.tunnel.commands import in_netns, run
 from tests.helpers.gateway_rpc import CVM_APP, GW_APP, make_ca, measured_tee, write_ca
+from tests.helpers.lab import require_lab
 from tests.helpers.processes import start, stop_by_pid, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.netns]
@@ -71,13 +71,7 @@ class World:
 
 
 def _env_ok() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, TUN devices)")
-    for tool in ("ip", "wg", "wireguard-go", "curl", "iptables"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool} (apt-get install it)")
-    if not Path("/dev/net/tun").exists():
-        pytest.skip("needs /dev/net/tun for wireguard-go")
+    require_lab("curl", "iptables")
 
 
 def _write_config(lab: Lab, tmp: Path, pki: SimPki, pki_dir: Path, client_ca: Path) -> Path:

@@ -67,6 +67,7 @@ from tests.helpers.gateway_rpc import (
     serve_rpc,
     write_ca,
 )
+from tests.helpers.lab import require_lab
 from tests.helpers.processes import free_port
 
 S = RegistrarSettings()  # upstream's defaults: poll 10, refresh 180, handshake 180, 30..120
@@ -156,11 +157,7 @@ def test_filter_rules_text() -> None:
 
 
 def _netns_env() -> None:
-    if os.geteuid() != 0:
-        pytest.skip("needs root (network namespaces, TUN devices)")
-    for tool in ("ip", "wireguard-go", "iptables"):
-        if shutil.which(tool) is None:
-            pytest.skip(f"needs {tool} (apt-get install it)")
+    require_lab("iptables")
 
 
 @pytest.fixture

@@ -20,15 +20,24 @@ from gateway.lab.harness import Lab, cleanup_leftovers
 PREFIX = "gwh"
 
 
-@pytest.fixture(scope="session")
-def lab_env() -> None:
+def require_lab(*tools: str) -> None:
+    """Skip (saying why) unless network namespaces, wireguard-go and ``tools`` can run here.
+
+    CI runs as root with every tool installed (scripts/apt-packages.txt), so there these
+    tests always run; the skip is for developers' machines without root.
+    """
     if os.geteuid() != 0:
         pytest.skip("the WireGuard lab needs root (network namespaces, TUN devices)")
-    for tool in ("ip", "wg", "wireguard-go", "curl"):
+    for tool in ("ip", "wg", "wireguard-go", *tools):
         if shutil.which(tool) is None:
             pytest.skip(f"the WireGuard lab needs {tool} (apt-get install it)")
     if not Path("/dev/net/tun").exists():
         pytest.skip("the WireGuard lab needs /dev/net/tun for wireguard-go")
+
+
+@pytest.fixture(scope="session")
+def lab_env() -> None:
+    require_lab("curl")
     cleanup_leftovers(PREFIX)
 
 
