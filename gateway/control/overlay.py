@@ -165,6 +165,12 @@ class OverlayRoutes:
             for k, p in overlay.port_policies.items()
         }
 
+    @property
+    def base_domains(self) -> tuple[str, ...]:
+        """Base domains added through the admin API; the workers route them like the
+        configured ones (``Worker.base_domains``)."""
+        return self._overlay.base_domains
+
     def custom_route(self, sni: str) -> RouteTarget | None:
         """The operator's route for a custom domain (``decide`` checks it before DNS)."""
         return self._overlay.custom_route(sni)

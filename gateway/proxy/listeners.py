@@ -101,7 +101,7 @@ class Worker:
         self._registry_handle: asyncio.TimerHandle | None = None
         self._registry_polling: asyncio.Future[RouteTable | None] | None = None
         self.snapshot = Snapshot(
-            base_domains=settings.base_domains,
+            base_domains=self.base_domains(),
             certs=certs.snapshot,
             routes=routes,
             top_n=settings.connect_top_n,
@@ -179,8 +179,21 @@ class Worker:
                 self.static_routes = self.reload_routes()
             except Exception as exc:  # a bad edit must not take the worker down
                 logger.error("route reload failed, keeping the old routes: %s", exc)
-        self.swap_snapshot(replace(self.snapshot, certs=certs, routes=self.combined_routes()))
+        self.swap_snapshot(
+            replace(
+                self.snapshot,
+                certs=certs,
+                routes=self.combined_routes(),
+                base_domains=self.base_domains(),
+            )
+        )
         logger.info("worker %d reloaded: %d certificates", self.state.index, len(certs))
+
+    def base_domains(self) -> tuple[str, ...]:
+        """The configured base domains plus those the route table adds (the operator's,
+        published by the control plane in its routing overlay), configured ones first."""
+        extra: tuple[str, ...] = getattr(self.static_routes, "base_domains", ())
+        return tuple(dict.fromkeys((*self.settings.base_domains, *extra)))
 
     # -- registry routes ------------------------------------------------------------------
 

@@ -115,3 +115,32 @@ def test_a_broken_registry_file_keeps_the_worker_serving(tmp_path: Path) -> None
         loop.run_until_complete(main())
     finally:
         loop.close()
+
+
+def test_base_domains_added_by_the_operator_are_routed_after_a_reload(tmp_path: Path) -> None:
+    """The control plane publishes API-added base domains in its overlay; a reload (SIGHUP)
+    makes every worker route names under them, configured domains first."""
+    from gateway.control.overlay import Overlay, OverlayRoutes
+
+    overlays = [Overlay(), Overlay(base_domains=("added.test", "conf.test"))]
+    loop = asyncio.new_event_loop()
+    try:
+        settings = ProxySettings(
+            listen=("127.0.0.1:1",), workers=1, certs_dir=tmp_path / "certs",
+            base_domains=("conf.test",),
+        )  # fmt: skip
+        static = StaticRoutes([StaticRoute(app_id="app", backends=("127.0.0.1",))])
+        worker = Worker(
+            loop,
+            settings,
+            CertStore(settings.certs_dir, settings.tls_versions),
+            OverlayRoutes(static, overlays[0]),
+            WorkerState(),
+            reload_routes=lambda: OverlayRoutes(static, overlays[-1]),
+        )
+        assert worker.snapshot.base_domains == ("conf.test",)
+        worker.reload()
+        after: tuple[str, ...] = worker.snapshot.base_domains  # re-read after the reload
+        assert after == ("conf.test", "added.test")
+    finally:
+        loop.close()
