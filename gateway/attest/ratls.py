@@ -82,6 +82,7 @@ from gateway.protocol.tdx_quote import parse_tdx_quote
 from gateway.tee.base import TeeBackend
 
 __all__ = [
+    "der_octet_string",
     "OID_APP_ID",
     "OID_APP_INFO",
     "OID_ATTESTATION",
@@ -136,7 +137,8 @@ def _spki(cert: x509.Certificate) -> bytes:
 # --- DER OCTET STRING wrapping -------------------------------------------------------------
 
 
-def _der_octet_string(content: bytes) -> bytes:
+def der_octet_string(content: bytes) -> bytes:
+    """DER ``OCTET STRING`` holding ``content`` (how dstack wraps its extension values)."""
     n = len(content)
     if n < 0x80:
         length = bytes([n])
@@ -237,7 +239,7 @@ class CertRequest:
 
 
 def _ext(oid: x509.ObjectIdentifier, content: bytes) -> x509.UnrecognizedExtension:
-    return x509.UnrecognizedExtension(oid, _der_octet_string(content))
+    return x509.UnrecognizedExtension(oid, der_octet_string(content))
 
 
 def _san(name: str) -> x509.GeneralName:

@@ -20,6 +20,16 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+# one definition of dstack's RA-TLS vocabulary: the attestation core's (re-exported here)
+from gateway.attest.ratls import (
+    OID_APP_ID,
+    OID_APP_INFO,
+    OID_ATTESTATION,
+    OID_SPECIAL_USAGE,
+    der_octet_string,
+    ratls_report_data,
+)
+
 __all__ = [
     "OID_APP_ID",
     "OID_APP_INFO",
@@ -33,27 +43,8 @@ __all__ = [
     "spki_der",
 ]
 
-_ARC = "1.3.6.1.4.1.62397.1"
-OID_QUOTE = x509.ObjectIdentifier(f"{_ARC}.1")
-OID_EVENT_LOG = x509.ObjectIdentifier(f"{_ARC}.2")
-OID_APP_ID = x509.ObjectIdentifier(f"{_ARC}.3")
-OID_SPECIAL_USAGE = x509.ObjectIdentifier(f"{_ARC}.4")
-OID_ATTESTATION = x509.ObjectIdentifier(f"{_ARC}.8")
-OID_APP_INFO = x509.ObjectIdentifier(f"{_ARC}.9")
-
 # rcgen's default not_before, which dstack leaves in place
 DEFAULT_NOT_BEFORE = dt.datetime(1975, 1, 1, tzinfo=dt.UTC)
-
-
-def der_octet_string(content: bytes) -> bytes:
-    """DER ``OCTET STRING`` holding ``content``."""
-    n = len(content)
-    if n < 0x80:
-        length = bytes([n])
-    else:
-        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
-        length = bytes([0x80 | len(raw)]) + raw
-    return b"\x04" + length + content
 
 
 def spki_der(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> bytes:
@@ -61,11 +52,6 @@ def spki_der(key: ec.EllipticCurvePrivateKey | ec.EllipticCurvePublicKey) -> byt
     return pub.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-
-
-def ratls_report_data(spki: bytes, tag: str = "ratls-cert") -> bytes:
-    """``SHA512(tag ":" SPKI DER)``: binds a quote to a certificate key."""
-    return hashlib.sha512(tag.encode() + b":" + spki).digest()
 
 
 def _ext(oid: x509.ObjectIdentifier, content: bytes) -> x509.UnrecognizedExtension:

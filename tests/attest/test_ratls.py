@@ -280,7 +280,7 @@ def test_bad_octet_string(value: bytes) -> None:
 
 def test_octet_string_long_form() -> None:
     for n in (0, 127, 128, 255, 256, 70000):
-        assert ratls._parse_der_octet_string(ratls._der_octet_string(b"a" * n), "x") == b"a" * n
+        assert ratls._parse_der_octet_string(ratls.der_octet_string(b"a" * n), "x") == b"a" * n
 
 
 # --- KMS-signed certificates ------------------------------------------------------------

@@ -512,7 +512,7 @@ def make_kms_cvm(
         )
         .add_extension(
             x509.UnrecognizedExtension(
-                ratls.OID_APP_INFO, ratls._der_octet_string(encode_app_info(info))
+                ratls.OID_APP_INFO, ratls.der_octet_string(encode_app_info(info))
             ),
             False,
         )

@@ -151,7 +151,7 @@ def kms_server_files(directory: Path, kms: CA, app_hex: str) -> tuple[Path, Path
         .not_valid_after(start + dt.timedelta(days=10))
         .add_extension(
             x509.UnrecognizedExtension(
-                ratls.OID_APP_ID, ratls._der_octet_string(bytes.fromhex(app_hex))
+                ratls.OID_APP_ID, ratls.der_octet_string(bytes.fromhex(app_hex))
             ),
             False,
         )
