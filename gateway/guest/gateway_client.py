@@ -55,6 +55,7 @@ from gateway.attest.evidence import EvidenceError, VerifiedEvidence
 from gateway.attest.tcb import TcbPolicy
 from gateway.attest.verifier import presented_quote
 from gateway.guest.gateway_cache import GatewayKeys
+from gateway.guest.http1 import parse_http_reply
 from gateway.protocol.errors import CodecError
 from gateway.tunnel.keys import WgKeyError, decode_key
 
@@ -276,41 +277,6 @@ def _http_exchange_request(host: str, port: int, target: str, body: bytes) -> by
         "Connection: close\r\n\r\n"
     )
     return head.encode() + body
-
-
-def _dechunk(data: bytes) -> bytes:
-    out = bytearray()
-    while data:
-        size_line, _, rest = data.partition(b"\r\n")
-        try:
-            size = int(size_line.split(b";")[0], 16)
-        except ValueError:
-            raise ValueError("bad chunked encoding") from None
-        if size == 0:
-            break
-        out += rest[:size]
-        data = rest[size + 2 :]
-    return bytes(out)
-
-
-def parse_http_reply(raw: bytes) -> tuple[int, bytes]:
-    """(status, body) of a complete HTTP/1.1 reply read to EOF; raises ValueError."""
-    header, sep, payload = raw.partition(b"\r\n\r\n")
-    if not sep:
-        raise ValueError("incomplete HTTP reply")
-    status_line, *lines = header.decode("latin-1").split("\r\n")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[1].isdigit():
-        raise ValueError("bad HTTP status line")
-    headers = {}
-    for line in lines:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        payload = _dechunk(payload)
-    elif headers.get("content-length", "").isdigit():
-        payload = payload[: int(headers["content-length"])]
-    return int(parts[1]), payload
 
 
 class GatewayClient:

@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from gateway.guest import certs, evidence
 from gateway.guest.csr import CertSigningRequestV2
+from gateway.guest.http1 import parse_http_reply
 from gateway.guest.identity import KeyProviderKind
 from gateway.guest.keys import AppKeys, KeyProviderError, KeyRequest
 from gateway.guest.service import KmsSigner
@@ -39,21 +40,6 @@ from gateway.guest.service import KmsSigner
 __all__ = ["KmsKeyProvider", "kms_sign_cert", "kms_signer_for"]
 
 MAX_REPLY = 1024 * 1024
-
-
-def _dechunk(data: bytes) -> bytes:
-    out = bytearray()
-    while data:
-        size_line, _, rest = data.partition(b"\r\n")
-        try:
-            size = int(size_line.split(b";")[0], 16)
-        except ValueError:
-            raise KeyProviderError("KMS reply: bad chunked encoding") from None
-        if size == 0:
-            break
-        out += rest[:size]
-        data = rest[size + 2 :]
-    return bytes(out)
 
 
 logger = logging.getLogger(__name__)
@@ -116,15 +102,12 @@ async def https_post_json(
         raise KeyProviderError(f"{url}: {exc}") from None
     if len(raw) > MAX_REPLY:
         raise KeyProviderError(f"{url}: reply larger than {MAX_REPLY} bytes")
-    header, _, payload = raw.partition(b"\r\n\r\n")
-    status_line, *header_lines = header.decode("latin-1").split("\r\n")
-    status = status_line.split(" ", 2)[1] if status_line.count(" ") >= 1 else "?"
-    if any(
-        h.lower().startswith("transfer-encoding:") and "chunked" in h.lower() for h in header_lines
-    ):
-        payload = _dechunk(payload)
+    try:
+        status, payload = parse_http_reply(raw)
+    except ValueError as exc:
+        raise KeyProviderError(f"{url}: bad HTTP reply: {exc}") from None
     text = payload.decode("utf-8", "replace")
-    if status != "200":
+    if status != 200:
         raise KeyProviderError(f"{url}: HTTP {status}: {text[:300]}")
     try:
         doc = json.loads(text)

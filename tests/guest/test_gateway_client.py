@@ -36,9 +36,9 @@ from gateway.guest.gateway_client import (
     PortPolicy,
     RegisterResponse,
     parse_app_ids,
-    parse_http_reply,
     rpc_base,
 )
+from gateway.guest.http1 import parse_http_reply
 from gateway.registry.service import Registry
 from gateway.registry.sqlite import SqliteStore
 from gateway.tee.sim_pki import SimPki
