@@ -322,10 +322,10 @@ def test_peer_key(host: str | None, key: str) -> None:
     assert peer_key(host) == key
 
 
+_ALLOWED = frozenset([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 _HEADER_VALUE = st.binary(max_size=80).map(
     lambda b: bytes(c for c in b if c in _ALLOWED)  # what an HTTP parser lets through
 )
-_ALLOWED = frozenset([0x09, *range(0x20, 0x7F), *range(0x80, 0x100)])
 
 
 @settings(max_examples=300, deadline=None)
