@@ -17,15 +17,24 @@ from aiohttp import web
 from gateway.control.auth import Authenticator, Credentials, auth_middleware
 from gateway.control.errors import ApiError, error_middleware, request_id_middleware
 from gateway.control.ratelimit import RateLimiter
+from gateway.control.readiness import Readiness
 from gateway.control.routes import Endpoint, add_endpoints, openapi_document
 
 API_TITLE = "gateway admin API"
 API_VERSION = "1"
 
 StatusFn = Callable[[], Mapping[str, Any]]
-ReadyFn = Callable[[], bool]
 
 _STATUS_SCHEMA = {"type": "object", "additionalProperties": True}
+_READY_SCHEMA = {
+    "type": "object",
+    "required": ["ready", "not_ready", "checks"],
+    "properties": {
+        "ready": {"type": "boolean"},
+        "not_ready": {"type": "array", "items": {"type": "string"}},
+        "checks": {"type": "object", "additionalProperties": True},
+    },
+}
 
 
 def json_response(data: Any, status: int = 200) -> web.Response:
@@ -51,20 +60,24 @@ def create_admin_app(
     creds: Credentials,
     *,
     status: StatusFn,
-    ready: ReadyFn = lambda: True,
+    readiness: Readiness | None = None,
     resources: Sequence[Endpoint] = (),
     failures_per_minute: int = 10,
     dashboard: Endpoint | None = None,
 ) -> web.Application:
-    """Build the admin app. ``resources`` are the endpoints other parts contribute."""
+    """Build the admin app. ``resources`` are the endpoints other parts contribute.
+
+    ``readiness``: what ``/ready`` reports (None: nothing to wait for, always ready; the
+    control plane passes its own, see :mod:`gateway.control.readiness`).
+    """
+    ready = readiness if readiness is not None else Readiness()
 
     async def health(_: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
-    async def readiness(_: web.Request) -> web.Response:
-        if ready():
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready\n")
+    async def get_ready(_: web.Request) -> web.Response:
+        report = ready.report()
+        return json_response(report.to_json(), 200 if report.ready else 503)
 
     async def get_status(_: web.Request) -> web.Response:
         return json_response(dict(status()))
@@ -85,9 +98,10 @@ def create_admin_app(
         Endpoint(
             "GET",
             "/ready",
-            readiness,
-            "Readiness probe (public)",
+            get_ready,
+            "Readiness probe (public): 503 names what is not ready yet",
             "meta",
+            response=_READY_SCHEMA,
             public=True,
             extra_statuses=(503,),
             action="ready",

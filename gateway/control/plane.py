@@ -57,6 +57,7 @@ from gateway.control.dashboard import DASHBOARD
 from gateway.control.metrics import metrics_endpoint
 from gateway.control.models import BaseDomain, Topic
 from gateway.control.overlay import Overlay, overlay_path, write_overlay
+from gateway.control.readiness import Readiness, store_check
 from gateway.control.resources.admission import admission_endpoints
 from gateway.control.resources.certificates import certificate_endpoints
 from gateway.control.resources.dns import dns_endpoints
@@ -98,6 +99,7 @@ def build_admin_app(
     verification: VerificationStats | None = None,
     failures_per_minute: int = 10,
     clock: Callable[[], float] = time.time,
+    readiness: Readiness | None = None,
 ) -> web.Application:
     """The admin app with every resource, the dashboard and ``/metrics`` (tests use it too)."""
     status = status_document(
@@ -134,6 +136,7 @@ def build_admin_app(
         resources=resources,
         dashboard=DASHBOARD,
         failures_per_minute=failures_per_minute,
+        readiness=readiness,
     )
     app.middlewares.insert(0, admin_stats_middleware(admin_stats))
     return app
@@ -197,6 +200,22 @@ class ControlPlane:
         self.runner: web.AppRunner | None = None
         self.address: tuple[str, int] | Path | None = None
         self.overlay_file: Path = overlay_path(config.core.data_dir)
+        self.readiness = self._readiness_plan()
+
+    def _readiness_plan(self) -> Readiness:
+        """What ``/ready`` waits for. The plane marks its own steps; with ``[rpc]`` set (the
+        tunnel runs) the peers must be restored, which a registry handed in from
+        ``open_tunnel`` has done before yielding, and whoever binds the registration RPC
+        must call ``plane.readiness.mark("registration_rpc")`` once it listens."""
+        ready = Readiness()
+        ready.require("certbot", "the certificate manager has not started")
+        if self.config.rpc.cert_file:
+            if self._given_registry is None:
+                ready.require("peers_restored", "no tunnel: WireGuard peers not restored")
+            else:
+                ready.mark("peers_restored")
+            ready.require("registration_rpc", "the registration RPC listener is not bound")
+        return ready
 
     def admission_policy(self) -> AdmissionPolicy:
         """The policy in force (pass as the registration RPC's ``policy`` getter)."""
@@ -236,6 +255,7 @@ class ControlPlane:
                 self._stack.callback(self.store.close)
             self.registry = build_registry(self.store, cfg.wg, cfg.registry, self._device)
         restrict_store_files(store_path(cfg.registry, cfg.core.data_dir))
+        self.readiness.check("store", store_check(self.store))
         self.state = OperatorState(
             self.store,
             config_domains={
@@ -265,6 +285,7 @@ class ControlPlane:
         )
         await self.certs.start()
         self._stack.push_async_callback(self.certs.stop)
+        self.readiness.mark("certbot")
         self.state.subscribe(Topic.DOMAINS, self.certs.reconfigure)
         self.state.subscribe(Topic.DOMAINS, self._routes_changed)  # base domains in the overlay
         self.state.subscribe(Topic.DNS, self.certs.reconfigure)
@@ -294,6 +315,7 @@ class ControlPlane:
             accel=self._accel,
             verification=self.verification,
             failures_per_minute=cfg.admin.auth_failures_per_minute,
+            readiness=self.readiness,
         )
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()

@@ -30,6 +30,7 @@ from gateway.control.auth import (
     peer_key,
 )
 from gateway.control.ratelimit import RateLimiter
+from gateway.control.readiness import Readiness
 from gateway.control.routes import Endpoint
 from gateway.control.settings import AdminSettings
 
@@ -175,9 +176,12 @@ def test_refused_credentials(headers: dict[str, str], reason: str) -> None:
 def test_public_probes_need_no_credentials() -> None:
     async def check(client: httpx.AsyncClient) -> None:
         assert (await client.get("/health")).text == "ok\n"
-        assert (await client.get("/ready")).status_code == 503
+        r = await client.get("/ready")
+        assert r.status_code == 503 and r.json()["not_ready"] == ["store"]
 
-    run(check, ready=lambda: False)
+    ready = Readiness()
+    ready.require("store", "not open")
+    run(check, readiness=ready)
 
 
 def test_failed_attempts_are_rate_limited_and_not_logged(caplog: pytest.LogCaptureFixture) -> None:
