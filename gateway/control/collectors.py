@@ -8,13 +8,23 @@ the control plane must count itself live in small objects passed in (no globals)
   latency as a histogram and outcomes by verdict reason. The registration module itself
   exposes no counters (only a private admitted count), so wrapping the check is how the
   numbers are taken without changing it.
+* :class:`RegistrationStats` via :func:`count_registrations`: every ``RegisterCvm`` by its
+  *final* outcome (accepted, or the refusal reason the CVM was told: a policy reason,
+  ``key_in_use``, ``app_mismatch``, ``pool_exhausted``, ``collateral_unavailable``, ...),
+  observed as a middleware on the RPC app, since refusals after the evidence check (the
+  registry's) never pass through the check wrapper.
 * :class:`AdminStats` via :func:`admin_stats_middleware`: admin authentication failures
   (401) and rate-limited clients (429), observed on the way out of the auth middleware.
+
+The data plane's counters (connections, bytes, errors, TLS handshakes, per-app open
+connections) come from the workers' stats files (:mod:`gateway.proxy.stats`).
 """
 
 from __future__ import annotations
 
 import bisect
+import json
+import re
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -32,9 +42,11 @@ from gateway.registry.service import Registry
 
 __all__ = [
     "AdminStats",
+    "RegistrationStats",
     "VerificationStats",
     "admin_stats_middleware",
     "certificate_collector",
+    "count_registrations",
     "instance_collector",
     "instrument_check",
     "proxy_collector",
@@ -155,6 +167,37 @@ def proxy_collector(counters: Callable[[], Mapping[str, Any]]) -> Collector:
                 [Sample({"reason": str(k)}, int(v)) for k, v in sorted(errors.items())],
             )
         )
+        failures = c.get("tls_failures", {})
+        out += [
+            Family(
+                "gateway_tls_handshakes_total",
+                "counter",
+                "TLS handshakes the gateway terminated and completed (resumed ones included)",
+                [Sample({}, int(c.get("tls_handshakes", 0)))],
+            ),
+            Family(
+                "gateway_tls_handshake_failures_total",
+                "counter",
+                "TLS handshakes that failed, by reason (OpenSSL's, eof, reset, timeout, ...)",
+                [Sample({"reason": str(k)}, int(v)) for k, v in sorted(failures.items())],
+            ),
+            Family(
+                "gateway_tls_resumed_handshakes_total",
+                "counter",
+                "Completed TLS handshakes that resumed a session",
+                [Sample({}, int(c.get("tls_resumed", 0)))],
+            ),
+            Family(
+                "gateway_app_connections_open",
+                "gauge",
+                "Open client connections per app (apps with none are not listed)",
+                [
+                    Sample({"app_id": str(k)}, int(v))
+                    for k, v in sorted(c.get("app_open", {}).items())
+                    if int(v) > 0
+                ],
+            ),
+        ]
         return out
 
     return collect
@@ -223,6 +266,74 @@ def instrument_check(
             stats.observe(outcome, monotonic() - start)
 
     return instrumented
+
+
+# --- registrations (final outcome) -------------------------------------------------------
+
+REGISTER_PATHS = frozenset({"/prpc/RegisterCvm", "/prpc/Tproxy.RegisterCvm"})
+_REASON = re.compile(r"^[a-z0-9_]{1,48}$")
+
+
+@dataclass
+class RegistrationStats:
+    """RegisterCvm answers: ``accepted``, or ``rejected`` with the reason the CVM was told."""
+
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+    def observe(self, accepted: bool, reason: str) -> None:
+        self.outcomes[("accepted" if accepted else "rejected", reason)] += 1
+
+    def collect(self) -> Iterable[Family]:
+        return [
+            Family(
+                "gateway_registrations_total",
+                "counter",
+                "RegisterCvm requests by final outcome (rejected ones by reason)",
+                [
+                    Sample({"outcome": outcome, "reason": reason}, n)
+                    for (outcome, reason), n in sorted(self.outcomes.items())
+                ],
+            )
+        ]
+
+
+def _rejection_reason(response: web.StreamResponse) -> str:
+    """The ``reason`` of an RPC error body (``{"error", "reason"}``), else ``http_<status>``."""
+    body = response.body if isinstance(response, web.Response) else None
+    if isinstance(body, bytes) and len(body) < 65536:
+        try:
+            reason = json.loads(body).get("reason")
+        except (ValueError, AttributeError):
+            reason = None
+        if isinstance(reason, str) and _REASON.match(reason):
+            return reason
+    return f"http_{response.status}"
+
+
+def count_registrations(app: web.Application, stats: RegistrationStats) -> web.Application:
+    """``app`` (the RPC app, :func:`gateway.control.registration.create_rpc_app`) with a
+    middleware counting every RegisterCvm answer in ``stats``; returns ``app``."""
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path not in REGISTER_PATHS:
+            return await handler(request)
+        try:
+            response = await handler(request)
+        except web.HTTPException as exc:
+            stats.observe(exc.status < 300, f"http_{exc.status}")
+            raise
+        except Exception:
+            stats.observe(False, "error")
+            raise
+        ok = response.status < 300
+        stats.observe(ok, "ok" if ok else _rejection_reason(response))
+        return response
+
+    app.middlewares.append(middleware)
+    return app
 
 
 # --- admin API ------------------------------------------------------------------------------

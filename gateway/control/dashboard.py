@@ -2,7 +2,8 @@
 
 The page is static; its script polls ``/api/v1/status`` (same origin, so the browser reuses
 the credentials it already sent for the page) and renders whatever sections the status
-document has: ``node``, ``counters``, ``instances``, ``domains``. Rendering uses
+document has: ``node``, ``counters``, ``apps`` (with their open connections),
+``instances`` (with their app's connections) and ``domains``. Rendering uses
 ``textContent`` only, so nothing from the status (app ids, domains) can inject markup.
 """
 

@@ -46,6 +46,7 @@ from gateway.control.certmanager import CertManager
 from gateway.control.collectors import (
     AdminStats,
     EvidenceCheck,
+    RegistrationStats,
     VerificationStats,
     admin_stats_middleware,
     certificate_collector,
@@ -97,6 +98,7 @@ def build_admin_app(
     counters: Callable[[], Mapping[str, Any]] = dict,
     accel: Callable[[], Mapping[str, Any]] = dict,
     verification: VerificationStats | None = None,
+    registrations: RegistrationStats | None = None,
     failures_per_minute: int = 10,
     clock: Callable[[], float] = time.time,
     readiness: Readiness | None = None,
@@ -120,6 +122,8 @@ def build_admin_app(
     ]
     if verification is not None:
         collectors.append(verification.collect)
+    if registrations is not None:
+        collectors.append(registrations.collect)
     resources = [
         *instance_endpoints(state, registry, clock),
         *domain_endpoints(state, certs.status),
@@ -193,6 +197,7 @@ class ControlPlane:
         self._creds = creds
         self._stack = AsyncExitStack()
         self.verification = VerificationStats()
+        self.registrations = RegistrationStats()  # count_registrations(rpc_app, this)
         self.store: Store
         self.registry: Registry
         self.state: OperatorState
@@ -314,6 +319,7 @@ class ControlPlane:
             counters=self._counters,
             accel=self._accel,
             verification=self.verification,
+            registrations=self.registrations,
             failures_per_minute=cfg.admin.auth_failures_per_minute,
             readiness=self.readiness,
         )

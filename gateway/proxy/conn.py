@@ -253,6 +253,8 @@ class Conn:
                     consume=-1,
                 )
                 return
+            if phase is Phase.HANDSHAKE:
+                self.w.state.tls_failed("timeout")
             self.close(_TIMEOUT_REASON[phase])
             return
         # woke for a deadline that no longer applies (e.g. the connect finished): next one
@@ -449,6 +451,7 @@ class Conn:
         try:
             self.tls = wrap(self.sock, True, None)
         except (ssl.SSLError, OSError, ValueError) as exc:
+            self.w.state.tls_failed(exc)
             self.close("tls_error", str(exc))
             return
         self._set_reader(self._on_handshake)
@@ -466,10 +469,12 @@ class Conn:
             self._set_writer(self._on_handshake)
             return
         except (ssl.SSLError, OSError) as exc:
+            self.w.state.tls_failed(exc)
             self.close("tls_handshake", str(exc))
             return
         self._set_writer(None)
         tls = self.tls
+        self.w.state.tls_done(tls.session_reused)
         self.tls_info = f"{tls.version()}{'+resumed' if tls.session_reused else ''}"
         if self.failed is not None:
             self.close(*self.failed)

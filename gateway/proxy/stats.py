@@ -6,17 +6,44 @@ simple: every ``stats_interval`` seconds (and at exit) a worker writes ``snapsho
 ``<stats_dir>/worker-<index>.json`` (temp file + rename), and :func:`read_stats` sums the
 files. The figures are therefore at most one interval old; that is fine for dashboards and
 keeps the hot path free of IPC.
+
+TLS handshakes (terminated connections only; passthrough handshakes are the backend's) are
+counted where ``conn.py`` finishes or abandons one: ``tls_done`` and ``tls_failed``. The
+failure reason is OpenSSL's (``no_shared_cipher``, ``tlsv1_alert_unknown_ca``, ...), ``eof``,
+``reset``, ``io_error`` or ``timeout``; OpenSSL's reasons are a fixed set, and the table is
+capped anyway (``other`` beyond ``MAX_TLS_REASONS``) so a worker's snapshot stays small.
+Per-app open connections (``app_open``) already back the per-app limit, so they cost nothing
+extra; per-instance counts would need a counter per chosen target and are not kept.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import ssl
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-__all__ = ["WorkerState", "read_stats", "write_stats"]
+__all__ = ["MAX_TLS_REASONS", "WorkerState", "read_stats", "tls_failure_reason", "write_stats"]
+
+MAX_TLS_REASONS = 32
+
+
+def tls_failure_reason(exc: BaseException | str) -> str:
+    """A short, bounded label for why a handshake failed (never the peer's bytes)."""
+    if isinstance(exc, str):
+        return exc
+    if isinstance(exc, ssl.SSLEOFError | ssl.SSLZeroReturnError):
+        return "eof"
+    if isinstance(exc, ssl.SSLError):
+        reason = exc.reason
+        if isinstance(reason, str) and reason.replace("_", "").isalnum() and len(reason) <= 64:
+            return reason.lower()
+        return "ssl_error"
+    if isinstance(exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError):
+        return "reset"
+    return "io_error"
 
 
 class WorkerState:
@@ -36,6 +63,9 @@ class WorkerState:
         "errors",
         "app_open",
         "draining",
+        "tls_handshakes",
+        "tls_resumed",
+        "tls_failures",
     )
 
     def __init__(self, index: int = 0, pid: int = 0) -> None:
@@ -52,9 +82,24 @@ class WorkerState:
         self.errors: Counter[str] = Counter()  # close reason (not "done") -> count
         self.app_open: Counter[str] = Counter()
         self.draining = False
+        self.tls_handshakes = 0  # completed, resumed ones included
+        self.tls_resumed = 0
+        self.tls_failures: Counter[str] = Counter()  # tls_failure_reason -> count
 
     def error(self, reason: str) -> None:
         self.errors[reason] += 1
+
+    def tls_done(self, resumed: bool) -> None:
+        self.tls_handshakes += 1
+        if resumed:
+            self.tls_resumed += 1
+
+    def tls_failed(self, exc: BaseException | str) -> None:
+        reason = tls_failure_reason(exc)
+        failures = self.tls_failures
+        if reason not in failures and len(failures) >= MAX_TLS_REASONS:
+            reason = "other"
+        failures[reason] += 1
 
     def snapshot(self) -> dict[str, Any]:
         """A JSON-ready copy of every counter."""
@@ -72,6 +117,9 @@ class WorkerState:
             "errors": dict(self.errors),
             "app_open": {k: v for k, v in self.app_open.items() if v},
             "draining": self.draining,
+            "tls_handshakes": self.tls_handshakes,
+            "tls_resumed": self.tls_resumed,
+            "tls_failures": dict(self.tls_failures),
         }
 
 
@@ -102,13 +150,13 @@ def read_stats(stats_dir: Path) -> dict[str, Any]:
         "terminated",
         "passthrough",
         "gateway",
+        "tls_handshakes",
+        "tls_resumed",
     ):
         total[key] = sum(int(w.get(key, 0)) for w in workers)
-    errors: Counter[str] = Counter()
-    apps: Counter[str] = Counter()
-    for w in workers:
-        errors.update(w.get("errors", {}))
-        apps.update(w.get("app_open", {}))
-    total["errors"] = dict(errors)
-    total["app_open"] = dict(apps)
+    for key in ("errors", "app_open", "tls_failures"):
+        summed: Counter[str] = Counter()
+        for w in workers:
+            summed.update(w.get(key, {}))
+        total[key] = {k: v for k, v in summed.items() if v}
     return total

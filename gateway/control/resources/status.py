@@ -3,7 +3,14 @@
 Status composes: ``node`` (id, version, uptime), ``connections`` (open client connections),
 ``accel`` (the data plane's acceleration modes, as upstream's ``ProxyAccelStatus``),
 ``counters`` (flat numbers the dashboard shows as tiles), ``proxy`` (the data plane's full
-counters), ``instances`` and ``domains`` (tables for the dashboard).
+counters), ``instances``, ``apps`` and ``domains`` (tables for the dashboard).
+
+Connections are counted per app by the proxy workers (``app_open``, which also backs the
+per-app limit); which instance of an app a connection went to is not counted (that would
+take a counter per chosen target on the hot path). So an instance row shows its app's
+``app_connections``, and upstream's per-host ``num_connections`` in ``/prpc/Status`` is
+exact for an app with one instance (all its connections go there) and 0 for an app with
+several, whose total is in the extra ``app_num_connections`` field.
 
 Our admin API is REST-style JSON under ``/api/v1``, not pRPC. For scripts written against
 upstream, the most used admin RPCs answer at ``/prpc/<Method>`` (GET or POST) with upstream's
@@ -49,6 +56,7 @@ def status_document(
         proxy = dict(counters())
         drained = set(state.drained())
         records = registry.store.list_instances()
+        app_open = _app_open(proxy)
         instances = [
             {
                 "instance_id": r.instance_id,
@@ -57,9 +65,26 @@ def status_document(
                 "online": r.last_handshake is not None and now - r.last_handshake < ONLINE_WINDOW,
                 "draining": r.instance_id in drained,
                 "last_handshake": r.last_handshake,
+                "app_connections": app_open.get(r.app_id, 0),
             }
             for r in records
         ]
+        apps: dict[str, dict[str, Any]] = {}
+        for r in records:
+            a = apps.setdefault(
+                r.app_id,
+                {
+                    "app_id": r.app_id,
+                    "instances": 0,
+                    "online": 0,
+                    "connections": app_open.get(r.app_id, 0),
+                },
+            )
+            a["instances"] += 1
+            a["online"] += 1 if r.last_handshake and now - r.last_handshake < ONLINE_WINDOW else 0
+        for app_id, n in app_open.items():  # e.g. a custom-domain route to a removed app
+            apps.setdefault(app_id, {"app_id": app_id, "instances": 0, "online": 0})
+            apps[app_id]["connections"] = n
         domains = []
         for d in state.domains():
             st = certs.status(d.domain)
@@ -85,6 +110,9 @@ def status_document(
         tiles.update(
             {k: v for k, v in proxy.items() if isinstance(v, int) and not isinstance(v, bool)}
         )
+        failures = proxy.get("tls_failures")
+        if isinstance(failures, dict):
+            tiles["tls_handshake_failures"] = sum(int(v) for v in failures.values())
         return {
             "node": {**node, "uptime_s": round(now - started)},
             "connections": int(proxy.get("open", 0)),
@@ -92,10 +120,18 @@ def status_document(
             "counters": tiles,
             "proxy": proxy,
             "instances": instances,
+            "apps": sorted(apps.values(), key=lambda a: (-a["connections"], a["app_id"])),
             "domains": domains,
         }
 
     return status
+
+
+def _app_open(proxy: Mapping[str, Any]) -> dict[str, int]:
+    raw = proxy.get("app_open")
+    if not isinstance(raw, Mapping):
+        return {}
+    return {str(k): int(v) for k, v in raw.items() if isinstance(v, int) and v > 0}
 
 
 def prpc_endpoints(status: StatusFn, state: OperatorState, certs: CertManager) -> list[Endpoint]:
@@ -104,6 +140,7 @@ def prpc_endpoints(status: StatusFn, state: OperatorState, certs: CertManager) -
     async def prpc_status(_: web.Request) -> web.Response:
         s = status()
         node = s["node"]
+        apps = {a["app_id"]: a for a in s["apps"]}
         return json_response(
             {
                 "id": node.get("id"),
@@ -117,7 +154,10 @@ def prpc_endpoints(status: StatusFn, state: OperatorState, certs: CertManager) -
                         "app_id": i["app_id"],
                         "base_domain": s["domains"][0]["domain"] if s["domains"] else "",
                         "latest_handshake": int(i["last_handshake"] or 0),
-                        "num_connections": 0,
+                        "num_connections": i["app_connections"]
+                        if apps[i["app_id"]]["instances"] == 1
+                        else 0,
+                        "app_num_connections": i["app_connections"],
                     }
                     for i in s["instances"]
                 ],
