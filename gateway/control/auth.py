@@ -53,7 +53,7 @@ from aiohttp import web
 from aiohttp.typedefs import Middleware
 
 from gateway.config import ConfigError, env_value
-from gateway.control.errors import problem_response
+from gateway.control.errors import REQUEST_ID, problem_response
 from gateway.control.ratelimit import RateLimiter
 from gateway.control.settings import AdminSettings
 
@@ -318,7 +318,12 @@ def auth_middleware(auth: Authenticator, public_paths: frozenset[str]) -> Middle
             if auth.token_ok(presented):  # see the module docstring: no lockout by a neighbour
                 return await handler(request)
             retry = max(1, round(auth.limiter.retry_after(key)))
-            logger.warning("admin auth: %s over its failure budget (path %s)", key, request.path)
+            logger.warning(
+                "admin auth: %s over its failure budget (path %s)",
+                key,
+                request.path,
+                extra={"request_id": request.get(REQUEST_ID, "-")},
+            )
             return _problem(
                 429,
                 "rate_limited",
@@ -339,6 +344,7 @@ def auth_middleware(auth: Authenticator, public_paths: frozenset[str]) -> Middle
                 key,
                 request.path,
                 refused.why,
+                extra={"request_id": request.get(REQUEST_ID, "-")},
             )
             return _problem(
                 401,
