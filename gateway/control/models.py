@@ -426,7 +426,10 @@ class PortPolicyOverride:
 
     @classmethod
     def from_json(cls, instance_id: str, obj: Any) -> PortPolicyOverride:
-        _obj(obj, "body", {"ports", "restrict_mode"})
+        ports = _obj(obj, "body", {"ports", "restrict_mode"}).get("ports")
+        for i, item in enumerate(ports if isinstance(ports, list) else ()):
+            if isinstance(item, dict):  # strict, as documented; the RPC's parser stays lenient
+                _obj(item, f"ports[{i}]", {"port", "pp"})
         try:
             policy = PortPolicy.from_json(obj)
         except RpcError as exc:
