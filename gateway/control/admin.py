@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.control.auth import Authenticator, Credentials, auth_middleware
+from gateway.control.auth import GLOBAL_FACTOR, Authenticator, Credentials, auth_middleware
 from gateway.control.errors import ApiError, error_middleware, request_id_middleware
 from gateway.control.ratelimit import RateLimiter
 from gateway.control.readiness import Readiness
@@ -129,7 +129,11 @@ def create_admin_app(
         endpoints.append(dashboard)
     document = openapi_document(API_TITLE, API_VERSION, endpoints)
     public = frozenset(e.path for e in endpoints if e.public)
-    auth = Authenticator(creds, RateLimiter(failures_per_minute, 60.0))
+    auth = Authenticator(
+        creds,
+        RateLimiter(failures_per_minute, 60.0),
+        everyone=RateLimiter(failures_per_minute * GLOBAL_FACTOR, 60.0, max_keys=1),
+    )
     app = web.Application(
         middlewares=[request_id_middleware, error_middleware, auth_middleware(auth, public)],
         client_max_size=1 << 20,

@@ -28,8 +28,11 @@ is one SHA-256 and a constant-time compare, the token is at least 16 characters 
 it with ``openssl rand -hex 32``), so letting it through gives a guesser nothing useful
 while an attacker sharing the operator's address (NAT, a jump host) cannot lock the
 operator out. htpasswd users in that situation are locked out until the budget refills
-(one unit per ``60 / auth_failures_per_minute`` seconds). Failures are logged with the
-client address and the reason, never with what was presented.
+(one unit per ``60 / auth_failures_per_minute`` seconds). Because an attacker may own many
+addresses (an IPv6 /48 is 65536 /64s), failures are also counted in one node-wide budget,
+``GLOBAL_FACTOR`` times the per-address one; past it, password checks stop for everyone
+(tokens still pass) until it refills. Failures are logged with the client address and the
+reason, never with what was presented.
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ REALM = 'Basic realm="gateway admin", charset="UTF-8"'
 _POSITIVE_CACHE_SECONDS = 60.0
 _BCRYPT_HASH = re.compile(r"^\$2[aby]\$\d\d\$[./A-Za-z0-9]{53}$")
 _BCRYPT_MAX = 72  # bytes bcrypt looks at; longer passwords were truncated when hashed
+GLOBAL_FACTOR = 10  # the node-wide failure budget, in per-address budgets
+_EVERYONE = "*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,9 +229,24 @@ class Authenticator:
     """Checks presented credentials against :class:`Credentials`; bcrypt runs off the loop."""
 
     creds: Credentials
-    limiter: RateLimiter
+    limiter: RateLimiter  # per client address
+    everyone: RateLimiter | None = None  # node-wide, key "*" (see the module docstring)
     clock: Callable[[], float] = time.monotonic
     _good: dict[bytes, float] = field(default_factory=dict)
+
+    def over_budget(self, key: str) -> float | None:
+        """None if ``key`` may try credentials now, else seconds until it may."""
+        waits = []
+        if not self.limiter.allowed(key):
+            waits.append(self.limiter.retry_after(key))
+        if self.everyone is not None and not self.everyone.allowed(_EVERYONE):
+            waits.append(self.everyone.retry_after(_EVERYONE))
+        return max(waits) if waits else None
+
+    def failed(self, key: str) -> None:
+        self.limiter.hit(key)
+        if self.everyone is not None:
+            self.everyone.hit(_EVERYONE)
 
     def token_ok(self, presented: Presented) -> bool:
         """True if ``presented`` carries the admin token (cheap: SHA-256, constant time)."""
@@ -314,10 +334,11 @@ def auth_middleware(auth: Authenticator, public_paths: frozenset[str]) -> Middle
         presented = parse_credentials(
             request.headers.get("X-Admin-Token"), request.headers.get("Authorization")
         )
-        if not auth.limiter.allowed(key):
+        wait = auth.over_budget(key)
+        if wait is not None:
             if auth.token_ok(presented):  # see the module docstring: no lockout by a neighbour
                 return await handler(request)
-            retry = max(1, round(auth.limiter.retry_after(key)))
+            retry = max(1, round(wait))
             logger.warning(
                 "admin auth: %s over its failure budget (path %s)",
                 key,
@@ -337,7 +358,7 @@ def auth_middleware(auth: Authenticator, public_paths: frozenset[str]) -> Middle
             refused = Refused(Problem.INVALID, f"check failed ({type(exc).__name__})")
         if refused is not None:
             if refused.problem is not Problem.MISSING:
-                auth.limiter.hit(key)
+                auth.failed(key)
             logger.warning(
                 "admin auth: %s credentials from %s for %s (%s)",
                 refused.problem.value,

@@ -2,7 +2,12 @@
 
 Used where the public (or an attacker guessing admin tokens) can reach us. The table is an
 LRU of at most ``max_keys`` buckets, so a flood of distinct source addresses costs bounded
-memory; the clock is injected so tests need no sleeping.
+memory; the clock is injected so tests need no sleeping. Only :meth:`RateLimiter.hit`
+creates a bucket: asking :meth:`RateLimiter.allowed` for a key never seen answers from a
+full budget without inserting one, so a flood of requests that fail nothing (or that come
+from many addresses) cannot evict the bucket of a client that exhausted its budget. A caller
+that must also bound failures spread over many keys keeps a second limiter with one key
+(the admin API does: see :mod:`gateway.control.auth`).
 """
 
 from __future__ import annotations
@@ -54,7 +59,9 @@ class RateLimiter:
         return bucket
 
     def allowed(self, key: str) -> bool:
-        """True if ``key`` has budget left now (does not consume it)."""
+        """True if ``key`` has budget left now (does not consume it, nor add a bucket)."""
+        if key not in self._buckets:
+            return self._burst >= 1.0
         return self._bucket(key).tokens >= 1.0
 
     def hit(self, key: str) -> bool:
@@ -67,5 +74,7 @@ class RateLimiter:
 
     def retry_after(self, key: str) -> float:
         """Seconds until ``key`` has one unit again (0 if it has one now)."""
+        if key not in self._buckets:
+            return 0.0
         bucket = self._bucket(key)
         return max(0.0, (1.0 - bucket.tokens) / self._refill)

@@ -237,6 +237,41 @@ def test_budget_is_per_client_address() -> None:
     run(check, failures_per_minute=2)
 
 
+def test_failures_from_many_addresses_hit_the_node_wide_budget() -> None:
+    """An attacker with many addresses (here 127.0.0.10-19, 2 failures each with a
+    per-address budget of 2) exhausts the node-wide budget (10x): passwords are then not
+    checked for anyone, even a fresh address; the token still passes."""
+    basic_ok = "Basic " + base64.b64encode(f"alice:{PASSWORD}".encode()).decode()
+
+    async def check(client: httpx.AsyncClient) -> None:
+        async def from_addr(addr: str, headers: dict[str, str]) -> int:
+            transport = httpx.AsyncHTTPTransport(local_address=addr)
+            async with httpx.AsyncClient(base_url=client.base_url, transport=transport) as c:
+                return (await c.get("/api/v1/status", headers=headers)).status_code
+
+        statuses = [
+            await from_addr(f"127.0.0.{10 + i}", {"X-Admin-Token": "wrong-" + "w" * 20})
+            for i in range(10)
+            for _ in range(2)
+        ]
+        assert statuses == [401] * 20
+        assert await from_addr("127.0.0.50", {"Authorization": basic_ok}) == 429
+        assert await from_addr("127.0.0.50", {"X-Admin-Token": TOKEN}) == 200
+
+    run(check, failures_per_minute=2)
+
+
+def test_limiter_reads_do_not_evict_exhausted_clients() -> None:
+    now = [0.0]
+    limiter = RateLimiter(1, 60.0, max_keys=2, clock=lambda: now[0])
+    assert limiter.hit("attacker") and not limiter.allowed("attacker")
+    for i in range(100):  # lookups for many other keys (requests that failed nothing)
+        assert limiter.allowed(f"10.0.0.{i}") and limiter.retry_after(f"10.0.0.{i}") == 0
+    assert not limiter.allowed("attacker")  # still remembered
+    now[0] = 61.0
+    assert limiter.allowed("attacker")
+
+
 def _basic(user: bytes, password: bytes) -> bytes:
     return b"Basic " + base64.b64encode(user + b":" + password)
 
