@@ -21,6 +21,7 @@ anchors; :func:`start_rpc` (with the tunnel open) starts the listener and the re
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from contextlib import AsyncExitStack
@@ -121,7 +122,12 @@ async def start_rpc(
     await site.start()
     if plan.identity is not None:
         renew = spawn(plan.identity.run(site.reload), name="rpc-identity")
-        stack.callback(renew.cancel)  # closes before the runner: LIFO
+
+        async def stop_renewal() -> None:
+            renew.cancel()
+            await asyncio.wait([renew])  # no reload may race the listener's cleanup
+
+        stack.push_async_callback(stop_renewal)  # runs before the runner's cleanup: LIFO
     kind = "attested RA-TLS" if plan.identity is not None else "certificate file"
     logger.info("registration RPC on https://%s:%d (%s identity)", rpc.address, rpc.port, kind)
     return site
