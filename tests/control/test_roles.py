@@ -4,6 +4,9 @@ never served open; the RPC/tunnel and certbot run without it (warning) unless
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -79,3 +82,30 @@ def test_proxy_only_without_credentials_starts_no_child() -> None:
     assert not wants_control(cfg)
     assert not wants_control(parse_config("[admin]\nenabled = false\n"))
     assert node_roles(parse_config("[admin]\nenabled = false\n" + FILES)).rpc == "files"
+
+
+def _gateway(tmp_path: Path, command: str, config: str) -> subprocess.CompletedProcess[str]:
+    cfg = tmp_path / "gateway.toml"
+    cfg.write_text(f"[core]\ndata_dir = '{tmp_path / 'data'}'\n{config}")
+    env = {k: v for k, v in os.environ.items() if k != "GW_TEST_ROLES_UNSET"}
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", command, "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+@pytest.mark.slow
+def test_commands_refuse_what_must_not_run(tmp_path: Path) -> None:
+    """Exit 2 before anything binds: serve with a required admin API and no credentials,
+    control with nothing to run, rpc without an RPC identity."""
+    required = NO_ENV.replace("[admin]\n", "[admin]\nrequired = true\n") + ATTESTED
+    out = _gateway(tmp_path, "serve", required)
+    assert out.returncode == 2 and "admin.required = true" in out.stderr, out.stderr
+    assert not (tmp_path / "data" / "run" / "gateway.pid").exists()
+    out = _gateway(tmp_path, "control", NO_ENV)
+    assert out.returncode == 2 and "nothing to run" in out.stderr, out.stderr
+    out = _gateway(tmp_path, "rpc", NO_ENV)
+    assert out.returncode == 2 and "[rpc_identity] tee" in out.stderr, out.stderr
