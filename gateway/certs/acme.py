@@ -208,6 +208,7 @@ class AcmeClient:
         contact_email: str = "",
         ca_bundle: Path | None = None,
         poll_interval: float = 1.0,
+        propagation_wait: float = 60.0,
         request_timeout: float = 30.0,
         nonce_retries: int = 5,
         clock: Callable[[], float] = time.monotonic,
@@ -217,6 +218,7 @@ class AcmeClient:
         self._contact = contact_email
         self._verify: bool | str = str(ca_bundle) if ca_bundle else True
         self._poll_interval = poll_interval
+        self._propagation_wait = propagation_wait
         self._request_timeout = request_timeout
         self._nonce_retries = nonce_retries
         self._clock = clock
@@ -386,7 +388,13 @@ class AcmeClient:
         self, name: str, values: Collection[str], servers: Sequence[NameServer], deadline: float
     ) -> list[NameServer]:
         return await wait_for_txt(
-            name, values, servers, deadline, poll_interval=self._poll_interval, clock=self._clock
+            name,
+            values,
+            servers,
+            deadline,
+            poll_interval=self._poll_interval,
+            skip_silent=self._clock() + self._propagation_wait,
+            clock=self._clock,
         )
 
     async def _await_authz(

@@ -141,6 +141,7 @@ class Certbot:
             contact_email=s.contact_email,
             ca_bundle=Path(s.ca_bundle) if s.ca_bundle else None,
             poll_interval=s.poll_interval,
+            propagation_wait=s.propagation_wait,
         )
         return cls(
             s,

@@ -70,6 +70,7 @@ class AcmeSettings:
     backoff_max: float = 6 * 3600.0
     issue_timeout: float = 300.0
     poll_interval: float = 1.0
+    propagation_wait: float = 60.0
     caa: bool = False
     caa_issuer: str = ""
     quote_binding: bool = False
@@ -81,6 +82,8 @@ class AcmeSettings:
         for name in ("renew_before", "check_interval", "issue_timeout", "poll_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.propagation_wait < 0:
+            raise ValueError("propagation_wait must be >= 0")
         if self.jitter < 0 or self.backoff_initial <= 0 or self.backoff_max < self.backoff_initial:
             raise ValueError("need jitter >= 0 and 0 < backoff_initial <= backoff_max")
         if self.caa and not self.caa_issuer:

@@ -253,6 +253,7 @@ class ControlPlane:
                 contact_email=cfg.acme.contact_email,
                 ca_bundle=Path(cfg.acme.ca_bundle) if cfg.acme.ca_bundle else None,
                 poll_interval=cfg.acme.poll_interval,
+                propagation_wait=cfg.acme.propagation_wait,
             )
         self.certs = CertManager(
             cfg.acme,
