@@ -55,7 +55,8 @@ def encode(documents: Mapping[str, Any], unavailable: Mapping[str, str]) -> byte
         "documents": dict(documents),
         "unavailable": {k: v for k, v in unavailable.items() if k not in documents},
     }
-    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    # not sorted: upstream's field order is kept (documents are built the same way each time)
+    return json.dumps(doc, separators=(",", ":")).encode()
 
 
 def write_info(
