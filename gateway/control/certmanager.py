@@ -350,17 +350,16 @@ class CertManager:
         return await certbot.rotate_account(key_change=key_change)
 
     def acme_info(self) -> dict[str, Any]:
-        """Upstream's ``/acme-info`` document plus the directory and account in use."""
+        """Upstream's ``/acme-info`` document plus the directory and account in use.
+
+        Keys of every current base domain (read from the operator state, so a domain added or
+        removed through the API shows at once, before the certbot is rebuilt)."""
         names = [d.domain for d in self.state.domains()]
-        if self._certbot is not None:
-            info = self._certbot.acme_info()
-        else:
-            uri = self._acme.stored_account_uri() if self._acme is not None else None
-            info = attestation.acme_info(self.certs_dir, names, uri)
+        uri = self._acme.stored_account_uri() if self._acme is not None else None
         return {
             "enabled": self.enabled,
             "directory_url": self.directory_url(),
-            **info,
+            **attestation.acme_info(self.certs_dir, names, uri),
         }
 
 
