@@ -131,7 +131,7 @@ def test_caa_rotation_and_runtime_config(
         assert r.status_code == 200 and r.json()["account_uri"] == second_uri, r.text
         assert (acme_dir / "account-key.pem").read_bytes() != old_key
         # issuing signs with the new key; had pebble not bound it to the account, newAccount
-        # with it would have made a third account (another URI), which CAA would refuse
+        # with it would have made a third account (another URI)
         renewed = call("POST", f"/api/v1/certificates/{ZONE}/renew", {"force": True})
         assert renewed.status_code == 200 and renewed.json()["renewed"] is True, renewed.text
         assert call("GET", "/api/v1/acme").json()["account_uri"] == second_uri
@@ -166,17 +166,28 @@ def test_caa_rotation_and_runtime_config(
         url = ["--url", f"http://127.0.0.1:{port}"]
         assert js(ctl(url, "--json", "acme", "config"))["check_interval"] == 900
 
+        # another directory URL (the same pebble by name): a new client and account, at once
+        other = stack.directory_url.replace("127.0.0.1", "localhost")
+        r = call("PUT", "/api/v1/acme/config", {"directory_url": other})
+        assert r.status_code == 200 and r.json()["directory_url"] == other, r.text
+        renewed = call("POST", f"/api/v1/certificates/{ZONE}/renew", {"force": True})
+        assert renewed.status_code == 200 and renewed.json()["renewed"] is True, renewed.text
+        now = call("GET", "/api/v1/acme").json()
+        assert now["directory_url"] == other and now["account_uri"] not in (first_uri, second_uri)
+        assert published_account(plane) == now["account_uri"]
+
     # a restart applies what was set at runtime
     plane2 = ControlPlane(cfg, creds=CREDS)
     with running(plane2):
         s = plane2.certs.settings
         assert (s.check_interval, s.renew_before, s.caa, s.caa_issuer) == (900, 3600, True, ISSUER)
+        assert plane2.certs.directory_url() == s.directory_url != stack.directory_url
         r = httpx.put(
             f"http://127.0.0.1:{port}/api/v1/acme/config",
             json={"renew_before": None, "check_interval": None},
             headers={"X-Admin-Token": TOKEN},
         )
-        assert r.json()["overrides"] == ["caa", "caa_issuer"]
+        assert r.json()["overrides"] == ["caa", "caa_issuer", "directory_url"]
         assert plane2.certs.settings.renew_before == 600
 
 
