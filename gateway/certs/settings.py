@@ -13,15 +13,35 @@ import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from gateway.certs.dns.base import parse_server
 
-__all__ = ["AcmeDomain", "AcmeSettings", "DnsCredential", "DnsSettings", "ResolverSettings"]
+__all__ = [
+    "AcmeDomain",
+    "AcmeSettings",
+    "DnsCredential",
+    "DnsSettings",
+    "ResolverSettings",
+    "resolve_certs_dir",
+]
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 CLOUDFLARE_API = "https://api.cloudflare.com/client/v4"
+
+
+def resolve_certs_dir(setting: str | Path, data_dir: Path) -> Path:
+    """The certificates directory: ``setting``, or ``<data_dir>/certs`` when it is empty.
+
+    The one rule for both ``acme.certs_dir`` (where the certbot writes) and
+    ``proxy.certs_dir`` (where the workers read), so that with their defaults they agree for
+    every ``core.data_dir``. A TOML ``""`` decodes to ``Path("")``, which is ``Path(".")``:
+    both mean "not set" (a relative certificates directory would follow the cwd anyway).
+    """
+    path = Path(setting)
+    return data_dir / "certs" if path == Path("") else path
 
 
 def normalize_domain(name: str) -> str:
