@@ -36,7 +36,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
         "issue/renew ACME certificates, status, custom domains",
     ),
     ("attest", "gateway.attest.cli", "verify TDX quotes; create simulated TDX PKIs and quotes"),
-    ("rpc", "gateway.control.rpc_cmd", "serve the registration RPC and the WireGuard tunnel"),
+    ("rpc", "gateway.control.rpc_cmd", "the registration RPC + WireGuard alone (no admin API)"),
     ("lab", "gateway.lab.cli", "WireGuard lab: gateway and CVM namespaces (up/down/status)"),
     ("guest", "gateway.guest.cli", "the CVM side: boot, guest agent, dstack simulator"),
     ("guest-register", "gateway.guest.register_cmd", "the CVM side: attested gateway tunnel"),

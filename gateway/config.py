@@ -185,7 +185,7 @@ def decode(cls: type[T], data: Any, path: str = "") -> T:
 
 from gateway.attest.policy_settings import AdmissionPolicy  # noqa: E402
 from gateway.attest.settings import AttestSettings  # noqa: E402
-from gateway.certs.settings import AcmeSettings, DnsSettings  # noqa: E402
+from gateway.certs.settings import AcmeSettings, DnsSettings, resolve_certs_dir  # noqa: E402
 from gateway.control.registration_settings import RpcSettings  # noqa: E402
 from gateway.control.rpc_identity_settings import RpcIdentitySettings  # noqa: E402
 from gateway.control.settings import AdminSettings  # noqa: E402
@@ -210,6 +210,14 @@ class Config:
     attest: AttestSettings = dataclasses.field(default_factory=AttestSettings)
     admission: AdmissionPolicy = dataclasses.field(default_factory=AdmissionPolicy)
     proxy: ProxySettings = dataclasses.field(default_factory=ProxySettings)
+
+    def __post_init__(self) -> None:
+        # An empty proxy.certs_dir follows core.data_dir (where the certbot writes). Resolved
+        # once here, so every holder of ``config.proxy`` (the supervisor) has the real path;
+        # a later ``replace(config, core=...)`` keeps it (set proxy.certs_dir explicitly then).
+        certs = resolve_certs_dir(self.proxy.certs_dir, self.core.data_dir)
+        if certs != self.proxy.certs_dir:
+            object.__setattr__(self, "proxy", dataclasses.replace(self.proxy, certs_dir=certs))
 
 
 def parse_config(text: str, source: str = "<string>") -> Config:

@@ -18,6 +18,12 @@ What we add around the library, and why:
   directory URL; each issuance asks ``newAccount`` with that key, which returns the existing
   account (or re-creates it if the CA forgot it), and records the account URL.
 * **A fresh certificate key per issuance** (EC P-256), as dstack does.
+* **Credential rotation** (:meth:`AcmeClient.rotate_account`): upstream's
+  ``RotateAcmeCredentials`` registers a new account under a new key; we do that by default,
+  or roll the existing account to a new key (RFC 8555 section 7.3.5 ``keyChange``, which the
+  ``acme`` library does not implement: the inner JWS signed by the new key is the payload of
+  an ordinary request signed by the old one), keeping the account URI that CAA pins. The old
+  key is kept beside the new one as ``account-key.pem.<unix time>.old``.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import requests
-from acme import challenges, client, crypto_util, errors, messages
+from acme import challenges, client, crypto_util, errors, jws, messages
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -208,6 +214,7 @@ class AcmeClient:
         contact_email: str = "",
         ca_bundle: Path | None = None,
         poll_interval: float = 1.0,
+        propagation_wait: float = 60.0,
         request_timeout: float = 30.0,
         nonce_retries: int = 5,
         clock: Callable[[], float] = time.monotonic,
@@ -217,6 +224,7 @@ class AcmeClient:
         self._contact = contact_email
         self._verify: bool | str = str(ca_bundle) if ca_bundle else True
         self._poll_interval = poll_interval
+        self._propagation_wait = propagation_wait
         self._request_timeout = request_timeout
         self._nonce_retries = nonce_retries
         self._clock = clock
@@ -282,6 +290,67 @@ class AcmeClient:
             _write_private(self.account_file, json.dumps(record, indent=2).encode())
             logger.info("ACME account %s recorded", uri)
         return _Session(net, acme, uri)
+
+    def _rotate(self, deadline: float, key_change: bool) -> str:
+        """New key; a new account (default) or keyChange on the current one. In a thread."""
+        new_key = ec.generate_private_key(ec.SECP256R1())
+        new_jwk = jwk.JWKEC(key=new_key)
+        if key_change:
+            session = self._open(deadline)
+            url = session.acme.directory["keyChange"]
+            old_key = session.net.key
+            assert old_key is not None  # _open signs with it
+            inner = jws.JWS.sign(
+                json.dumps(
+                    {
+                        "account": session.account_uri,
+                        "oldKey": old_key.public_key().to_json(),
+                    }
+                ).encode(),
+                key=new_jwk,
+                alg=jwa.ES256,
+                nonce=None,
+                url=url,
+            )
+            session.net.post(url, inner, new_nonce_url=session.acme.directory["newNonce"])
+            uri = session.account_uri
+        else:
+            net = _Network(
+                new_jwk,
+                verify=self._verify,
+                deadline=deadline,
+                clock=self._clock,
+                request_timeout=self._request_timeout,
+                nonce_retries=self._nonce_retries,
+            )
+            acme = client.ClientV2(client.ClientV2.get_directory(self.directory_url, net), net)
+            registration = messages.NewRegistration.from_data(
+                email=self._contact or None, terms_of_service_agreed=True
+            )
+            uri = acme.new_account(registration).uri
+        path = self._dir / "account-key.pem"
+        with self._key_lock:
+            if path.exists():
+                os.replace(path, path.with_name(f"{path.name}.{int(time.time())}.old"))
+            pem = new_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            _write_private(path, pem)
+        record = {"directory_url": self.directory_url, "uri": uri, "recorded_at": time.time()}
+        _write_private(self.account_file, json.dumps(record, indent=2).encode())
+        how = "rolled to a new key (keyChange)" if key_change else "registered with a new key"
+        logger.info("ACME account %s %s", uri, how)
+        return uri
+
+    async def rotate_account(self, deadline: float, *, key_change: bool = False) -> str:
+        """Replace the account key (see the module doc); returns the account URI in use.
+
+        Raises :class:`IssuanceError` (labelled with the directory URL) if the CA refuses;
+        the stored key and account are then unchanged.
+        """
+        return await self._thread(self.directory_url, self._rotate, deadline, key_change)
 
     async def account_uri(self, deadline: float, domain: str = "") -> str:
         """The account URL (registering the account if needed); ``domain`` labels errors."""
@@ -386,7 +455,13 @@ class AcmeClient:
         self, name: str, values: Collection[str], servers: Sequence[NameServer], deadline: float
     ) -> list[NameServer]:
         return await wait_for_txt(
-            name, values, servers, deadline, poll_interval=self._poll_interval, clock=self._clock
+            name,
+            values,
+            servers,
+            deadline,
+            poll_interval=self._poll_interval,
+            skip_silent=self._clock() + self._propagation_wait,
+            clock=self._clock,
         )
 
     async def _await_authz(

@@ -19,6 +19,7 @@ deadlines) are injected.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import random
@@ -33,7 +34,7 @@ from gateway.certs.acme import AcmeClient, IssuedCertificate, PropagationCheck
 from gateway.certs.dns.base import CaaRecord, DnsProvider
 from gateway.certs.dns.factory import build_providers
 from gateway.certs.errors import CertError
-from gateway.certs.settings import AcmeSettings
+from gateway.certs.settings import AcmeSettings, resolve_certs_dir
 from gateway.config import Config
 from gateway.tee.base import TeeBackend, TeeError
 
@@ -72,8 +73,9 @@ class _State:
 
 
 def certs_dir_of(config: Config) -> Path:
-    """``acme.certs_dir``, or ``<core.data_dir>/certs`` when it is empty."""
-    return Path(config.acme.certs_dir) if config.acme.certs_dir else config.core.data_dir / "certs"
+    """``acme.certs_dir``, or ``<core.data_dir>/certs`` when it is empty (the proxy's
+    ``certs_dir`` follows the same rule, :func:`~gateway.certs.settings.resolve_certs_dir`)."""
+    return resolve_certs_dir(config.acme.certs_dir, config.core.data_dir)
 
 
 def caa_records(issuer: str, account_uri: str) -> list[CaaRecord]:
@@ -141,6 +143,7 @@ class Certbot:
             contact_email=s.contact_email,
             ca_bundle=Path(s.ca_bundle) if s.ca_bundle else None,
             poll_interval=s.poll_interval,
+            propagation_wait=s.propagation_wait,
         )
         return cls(
             s,
@@ -182,6 +185,56 @@ class Certbot:
     def acme_info(self) -> dict[str, Any]:
         """The ``/acme-info`` JSON document (the proxy serves it)."""
         return attestation.acme_info(self._certs_dir, self.domains, self.account_uri())
+
+    # --- account and CAA (upstream's SetCaa and RotateAcmeCredentials) ----------------------
+
+    async def _pin_caa(self, issuer: str, uri: str) -> list[str]:
+        """CAA pinning ``issuer`` and ``uri`` on every domain; CertError names the failures."""
+        done, failed = [], []
+        for domain, provider in self._providers.items():
+            try:
+                await provider.set_caa(domain, caa_records(issuer, uri))
+                done.append(domain)
+            except CertError as exc:
+                failed.append(f"{domain}: {exc}")
+        if failed:
+            ok = f" (updated: {', '.join(done)})" if done else ""
+            raise CertError(f"CAA not updated for {'; '.join(failed)}{ok}")
+        return done
+
+    async def publish_caa(self, issuer: str) -> tuple[str, list[str]]:
+        """Pin ``issuer`` and our account (registered if needed) in CAA for every domain now.
+
+        Returns (account URI, domains updated); raises CertError.
+        """
+        deadline = self._monotonic() + self._settings.issue_timeout
+        uri = await self._acme.account_uri(deadline)
+        return uri, await self._pin_caa(issuer, uri)
+
+    async def rotate_account(self, *, key_change: bool = False) -> tuple[str, list[str]]:
+        """A new account key (see ``AcmeClient.rotate_account``), then, as upstream does, the
+        CAA records re-pinned to the account (when ``caa`` is on) and the account re-quoted
+        (with ``quote_binding``); the proxy is told (``on_change``: ``/acme-info`` changed).
+
+        Every domain's lock is held meanwhile, so no order runs under a key being replaced.
+        Returns (account URI, domains whose CAA was updated); raises CertError.
+        """
+        deadline = self._monotonic() + self._settings.issue_timeout
+        async with contextlib.AsyncExitStack() as stack:
+            for lock in self._locks.values():
+                await stack.enter_async_context(lock)
+            uri = await self._acme.rotate_account(deadline, key_change=key_change)
+            try:
+                updated: list[str] = []
+                if self._settings.caa:
+                    updated = await self._pin_caa(self._settings.caa_issuer, uri)
+                if self._tee is not None:
+                    await self._quote_account(uri)
+            except CertError as exc:
+                await self._notify()
+                raise CertError(f"the ACME account is now {uri}, but: {exc}") from exc
+        await self._notify()
+        return uri, updated
 
     def due(self, domain: str) -> bool:
         """True if ``domain`` has no readable certificate or it expires within renew_before."""

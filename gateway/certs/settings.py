@@ -13,15 +13,35 @@ import re
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from gateway.certs.dns.base import parse_server
 
-__all__ = ["AcmeDomain", "AcmeSettings", "DnsCredential", "DnsSettings", "ResolverSettings"]
+__all__ = [
+    "AcmeDomain",
+    "AcmeSettings",
+    "DnsCredential",
+    "DnsSettings",
+    "ResolverSettings",
+    "resolve_certs_dir",
+]
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 LETS_ENCRYPT = "https://acme-v02.api.letsencrypt.org/directory"
 CLOUDFLARE_API = "https://api.cloudflare.com/client/v4"
+
+
+def resolve_certs_dir(setting: str | Path, data_dir: Path) -> Path:
+    """The certificates directory: ``setting``, or ``<data_dir>/certs`` when it is empty.
+
+    The one rule for both ``acme.certs_dir`` (where the certbot writes) and
+    ``proxy.certs_dir`` (where the workers read), so that with their defaults they agree for
+    every ``core.data_dir``. A TOML ``""`` decodes to ``Path("")``, which is ``Path(".")``:
+    both mean "not set" (a relative certificates directory would follow the cwd anyway).
+    """
+    path = Path(setting)
+    return data_dir / "certs" if path == Path("") else path
 
 
 def normalize_domain(name: str) -> str:
@@ -70,6 +90,7 @@ class AcmeSettings:
     backoff_max: float = 6 * 3600.0
     issue_timeout: float = 300.0
     poll_interval: float = 1.0
+    propagation_wait: float = 60.0
     caa: bool = False
     caa_issuer: str = ""
     quote_binding: bool = False
@@ -81,6 +102,8 @@ class AcmeSettings:
         for name in ("renew_before", "check_interval", "issue_timeout", "poll_interval"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+        if self.propagation_wait < 0:
+            raise ValueError("propagation_wait must be >= 0")
         if self.jitter < 0 or self.backoff_initial <= 0 or self.backoff_max < self.backoff_initial:
             raise ValueError("need jitter >= 0 and 0 < backoff_initial <= backoff_max")
         if self.caa and not self.caa_issuer:

@@ -1,13 +1,13 @@
-"""The tunnel node as a child of ``gateway serve``: ``gateway rpc`` run by the supervisor.
+"""The control process as a child of ``gateway serve``: ``gateway control``, supervised.
 
 ``gateway serve`` runs the whole gateway in one command: the proxy supervisor with its
-workers, the control plane child (``gateway control``: admin API, certbot, and the
-registration RPC + tunnel when ``rpc.cert_file`` is set), and, when the registration RPC is
-attested instead (``[rpc_identity] tee`` set, no ``rpc.cert_file``; ``gateway control`` does
-not serve that), one more child running what ``gateway rpc`` runs: the registration RPC with
-its RA-TLS identity, the WireGuard device and registry maintenance. The proxy and this child
-share nothing but the registry database, which the workers read (``proxy.registry_routes``)
-and the child writes.
+workers and at most one control child, ``gateway control`` (:mod:`gateway.control.node`),
+which runs whatever the configuration asks of the control node
+(:func:`gateway.control.roles.node_roles`): the registration RPC with its attested RA-TLS
+identity (``[rpc_identity] tee``) or certificate file, the WireGuard device and registry
+maintenance, the certbot, and the admin API when it has credentials. The proxy and the
+child share the registry database (the workers read it, ``proxy.registry_routes``), the
+routing overlay file, and signals: the child sends SIGHUP to the supervisor after a change.
 
 Why a separate process rather than a thread or a task in the supervisor: the supervisor forks
 workers, and forking with an event loop or threads alive is unsafe; the child is started with
@@ -15,7 +15,7 @@ workers, and forking with an event loop or threads alive is unsafe; the child is
 the supervisor, which stops the child by PID after the workers drained. The supervisor reaps
 it like a worker and restarts it with back-off if it dies. The child first runs this module's
 ``main`` (``PR_SET_PDEATHSIG``: SIGTERM when the supervisor dies, even by SIGKILL), which then
-execs ``gateway rpc`` in the same process, so the PID the supervisor tracks stays the same.
+execs ``gateway control`` in the same process, so the PID the supervisor tracks stays the same.
 """
 
 from __future__ import annotations
@@ -28,38 +28,29 @@ import sys
 import time
 from pathlib import Path
 
-from gateway.config import Config
-
-__all__ = ["ControlProcess", "wants_tunnel_child"]
+__all__ = ["ControlProcess", "control_child"]
 
 logger = logging.getLogger(__name__)
 
 _BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0)
 
 
-def wants_tunnel_child(cfg: Config) -> bool:
-    """Whether ``gateway serve`` runs ``gateway rpc`` as a child: an attested RPC identity,
-    and no ``rpc.cert_file`` (with one, ``gateway control`` runs the RPC and the tunnel: two
-    would fight over the interface and the port)."""
-    return bool(cfg.rpc_identity.tee) and not cfg.rpc.cert_file
+def control_child(config: Path | None, supervisor_pid: int, stats_dir: Path) -> ControlProcess:
+    """``gateway control`` as ``gateway serve``'s supervised child: it signals the supervisor
+    (``--notify-pid``) and reads the workers' counters (``--stats-dir``)."""
+    cmd = [sys.executable, "-m", "gateway", "control"]
+    if config is not None:
+        cmd += ["--config", str(config.resolve())]
+    cmd += ["--notify-pid", str(supervisor_pid), "--stats-dir", str(stats_dir)]
+    return ControlProcess(cmd, label="control process", stop_grace=15.0)
 
 
 class ControlProcess:
-    """One supervised child of ``gateway serve`` (see the module doc): by default
-    ``python -m gateway rpc --config FILE``; ``command`` runs another (``gateway control``)."""
+    """One supervised child of ``gateway serve`` (see the module doc) running ``command``."""
 
     def __init__(
-        self,
-        config: Path | None = None,
-        *,
-        command: list[str] | None = None,
-        label: str = "control process (registration RPC + WireGuard)",
-        stop_grace: float = 10.0,
+        self, command: list[str], *, label: str = "control process", stop_grace: float = 10.0
     ) -> None:
-        if command is None:
-            if config is None:
-                raise ValueError("ControlProcess needs a config file or a command")
-            command = [sys.executable, "-m", "gateway", "rpc", "--config", str(config)]
         self.command = command
         self.label = label
         self.stop_grace = stop_grace

@@ -3,8 +3,9 @@
 Layout (``gateway.lab.harness``, prefix ``gwd``; see ``docs/lab.md``)::
 
     gwd<tag>g   gateway namespace: `gateway serve` = proxy workers on 0.0.0.0:8443 + its
-                control child (registration RPC on 172.30.0.1:8010 with an RA-TLS identity
-                from simulated TDX, wireguard-go <base>gw, registry maintenance)
+                one control child, `gateway control` (registration RPC on 172.30.0.1:8010
+                with an RA-TLS identity from simulated TDX, wireguard-go <base>gw, registry
+                maintenance; no admin credentials, so its admin API is off, with a warning)
     gwd<tag>c1  CVM namespaces (two instances of ONE app): `gateway guest boot` from a
     gwd<tag>c2  generated host-shared folder (key provider `none`, gateway enabled), the
                 lab origin (HTTP :8080) and a TLS origin (:8443, the app's own certificate),

@@ -6,19 +6,18 @@ drains (see ``docs/proxy.md``). With ``proxy.registry_routes`` (the default) eve
 follows the tunnel registry's SQLite file (``[registry]``) and routes to registered CVMs.
 The supervisor's PID is in ``<core.data_dir>/run/gateway.pid`` while it runs.
 
-The control plane (admin API, certbot, registration RPC and tunnel: ``gateway control``)
-runs as a supervised child process (spawned, restarted with back-off if it dies, stopped by
-PID after the workers drained);
-it signals the supervisor (SIGHUP) after a certificate is installed or the operator changed
-routes, drains or port policies, and every worker's route reload applies the routing overlay
-it publishes (``docs/operations.md``). It starts when the admin API has credentials, or
-``[acme]`` or ``[rpc]`` is enabled; ``[admin]`` enabled without credentials is an error
-then (fail closed), and a proxy-only configuration runs without it (a warning says so).
-
-An attested registration RPC (``[rpc_identity] tee`` without ``rpc.cert_file``, which
-``gateway control`` does not serve) runs as another supervised child, ``gateway rpc``
-(registration RPC with an RA-TLS identity, WireGuard device, registry maintenance;
-:mod:`gateway.commands.control_process`), restarted if it dies; ``--no-control`` opts out.
+The control process (``gateway control``: registration RPC + tunnel with an attested RA-TLS
+identity from ``[rpc_identity] tee`` or ``rpc.cert_file``, certbot, admin API) runs as ONE
+supervised child (spawned, restarted with back-off if it dies, stopped by PID after the
+workers drained; :mod:`gateway.commands.control_process`); it signals the supervisor
+(SIGHUP) after a certificate is installed or the operator changed routes, drains or port
+policies, and every worker's route reload applies the routing overlay it publishes
+(``docs/operations.md``). It starts when it has something to run
+(:func:`gateway.control.roles.node_roles`): a registration RPC, ``[acme]``, or an admin API
+with credentials. The admin API is never served without credentials: without, the RPC and
+certbot run and a warning says the API is off (``admin.required = true`` makes that exit 2
+instead); a proxy-only configuration runs without the child. ``--no-control`` never starts
+it (the proxy alone, e.g. when the control node runs elsewhere).
 """
 
 from __future__ import annotations
@@ -30,7 +29,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from gateway.commands.control_process import ControlProcess, wants_tunnel_child
+from gateway.commands.control_process import ControlProcess, control_child
 from gateway.config import Config, ConfigError, load_config
 from gateway.proxy.listeners import RouteFeed
 from gateway.proxy.routes import RouteTable, StaticRoutes
@@ -47,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-control",
         action="store_true",
-        help="do not start the attested registration RPC + WireGuard child ([rpc_identity])",
+        help="do not start the control child (registration RPC, tunnel, certbot, admin API)",
     )
 
 
@@ -89,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     path = args.config
     supervisor_pid = os.getpid()
     try:
-        control = wants_control(cfg)
+        control = not args.no_control and wants_control(cfg)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -103,10 +102,8 @@ def run(args: argparse.Namespace) -> int:
         return OverlayRoutes(StaticRoutes(routes), read_overlay(overlay_file))
 
     sidecars: list[ControlProcess] = []
-    if control:
-        sidecars.append(control_plane_child(path, supervisor_pid, stats_dir))
-    if path is not None and wants_tunnel_child(cfg) and not args.no_control:
-        sidecars.append(ControlProcess(path.resolve()))
+    if control:  # at most one: the RPC, tunnel, certbot and admin API share its process
+        sidecars.append(control_child(path, supervisor_pid, stats_dir))
     supervisor = Supervisor(
         cfg.proxy,
         stats_dir=stats_dir,
@@ -140,33 +137,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def wants_control(cfg: Config) -> bool:
-    """Whether to run the control plane; ConfigError if the admin API would run open."""
-    from gateway.control.auth import load_credentials
+    """Whether to run the control child; ConfigError if its configuration must not run
+    (the child decides the same way and logs why the admin API is off, if it is)."""
+    from gateway.control.roles import node_roles
 
-    needed = cfg.acme.enabled or bool(cfg.rpc.cert_file)
-    if not cfg.admin.enabled:
-        return needed
-    try:
-        load_credentials(cfg.admin)
-    except ConfigError:
-        if needed:
-            raise  # a full gateway: refuse to start without admin credentials
-        logger.warning(
-            "admin API not started: no credentials (set %s, admin.token_file or "
-            "admin.htpasswd_file); running the proxy only",
-            cfg.admin.token_env,
-        )
-        return False
-    return True
-
-
-def control_plane_child(
-    config: Path | None, supervisor_pid: int, stats_dir: Path
-) -> ControlProcess:
-    """``gateway control`` as a supervised child: spawned (its own interpreter, nothing of
-    ours is forked), restarted with back-off if it dies, stopped by PID after the drain."""
-    cmd = [sys.executable, "-m", "gateway", "control"]
-    if config is not None:
-        cmd += ["--config", str(config.resolve())]
-    cmd += ["--notify-pid", str(supervisor_pid), "--stats-dir", str(stats_dir)]
-    return ControlProcess(command=cmd, label="control plane", stop_grace=15.0)
+    roles = node_roles(cfg)
+    if not roles.runs_anything and roles.admin_off:
+        logger.warning("%s", roles.admin_off)  # no child to say so
+    return roles.runs_anything

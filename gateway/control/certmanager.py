@@ -13,6 +13,13 @@ from the store, and every other name from the environment as usual.
 
 Without ``[acme] enabled`` there is no certbot: status and history still read the
 certificates directory (certificates placed there by hand or by ``gateway certs``).
+
+The renewal schedule and the CA (upstream's ``GetCertbotConfig``/``SetCertbotConfig``) can be
+changed at runtime: :meth:`CertManager.set_config` stores the changed fields of ``[acme]``
+(:data:`RUNTIME_FIELDS`) in the registry store (table ``op_acme``, key ``certbot_config``),
+validates the merged settings as the configuration file would, and rebuilds the certbot
+with them (a new ACME client when ``directory_url`` changes: accounts are kept per
+directory). A restart applies the stored overrides again; ``null`` drops one.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +38,30 @@ from gateway.certs.dns.factory import build_providers
 from gateway.certs.errors import CertError
 from gateway.certs.settings import AcmeDomain, AcmeSettings, DnsCredential
 from gateway.config import env_value
+from gateway.control.models import FieldError, RevisionMismatch
 from gateway.control.state import OperatorState
+from gateway.registry.store import Conflict
 from gateway.tee.base import TeeBackend
 from gateway.util.tasks import spawn
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["AcmeDisabled", "CertManager", "UnknownDomain"]
+__all__ = ["RUNTIME_FIELDS", "AcmeDisabled", "CertManager", "NotConfigured", "UnknownDomain"]
+
+T_ACME = "op_acme"
+CONFIG_KEY = "certbot_config"
+#: ``[acme]`` fields settable at runtime, with their JSON types
+RUNTIME_FIELDS: dict[str, type] = {
+    "directory_url": str,
+    "renew_before": float,
+    "check_interval": float,
+    "issue_timeout": float,
+    "jitter": float,
+    "backoff_initial": float,
+    "backoff_max": float,
+    "caa": bool,
+    "caa_issuer": str,
+}
 
 
 class AcmeDisabled(Exception):
@@ -46,6 +70,25 @@ class AcmeDisabled(Exception):
 
 class UnknownDomain(Exception):
     """The domain is not a base domain."""
+
+
+class NotConfigured(Exception):
+    """The operation needs a setting that is not set (the message names it)."""
+
+
+def _check_value(name: str, value: Any) -> Any:
+    kind = RUNTIME_FIELDS.get(name)
+    if kind is None:
+        raise FieldError(name, f"not a runtime setting; known: {', '.join(RUNTIME_FIELDS)}")
+    if value is None:
+        return None
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise FieldError(name, f"expected a number of seconds, got {value!r}")
+        return float(value)
+    if not isinstance(value, kind):
+        raise FieldError(name, f"expected a {kind.__name__}, got {value!r}")
+    return value
 
 
 class CertManager:
@@ -62,11 +105,22 @@ class CertManager:
         tee: TeeBackend | None = None,
         propagation: PropagationCheck | None = None,
         env: Callable[[str], str | None] = env_value,
+        acme_factory: Callable[[AcmeSettings], AcmeClient] | None = None,
     ) -> None:
-        self.settings = settings
+        """``acme_factory`` builds a client for another directory URL (runtime config)."""
+        self.file_settings = settings
         self.state = state
         self.certs_dir = certs_dir
+        self._acme_factory = acme_factory
         self._acme = acme if settings.enabled else None
+        self.settings = settings
+        self._overrides: dict[str, Any] = {}
+        self._config_revision = 0
+        try:
+            self._load_overrides()
+        except (FieldError, ValueError) as exc:  # the file's settings apply; say why
+            logger.error("stored ACME settings ignored (%s); using the configuration file's", exc)
+            self.settings, self._overrides = settings, {}
         self._on_change = on_change
         self._tee = tee
         self._propagation = propagation
@@ -87,6 +141,64 @@ class CertManager:
 
     def directory_url(self) -> str | None:
         return self._acme.directory_url if self._acme is not None else None
+
+    # --- runtime settings ------------------------------------------------------------------
+
+    def _load_overrides(self) -> None:
+        entry = self.state.store.kv_get(T_ACME, CONFIG_KEY)
+        if entry is None or not isinstance(entry.value, dict):
+            return
+        self._apply({k: _check_value(k, v) for k, v in entry.value.items()}, entry.revision)
+
+    def _apply(self, overrides: dict[str, Any], revision: int) -> None:
+        """Validate the merged settings (ValueError as the file would give) and switch."""
+        merged = dataclasses.replace(self.file_settings, **overrides)
+        if self._acme is not None and merged.directory_url != self._acme.directory_url:
+            if self._acme_factory is None:
+                raise ValueError("directory_url cannot change here (no ACME client factory)")
+            self._acme = self._acme_factory(merged)
+        self.settings, self._overrides, self._config_revision = merged, overrides, revision
+
+    def config(self) -> dict[str, Any]:
+        """The settings in force (:data:`RUNTIME_FIELDS`), which of them were set at runtime,
+        and the stored revision (for ``If-Match``)."""
+        return {
+            **{name: getattr(self.settings, name) for name in RUNTIME_FIELDS},
+            "enabled": self.enabled,
+            "overrides": sorted(self._overrides),
+            "revision": self._config_revision,
+        }
+
+    async def set_config(self, changes: Mapping[str, Any], expect: int | None = None) -> None:
+        """Merge ``changes`` (``None`` drops an override), validate, persist, then rebuild.
+
+        Raises FieldError (bad field or value), RevisionMismatch (``expect`` is stale).
+        """
+        overrides = dict(self._overrides)
+        for name, value in changes.items():
+            checked = _check_value(name, value)
+            if checked is None:
+                overrides.pop(name, None)
+            else:
+                overrides[name] = checked
+        previous = (self.settings, self._acme)
+        before = (self._overrides, self._config_revision)
+        try:
+            self._apply(overrides, self._config_revision)
+        except ValueError as exc:
+            self.settings, self._acme = previous
+            raise FieldError("body", str(exc)) from None
+        try:
+            entry = self.state.store.kv_put(T_ACME, CONFIG_KEY, overrides, expect_revision=expect)
+        except Conflict as exc:
+            self.settings, self._acme = previous
+            self._overrides, self._config_revision = before
+            raise RevisionMismatch(str(exc)) from None
+        self._config_revision = entry.revision
+        logger.info("ACME settings changed at runtime: %s", ", ".join(sorted(changes)) or "none")
+        if self._acme is not None:
+            self.reconfigure()
+            await self.settled()
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -212,18 +324,42 @@ class CertManager:
             raise CertError(self.last_error or f"{domain} is not managed by the certbot yet")
         return await self._certbot.renew_now(domain, force=force)
 
+    async def _running_certbot(self) -> Certbot:
+        if self._acme is None:
+            raise AcmeDisabled("ACME is disabled ([acme] enabled = false)")
+        await self.settled()
+        if self._certbot is None:
+            raise CertError(self.last_error or "the certbot is not running")
+        return self._certbot
+
+    async def publish_caa(self) -> tuple[str, list[str]]:
+        """Upstream's ``SetCaa``: pin ``caa_issuer`` and our account in CAA for every base
+        domain now. Returns (account URI, domains); raises AcmeDisabled, NotConfigured,
+        CertError."""
+        certbot = await self._running_certbot()
+        if not self.settings.caa_issuer:
+            raise NotConfigured(
+                "caa_issuer is not set (the CA's CAA domain, e.g. letsencrypt.org): set it in "
+                "[acme] or with PUT /api/v1/acme/config"
+            )
+        return await certbot.publish_caa(self.settings.caa_issuer)
+
+    async def rotate_account(self, *, key_change: bool = False) -> tuple[str, list[str]]:
+        """Upstream's ``RotateAcmeCredentials`` (see ``Certbot.rotate_account``)."""
+        certbot = await self._running_certbot()
+        return await certbot.rotate_account(key_change=key_change)
+
     def acme_info(self) -> dict[str, Any]:
-        """Upstream's ``/acme-info`` document plus the directory and account in use."""
+        """Upstream's ``/acme-info`` document plus the directory and account in use.
+
+        Keys of every current base domain (read from the operator state, so a domain added or
+        removed through the API shows at once, before the certbot is rebuilt)."""
         names = [d.domain for d in self.state.domains()]
-        if self._certbot is not None:
-            info = self._certbot.acme_info()
-        else:
-            uri = self._acme.stored_account_uri() if self._acme is not None else None
-            info = attestation.acme_info(self.certs_dir, names, uri)
+        uri = self._acme.stored_account_uri() if self._acme is not None else None
         return {
             "enabled": self.enabled,
             "directory_url": self.directory_url(),
-            **info,
+            **attestation.acme_info(self.certs_dir, names, uri),
         }
 
 

@@ -1,8 +1,11 @@
 """``gateway control --config FILE``: run the control plane as a process of its own.
 
-With ``[rpc]`` configured it is the whole control node (tunnel, registration RPC, admin API:
-see :mod:`gateway.control.node`); without, the admin API and certbot alone. It serves the
-admin API, the dashboard and ``/metrics``, keeps the certificates renewed and holds the
+With a registration RPC configured (an attested identity from ``[rpc_identity] tee``, or
+``rpc.cert_file``) it is the whole control node (tunnel, registration RPC, admin API: see
+:mod:`gateway.control.node`); without, the admin API and certbot alone. It serves the
+admin API, the dashboard and ``/metrics`` (only with credentials: without, a node that has
+an RPC or a certbot runs them and warns that the API is off, see
+:mod:`gateway.control.roles`), keeps the certificates renewed and holds the
 operator state (see :mod:`gateway.control.plane`). ``gateway serve`` starts it next
 to the proxy's supervisor: a separate process, so the supervisor's forks never copy an event
 loop, a SQLite connection or a thread, and a crash in one does not take the other down.
@@ -31,6 +34,7 @@ from gateway.util.logs import setup_logging
 
 if TYPE_CHECKING:  # the plane pulls in aiohttp, acme, dnspython: only when it runs
     from gateway.config import Config
+    from gateway.control.roles import NodeRoles
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +76,13 @@ def stats_reader(stats_dir: Path | None) -> Callable[[], Mapping[str, Any]]:
     return read
 
 
-async def serve(cfg: Config, args: argparse.Namespace) -> None:
+async def serve(
+    cfg: Config,
+    *,
+    roles: NodeRoles | None = None,
+    notify_pid: int | None = None,
+    stats_dir: Path | None = None,
+) -> None:
     """Run the node until SIGTERM or SIGINT."""
     from gateway.control.node import run_node
 
@@ -80,28 +90,52 @@ async def serve(cfg: Config, args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    notify = signaller(args.notify_pid)
-    await run_node(cfg, stop, counters=stats_reader(args.stats_dir), notify=notify)
+    await run_node(
+        cfg, stop, roles=roles, counters=stats_reader(stats_dir), notify=signaller(notify_pid)
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from gateway.attest.collateral import CollateralError
-    from gateway.certs.errors import CertError
-    from gateway.registry.store import StoreError
-    from gateway.tunnel.errors import TunnelError
-
     try:
         cfg = load_config(args.config)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    return run_node_process(cfg, notify_pid=args.notify_pid, stats_dir=args.stats_dir)
+
+
+def run_node_process(
+    cfg: Config,
+    *,
+    roles: NodeRoles | None = None,
+    notify_pid: int | None = None,
+    stats_dir: Path | None = None,
+) -> int:
+    """Run the node in this process until signalled; the exit code (2: configuration, 1: a
+    start-up failure such as no quote from the TEE, an unusable certificate or tunnel)."""
+    from gateway.attest.collateral import CollateralError
+    from gateway.certs.errors import CertError
+    from gateway.control.rpc_identity import RpcIdentityError
+    from gateway.control.tls_server import TlsServerError
+    from gateway.registry.store import StoreError
+    from gateway.tunnel.errors import TunnelError
+
     setup_logging(cfg.core.log_level, cfg.core.log_format)
     try:
-        asyncio.run(serve(cfg, args))
+        asyncio.run(serve(cfg, roles=roles, notify_pid=notify_pid, stats_dir=stats_dir))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (CertError, StoreError, TunnelError, CollateralError, OSError, ValueError) as exc:
+    except (
+        CertError,
+        StoreError,
+        TunnelError,
+        CollateralError,
+        RpcIdentityError,
+        TlsServerError,
+        OSError,
+        ValueError,
+    ) as exc:
         logger.error("control plane failed: %s", exc)
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -1,14 +1,21 @@
 """One control process: tunnel, registration RPC and control plane over one store.
 
-``gateway control`` runs :func:`run_node`. With ``[rpc] cert_file`` set it opens the tunnel
+``gateway control`` (alone, or as ``gateway serve``'s one control child) runs
+:func:`run_node`; ``gateway rpc`` runs it too, without the admin API and the certbot. What
+runs is decided by :func:`gateway.control.roles.node_roles`. With a registration RPC
+configured (an attested RA-TLS identity from ``[rpc_identity] tee``, or ``rpc.cert_file``)
+it prepares the RPC's certificate and trust anchors (:func:`gateway.control.rpc_server.
+prepare_rpc`: a TEE or file problem fails before anything runs), opens the tunnel
 (:func:`gateway.registry.runtime.open_tunnel`: key, WireGuard device, store, restore,
-maintenance), hands its store and registry to the :class:`ControlPlane`, and serves the
-registration RPC with the plane's hooks: the admission policy is read from the operator
-state per registration (a ``PUT /api/v1/admission-policy`` applies to the next CVM, no
-restart), verification latency and outcomes go to ``/metrics``, and the base domain told to
-CVMs (``Info``, ``RegisterCvm``'s ``agent.domain``) follows the base domains added through
-the API. Without ``[rpc]`` it is the control plane alone. Shutdown runs in reverse: RPC
-listener, admin API and certbot, then the tunnel (device stopped by PID, store closed).
+maintenance), hands its store and registry to the :class:`ControlPlane`, and serves the RPC
+with the plane's hooks, whichever identity it presents: the admission policy is read from
+the operator state per registration (a ``PUT /api/v1/admission-policy`` applies to the next
+CVM, no restart), verification latency and outcomes go to ``/metrics``, and the base domain
+told to CVMs (``Info``, ``RegisterCvm``'s ``agent.domain``) follows the base domains added
+through the API. Without an RPC it is the control plane alone. The admin API is served only
+with credentials (see :mod:`gateway.control.roles` for what happens without). Shutdown runs
+in reverse: RPC listener and renewal task, admin API and certbot, then the tunnel (device
+stopped by PID, store closed).
 """
 
 from __future__ import annotations
@@ -18,92 +25,83 @@ import dataclasses
 import logging
 from collections.abc import Callable, Mapping
 from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
-from gateway.attest.collateral import collateral_source_from_settings
-from gateway.attest.evidence import EvidenceError, RejectReason
-from gateway.attest.quote import verifier_from_settings
-from gateway.attest.verifier import TrustAnchors
-from gateway.config import Config
+from gateway.config import Config, ConfigError
 from gateway.control.models import Topic
 from gateway.control.plane import ControlPlane
-from gateway.control.registration import (
-    RegistrationService,
-    advertised_from_config,
-    create_rpc_app,
-    evidence_check,
-    load_kms_root,
-)
-from gateway.control.tls_server import TlsCredentials, TlsSite
-from gateway.registry.runtime import Tunnel, open_tunnel
+from gateway.control.registration import RegistrationService
+from gateway.control.roles import NodeRoles, node_roles
+from gateway.control.rpc_server import prepare_rpc, start_rpc
+from gateway.registry.runtime import open_tunnel
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["run_node"]
+__all__ = ["node_config", "run_node"]
 
 
-def _undecodable(quote: bytes) -> object:
-    """Placeholder collateral: only reached when the presented quote did not decode."""
-    raise EvidenceError(RejectReason.MALFORMED, "the presented quote does not decode")
-
-
-async def _serve_rpc(
-    cfg: Config, plane: ControlPlane, tunnel: Tunnel, stack: AsyncExitStack
-) -> None:
-    rpc = cfg.rpc
-    creds = TlsCredentials(  # pyOpenSSL: self-signed RA-TLS and KMS chains reach the check
-        Path(rpc.cert_file),
-        Path(rpc.key_file),
-        Path(rpc.client_ca_file) if rpc.client_ca_file else None,
+def node_config(cfg: Config, roles: NodeRoles) -> Config:
+    """``cfg`` as the node runs it: the admin API switched off when it is not to be served
+    (the plane then never asks for credentials), the certbot off when not wanted."""
+    if roles.admin == cfg.admin.enabled and roles.acme == cfg.acme.enabled:
+        return cfg
+    return dataclasses.replace(
+        cfg,
+        admin=dataclasses.replace(cfg.admin, enabled=roles.admin),
+        acme=dataclasses.replace(cfg.acme, enabled=roles.acme),
     )
-    verifier = verifier_from_settings(cfg.attest)
-    anchors = TrustAnchors(
-        collateral=_undecodable,
-        root_ca_der=None if verifier.uses_intel_root else verifier.root_ca_der,
-        kms_root=load_kms_root(rpc.kms_root_file),
-        tcb_policy=cfg.attest.tcb_policy(),
-    )
-    check = evidence_check(
-        source=collateral_source_from_settings(cfg.attest),
-        anchors=anchors,
-        policy=plane.admission_policy,  # read per registration: runtime changes apply
-    )
-    base = advertised_from_config(cfg, tunnel.public_key)
-    service = RegistrationService(tunnel.registry, plane.instrument(check), base)
 
-    def advertise() -> None:
-        domains = plane.state.domains()
-        first = domains[0] if domains else None
-        service.advertised = dataclasses.replace(
-            base,
-            base_domain=first.domain if first else base.base_domain,
-            external_port=first.port if first else base.external_port,
-        )
 
-    advertise()
-    plane.state.subscribe(Topic.DOMAINS, advertise)
-    runner = web.AppRunner(create_rpc_app(service), access_log=None)
-    await runner.setup()
-    stack.push_async_callback(runner.cleanup)
-    await TlsSite(
-        runner, rpc.address, rpc.port, creds, handshake_timeout=rpc.handshake_timeout
-    ).start()
-    logger.info("registration RPC on https://%s:%d", rpc.address, rpc.port)
+def _follow_base_domains(plane: ControlPlane) -> Callable[[RegistrationService], None]:
+    """Keep what the RPC tells CVMs in step with the base domains added through the API."""
+
+    def configure(service: RegistrationService) -> None:
+        base = service.advertised
+
+        def advertise() -> None:
+            domains = plane.state.domains()
+            first = domains[0] if domains else None
+            service.advertised = dataclasses.replace(
+                base,
+                base_domain=first.domain if first else base.base_domain,
+                external_port=first.port if first else base.external_port,
+            )
+
+        advertise()
+        plane.state.subscribe(Topic.DOMAINS, advertise)
+
+    return configure
 
 
 async def run_node(
     cfg: Config,
     stop: asyncio.Event,
     *,
+    roles: NodeRoles | None = None,
     counters: Callable[[], Mapping[str, Any]] = dict,
     notify: Callable[[], Any] = lambda: None,
 ) -> None:
-    """Run until ``stop`` is set; start-up failures raise with nothing left running."""
+    """Run until ``stop`` is set; start-up failures raise with nothing left running.
+
+    ``roles`` defaults to :func:`node_roles` of ``cfg`` (``gateway rpc`` passes its own);
+    a node with nothing to run raises the admin API's credential error (ConfigError).
+    """
+    if roles is None:
+        roles = node_roles(cfg)
+    if not roles.runs_anything:
+        raise ConfigError(
+            "admin",
+            "nothing to run: the admin API has no credentials, and neither a registration "
+            "RPC ([rpc_identity] tee or rpc.cert_file) nor [acme] is configured",
+            f"set the {cfg.admin.token_env} environment variable, admin.token_file or "
+            "admin.htpasswd_file",
+        )
+    if roles.admin_off:
+        logger.warning("%s", roles.admin_off)
+    cfg = node_config(cfg, roles)
+    plan = await asyncio.to_thread(prepare_rpc, cfg) if roles.rpc else None
     async with AsyncExitStack() as stack:
-        tunnel = await stack.enter_async_context(open_tunnel(cfg)) if cfg.rpc.cert_file else None
+        tunnel = await stack.enter_async_context(open_tunnel(cfg)) if plan else None
         plane = ControlPlane(
             cfg,
             counters=counters,
@@ -118,8 +116,21 @@ async def run_node(
             registry=tunnel.registry if tunnel else None,
         )
         await stack.enter_async_context(plane)
-        if tunnel is not None:
-            await _serve_rpc(cfg, plane, tunnel, stack)
-        logger.info("control plane running")
+        if plan is not None and tunnel is not None:
+            await start_rpc(
+                cfg,
+                plan,
+                tunnel,
+                stack,
+                policy=plane.admission_policy,  # read per registration: runtime changes apply
+                instrument=plane.instrument,
+                configure=_follow_base_domains(plane),
+            )
+        logger.info(
+            "control plane running (admin API %s, certbot %s, registration RPC %s)",
+            "on" if roles.admin else "OFF",
+            "on" if roles.acme else "off",
+            roles.rpc or "off",
+        )
         await stop.wait()
         logger.info("control plane stopping")

@@ -11,7 +11,9 @@ Hooks for the data plane, all optional:
 
 * ``counters()``: the proxy's summed worker counters (``gateway.proxy.stats.read_stats``);
 * ``accel()``: its acceleration modes (shown as upstream's ``accel``);
-* ``on_cert_change()``: called after a certificate is installed (the proxy's reload);
+* ``on_cert_change()``: called after a certificate is installed or the ACME account changed
+  (the proxy's reload), once ``/acme-info`` and ``/app-info`` are republished
+  (:mod:`gateway.control.gateway_info`, read by the workers on that reload);
 * ``on_routes_change()``: called after custom-domain routes, drains or port-policy overrides
   change, once the routing overlay file (:mod:`gateway.control.overlay`) has been rewritten;
   the proxy workers re-read it.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import os
 import time
@@ -39,6 +42,7 @@ from aiohttp import web
 from gateway.attest.policy_settings import AdmissionPolicy
 from gateway.certs.acme import AcmeClient, PropagationCheck
 from gateway.certs.certbot import certs_dir_of
+from gateway.certs.settings import AcmeSettings
 from gateway.config import Config
 from gateway.control.admin import create_admin_app
 from gateway.control.auth import Credentials, load_credentials
@@ -55,10 +59,12 @@ from gateway.control.collectors import (
     proxy_collector,
 )
 from gateway.control.dashboard import DASHBOARD
+from gateway.control.gateway_info import InfoPublisher
 from gateway.control.metrics import metrics_endpoint
 from gateway.control.models import BaseDomain, Topic
 from gateway.control.overlay import Overlay, overlay_path, write_overlay
 from gateway.control.readiness import Readiness, store_check
+from gateway.control.resources.acme import acme_endpoints
 from gateway.control.resources.admission import admission_endpoints
 from gateway.control.resources.certificates import certificate_endpoints
 from gateway.control.resources.dns import dns_endpoints
@@ -66,7 +72,10 @@ from gateway.control.resources.domains import domain_endpoints
 from gateway.control.resources.instances import instance_endpoints
 from gateway.control.resources.routes import route_endpoints
 from gateway.control.resources.status import prpc_endpoints, status_document
+from gateway.control.roles import rpc_identity_kind
+from gateway.control.rpc_identity import tee_from_settings
 from gateway.control.state import OperatorState
+from gateway.proxy.info_file import info_path
 from gateway.registry.factory import build_registry, open_store, store_path
 from gateway.registry.service import PeerDevice, Registry
 from gateway.registry.store import Store
@@ -129,6 +138,7 @@ def build_admin_app(
         *domain_endpoints(state, certs.status),
         *dns_endpoints(state),
         *certificate_endpoints(certs),
+        *acme_endpoints(certs),
         *route_endpoints(state),
         *admission_endpoints(state),
         *prpc_endpoints(status, state, certs),
@@ -205,16 +215,19 @@ class ControlPlane:
         self.runner: web.AppRunner | None = None
         self.address: tuple[str, int] | Path | None = None
         self.overlay_file: Path = overlay_path(config.core.data_dir)
+        self.info_file: Path = info_path(config.core.data_dir)
+        self.info: InfoPublisher
         self.readiness = self._readiness_plan()
 
     def _readiness_plan(self) -> Readiness:
-        """What ``/ready`` waits for. The plane marks its own steps; with ``[rpc]`` set (the
-        tunnel runs) the peers must be restored, which a registry handed in from
-        ``open_tunnel`` has done before yielding, and whoever binds the registration RPC
-        must call ``plane.readiness.mark("registration_rpc")`` once it listens."""
+        """What ``/ready`` waits for. The plane marks its own steps; with a registration RPC
+        configured (:func:`~gateway.control.roles.rpc_identity_kind`: the tunnel runs) the
+        peers must be restored, which a registry handed in from ``open_tunnel`` has done
+        before yielding, and whoever binds the registration RPC must call
+        ``plane.readiness.mark("registration_rpc")`` once it listens."""
         ready = Readiness()
         ready.require("certbot", "the certificate manager has not started")
-        if self.config.rpc.cert_file:
+        if rpc_identity_kind(self.config):
             if self._given_registry is None:
                 ready.require("peers_restored", "no tunnel: WireGuard peers not restored")
             else:
@@ -270,28 +283,47 @@ class ControlPlane:
             config_credentials=cfg.dns.credentials,
             config_policy=cfg.admission,
         )
-        acme = None
-        if cfg.acme.enabled:
-            acme = AcmeClient(
-                directory_url=cfg.acme.directory_url,
+        if self._tee is None:  # the gateway's own TEE: app-info, quotes over certificate keys
+            self._tee = tee_from_settings(cfg.rpc_identity)
+
+        def acme_client(s: AcmeSettings) -> AcmeClient:
+            return AcmeClient(
+                directory_url=s.directory_url,
                 state_dir=cfg.core.data_dir / "acme",
-                contact_email=cfg.acme.contact_email,
-                ca_bundle=Path(cfg.acme.ca_bundle) if cfg.acme.ca_bundle else None,
-                poll_interval=cfg.acme.poll_interval,
+                contact_email=s.contact_email,
+                ca_bundle=Path(s.ca_bundle) if s.ca_bundle else None,
+                poll_interval=s.poll_interval,
+                propagation_wait=s.propagation_wait,
+            )
+
+        certs_dir = certs_dir_of(cfg)
+        if cfg.acme.enabled and certs_dir != cfg.proxy.certs_dir:
+            logger.warning(
+                "acme.certs_dir (%s) is not proxy.certs_dir (%s): the proxy will not serve the "
+                "certificates the certbot writes; leave both empty to use <data_dir>/certs",
+                certs_dir,
+                cfg.proxy.certs_dir,
             )
         self.certs = CertManager(
             cfg.acme,
             state=self.state,
-            certs_dir=certs_dir_of(cfg),
-            acme=acme,
-            on_change=self._on_cert_change,
+            certs_dir=certs_dir,
+            acme=acme_client(cfg.acme) if cfg.acme.enabled else None,
+            acme_factory=acme_client,
+            on_change=self._cert_changed,
             tee=self._tee,
             propagation=self._propagation,
         )
+        self.info = InfoPublisher(self.info_file, self.certs.acme_info, self._tee)
+        if self.info.publish():  # workers forked before this see it on the reload
+            changed = self._on_cert_change()
+            if inspect.isawaitable(changed):
+                await changed
         await self.certs.start()
         self._stack.push_async_callback(self.certs.stop)
         self.readiness.mark("certbot")
         self.state.subscribe(Topic.DOMAINS, self.certs.reconfigure)
+        self.state.subscribe(Topic.DOMAINS, self.info.publish)  # acme-info lists their keys
         self.state.subscribe(Topic.DOMAINS, self._routes_changed)  # base domains in the overlay
         self.state.subscribe(Topic.DNS, self.certs.reconfigure)
         self._publish_overlay()
@@ -299,6 +331,12 @@ class ControlPlane:
             self.state.subscribe(topic, self._routes_changed)
         if creds is not None:
             await self._serve_admin(creds)
+
+    def _cert_changed(self) -> Any:
+        """A certificate was installed or the ACME account changed: republish the documents
+        the workers serve, then tell the proxy (its reload re-reads them and the certs)."""
+        self.info.publish()
+        return self._on_cert_change()
 
     def _publish_overlay(self) -> None:
         write_overlay(self.overlay_file, Overlay.from_state(self.state))

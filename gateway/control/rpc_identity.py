@@ -49,6 +49,7 @@ __all__ = [
     "identity_from_settings",
     "rpc_server_context",
     "rpc_server_credentials",
+    "tee_from_settings",
 ]
 
 CERT_FILE = "rpc-cert.pem"
@@ -208,20 +209,25 @@ class RpcIdentity:
             await asyncio.sleep(self.options.check_interval)
 
 
-def identity_from_settings(settings: RpcIdentitySettings, data_dir: Path) -> RpcIdentity | None:
-    """The configured identity (``[rpc_identity]``), or ``None`` when ``tee`` is empty."""
+def tee_from_settings(settings: RpcIdentitySettings) -> TeeBackend | None:
+    """The gateway's own TEE backend (``[rpc_identity] tee``), or ``None`` when not set."""
     if not settings.tee:
         return None
-    tee: TeeBackend
     if settings.tee == "tdx":
         from gateway.tee.tdx import TdxTee
 
-        tee = TdxTee()
-    else:
-        from gateway.tee.sim import SimTee
+        return TdxTee()
+    from gateway.tee.sim import SimTee
 
-        sim = Path(settings.sim_dir)
-        tee = SimTee.open(sim / "pki", sim / "tee")
+    sim = Path(settings.sim_dir)
+    return SimTee.open(sim / "pki", sim / "tee")
+
+
+def identity_from_settings(settings: RpcIdentitySettings, data_dir: Path) -> RpcIdentity | None:
+    """The configured identity (``[rpc_identity]``), or ``None`` when ``tee`` is empty."""
+    tee = tee_from_settings(settings)
+    if tee is None:
+        return None
     directory = Path(settings.directory) if settings.directory else data_dir / "rpc-identity"
     options = RpcIdentityOptions(
         alt_names=settings.alt_names,

@@ -13,7 +13,10 @@ class AdminSettings:
     ``listen`` is ``host:port`` (``[::1]:port`` for IPv6) or ``unix:/path/to.sock``.
     Credentials, fail-closed: a token (read from the environment variable named by
     ``token_env``, or from ``token_file``) and/or a bcrypt htpasswd file. With neither, the
-    gateway refuses to start unless ``insecure_no_auth`` is set (development only).
+    admin API is never served open: a control node with other work (registration RPC,
+    certbot) runs without the API and warns, unless ``required`` is set, which refuses to
+    start instead; ``insecure_no_auth`` serves it open (development only). See
+    :mod:`gateway.control.roles`.
     Failed attempts are limited to ``auth_failures_per_minute`` per client address.
     """
 
@@ -23,6 +26,7 @@ class AdminSettings:
     token_file: Path | None = None
     htpasswd_file: Path | None = None
     insecure_no_auth: bool = False
+    required: bool = False
     auth_failures_per_minute: int = 10
 
     def __post_init__(self) -> None:

@@ -4,7 +4,7 @@
 ``GET /health``            200, empty
 ``GET /index``             ``{"type":"dstack gateway","paths":["/index","/app-info","/acme-info"]}``
 ``GET /app-info``          the gateway CVM's own app info (JSON), 503 until one is provided
-``GET /acme-info``         ACME account/certificate info (JSON), 503 until one is provided
+``GET /acme-info``         ACME account and quoted certificate keys (JSON), 503 until provided
 other methods              405
 other paths                404
 =========================  =================================================================
@@ -12,6 +12,8 @@ other paths                404
 ``/.dstack/<name>`` is accepted for each of the three JSON paths. The legacy ``health.<base>``
 name answers ``GET /`` with 200 and everything else with 404. One request per connection
 (``Connection: close``); this is a pure function over the request head, tested by tables.
+The documents come from the control plane through :mod:`gateway.proxy.info_file`; a 503
+says why one is missing (e.g. no TEE backend for ``app-info``) when the control plane said.
 """
 
 from __future__ import annotations
@@ -30,9 +32,11 @@ INDEX = {"type": "dstack gateway", "paths": ["/index", "/app-info", "/acme-info"
 
 @dataclass(frozen=True, slots=True)
 class GatewayInfo:
-    """JSON documents the control plane provides (``app-info``, ``acme-info``), as bytes."""
+    """JSON documents the control plane provides (``app-info``, ``acme-info``), as bytes,
+    and for a missing one, why (``unavailable``: shown in its 503)."""
 
     documents: Mapping[str, bytes] = field(default_factory=lambda: MappingProxyType({}))
+    unavailable: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
 
 
 _REASONS = {
@@ -86,7 +90,9 @@ def respond(head: bytes, info: GatewayInfo, legacy_health: bool = False) -> byte
         return _response(200)
     if path == "/index":
         return _response(200, json.dumps(INDEX, separators=(",", ":")).encode())
-    doc = info.documents.get(path[1:])
+    name = path[1:]
+    doc = info.documents.get(name)
     if doc is None:
-        return _error(503, f"{path[1:]} is not available on this gateway yet")
+        why = info.unavailable.get(name) or "the control plane has not published it (yet)"
+        return _error(503, f"{name} is not available on this gateway: {why}")
     return _response(200, doc)

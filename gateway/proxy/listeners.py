@@ -23,6 +23,7 @@ from gateway.certs.store import CertStore
 from gateway.proxy.conn import Conn, Phase
 from gateway.proxy.decide import Decision, Snapshot
 from gateway.proxy.endpoints import GatewayInfo
+from gateway.proxy.info_file import INFO_FILE, load_info
 from gateway.proxy.relay import PipePool
 from gateway.proxy.routes import CombinedRoutes, RouteTable
 from gateway.proxy.settings import ListenSpec, ProxySettings, Timeouts
@@ -93,7 +94,9 @@ class Worker:
         self.certs = certs
         self.state = state
         self.stats_dir = stats_dir
-        self.info = info or GatewayInfo()
+        # /app-info, /acme-info: given, or published by the control plane in the stats dir
+        self.info_file = stats_dir / INFO_FILE if info is None and stats_dir else None
+        self.info = info or load_info(self.info_file)
         self.reload_routes = reload_routes
         self.static_routes = routes
         self.registry_feed = registry_feed
@@ -179,6 +182,7 @@ class Worker:
                 self.static_routes = self.reload_routes()
             except Exception as exc:  # a bad edit must not take the worker down
                 logger.error("route reload failed, keeping the old routes: %s", exc)
+        self.info = load_info(self.info_file, self.info)
         self.swap_snapshot(
             replace(
                 self.snapshot,

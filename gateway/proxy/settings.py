@@ -162,12 +162,16 @@ class ProxySettings:
 
     ``custom_domains``: route names outside ``base_domains`` by their DNS TXT record
     (``_dstack-app-address.<name>``); takes effect only when ``dns.resolver.nameservers`` is
-    set (see ``gateway/proxy/custom.py``)."""
+    set (see ``gateway/proxy/custom.py``).
+
+    ``certs_dir`` empty means ``<core.data_dir>/certs``, where the certbot writes by default;
+    :class:`gateway.config.Config` resolves it (``gateway.certs.settings.resolve_certs_dir``),
+    so a ``ProxySettings`` taken from a ``Config`` always holds the real directory."""
 
     listen: tuple[str, ...] = ("0.0.0.0:8443",)
     workers: int = 0
     base_domains: tuple[str, ...] = ()
-    certs_dir: Path = Path("/var/lib/gateway/certs")
+    certs_dir: Path = Path("")
     tls_versions: tuple[str, ...] = ("1.2", "1.3")
     session_tickets: int = 2
     inbound_proxy_protocol: bool = False

@@ -154,3 +154,22 @@ def test_bad_nonces_are_retried(tmp_path: Path, caplog: pytest.LogCaptureFixture
         assert "Configured to reject 30% of good nonces" in log
     # ~24 signed POSTs at 30 %: retries did happen (P(none) ~ 0.02 %) and all were absorbed
     assert any("retrying after badNonce" in r.getMessage() for r in caplog.records)
+
+
+def test_silent_secondary_is_skipped_after_propagation_wait(
+    stack: LocalStack, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dead secondary does not block issuance for good: after ``propagation_wait`` it is
+    skipped (with a warning naming it) because the primary shows the values."""
+    caplog.set_level(logging.WARNING, logger="gateway.certs.dns.propagation")
+    dead = NameServer("127.0.0.1", free_port())
+    provider = rfc2136_provider(stack)
+    provider._check_servers = (dead,)
+    start = time.monotonic()
+    cert = run(
+        client(stack, tmp_path, propagation_wait=0.3).issue(ZONE, provider, time.monotonic() + 30)
+    )
+    assert sorted(cert.names) == sorted([f"*.{ZONE}", ZONE])
+    assert time.monotonic() - start < 10
+    assert any(str(dead) in r.getMessage() for r in caplog.records), caplog.text
+    assert records_at(stack.dns_port, CHALLENGE, "TXT") == []

@@ -176,3 +176,22 @@ def test_normalize_domain() -> None:
     for bad in ("", "com", "-a.test", "a_b.test", "a..test", "x" * 64 + ".test"):
         with pytest.raises(ValueError):
             normalize_domain(bad)
+
+
+def test_certs_dir_defaults_follow_data_dir_for_acme_and_proxy(tmp_path: Path) -> None:
+    from gateway.certs.settings import resolve_certs_dir
+    from gateway.config import Config
+
+    assert resolve_certs_dir("", tmp_path) == tmp_path / "certs"
+    assert resolve_certs_dir(Path(""), tmp_path) == tmp_path / "certs"
+    assert resolve_certs_dir("/srv/c", tmp_path) == Path("/srv/c")
+    default = Config()
+    assert default.proxy.certs_dir == certs_dir_of(default) == Path("/var/lib/gateway/certs")
+    cfg = parse_config(f"[core]\ndata_dir = '{tmp_path}'\n[proxy]\ncerts_dir = ''\n")
+    assert cfg.proxy.certs_dir == certs_dir_of(cfg) == tmp_path / "certs"
+    assert parse_config(f"[core]\ndata_dir = '{tmp_path}'\n").proxy.certs_dir == tmp_path / "certs"
+    explicit = parse_config(
+        f"[core]\ndata_dir = '{tmp_path}'\n"
+        "[acme]\ncerts_dir = '/srv/a'\n[proxy]\ncerts_dir = '/srv/p'\n"
+    )
+    assert (certs_dir_of(explicit), explicit.proxy.certs_dir) == (Path("/srv/a"), Path("/srv/p"))

@@ -11,17 +11,18 @@ from pathlib import Path
 
 import pytest
 
-from gateway.commands.control_process import ControlProcess, wants_tunnel_child
-from gateway.config import parse_config
+from gateway.commands.control_process import ControlProcess, control_child
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(60)"]  # stands in for the node
 
 
-def test_serve_runs_the_tunnel_child_only_for_an_attested_rpc() -> None:
-    attested = "[rpc_identity]\ntee = 'sim'\nsim_dir = '/s'\n"
-    plain = "[rpc]\ncert_file = '/x.pem'\nkey_file = '/x.key'\n"
-    assert not wants_tunnel_child(parse_config(""))
-    assert wants_tunnel_child(parse_config(attested))
-    assert not wants_tunnel_child(parse_config(plain))  # `gateway control` serves that one
-    assert not wants_tunnel_child(parse_config(attested + plain))
+def test_the_one_child_is_gateway_control(tmp_path: Path) -> None:
+    child = control_child(tmp_path / "gateway.toml", 1234, tmp_path / "stats")
+    assert child.command[1:] == [
+        "-m", "gateway", "control", "--config", str((tmp_path / "gateway.toml").resolve()),
+        "--notify-pid", "1234", "--stats-dir", str(tmp_path / "stats"),
+    ]  # fmt: skip
+    assert "--config" not in control_child(None, 1, tmp_path).command
 
 
 def _reap(proc: ControlProcess, timeout: float = 10.0) -> int:
@@ -39,8 +40,7 @@ def _reap(proc: ControlProcess, timeout: float = 10.0) -> int:
 
 
 def test_a_dead_child_is_restarted_with_backoff_and_stopped_by_pid(tmp_path: Path) -> None:
-    proc = ControlProcess(tmp_path / "gateway.toml", stop_grace=2.0)
-    proc.command = [sys.executable, "-c", "import time; time.sleep(60)"]  # stands in for rpc
+    proc = ControlProcess(SLEEPER, stop_grace=2.0)
     proc.start()
     first = proc.pid
     try:
@@ -70,10 +70,8 @@ def test_the_child_goes_when_the_supervisor_is_killed(tmp_path: Path) -> None:
     """PR_SET_PDEATHSIG: a SIGKILLed supervisor leaves no control child behind."""
     script = (
         "import sys, time\n"
-        "from pathlib import Path\n"
         "from gateway.commands.control_process import ControlProcess\n"
-        "p = ControlProcess(Path('x.toml'))\n"
-        "p.command = [sys.executable, '-c', 'import time; time.sleep(60)']\n"
+        "p = ControlProcess([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
         "p.start(); print(p.pid, flush=True); time.sleep(60)\n"
     )
     parent = subprocess.Popen(

@@ -51,6 +51,8 @@ def test_control_process_serves_signals_and_stops(tmp_path: Path) -> None:
     try:
         wait_until(hups.exists, listener, 10, "the stand-in supervisor")
         wait_listening(proc, "127.0.0.1", port, timeout=20, log=log)
+        # the first publication of /acme-info and /app-info reloads the workers once
+        wait_until(lambda: hups.read_text().count("hup") == 1, listener, 5, "start SIGHUP")
         with httpx.Client(
             base_url=f"http://127.0.0.1:{port}", headers={"X-Admin-Token": TOKEN}
         ) as client:
@@ -62,7 +64,7 @@ def test_control_process_serves_signals_and_stops(tmp_path: Path) -> None:
                 json={"domain": "shop.example.org", "app_id": "ab" * 20, "port": 443},
             )
             assert r.status_code == 201
-        wait_until(lambda: hups.read_text().count("hup") == 1, listener, 5, "SIGHUP")
+        wait_until(lambda: hups.read_text().count("hup") == 2, listener, 5, "SIGHUP")
         overlay = read_overlay(overlay_path(tmp_path / "data"))  # what the workers re-read
         route = overlay.custom_route("shop.example.org")
         assert route is not None and route.port == 443

@@ -113,6 +113,7 @@ def test_ctl_drives_every_resource_with_real_acme(
     plane = ControlPlane(cfg, creds=CREDS, on_cert_change=lambda: changes.append(time.time()))
     url = ["--url", f"http://127.0.0.1:{port}"]
     with running(plane):
+        at_start = len(changes)  # the first /acme-info publication reloads the proxy once
         # DNS credential (the TSIG secret goes in, never comes back)
         cred = {
             "id": "knot",
@@ -149,7 +150,7 @@ def test_ctl_drives_every_resource_with_real_acme(
             time.sleep(0.3)
         assert first["has_cert"], first
         assert sorted(first["names"]) == sorted([ZONE, f"*.{ZONE}"])
-        assert changes, "the proxy's reload hook was not called"
+        assert len(changes) > at_start, "the proxy's reload hook was not called"
 
         # renew: not due -> nothing; force -> a new certificate from the CA
         same = js(ctl(url, "--json", "certificates", "renew", ZONE, data={"force": False}))

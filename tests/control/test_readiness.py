@@ -7,15 +7,19 @@ over HTTP. Before this, ``/ready`` answered 200 whatever the state.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import httpx
+import pytest
 
 from gateway.config import Config
 from gateway.control.admin import create_admin_app
 from gateway.control.plane import ControlPlane
 from gateway.control.readiness import Readiness, store_check
 from gateway.control.registration_settings import RpcSettings
+from gateway.control.rpc_identity_settings import RpcIdentitySettings
 from gateway.control.settings import AdminSettings
 from gateway.registry.sqlite import SqliteStore
 from gateway.settings import CoreSettings
@@ -139,3 +143,21 @@ def test_default_app_without_readiness_is_ready() -> None:
             }
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    "identity,expected",
+    [
+        ({}, ["certbot"]),
+        ({"rpc": RpcSettings(cert_file="rpc.pem", key_file="rpc.key")}, None),
+        ({"rpc_identity": RpcIdentitySettings(tee="sim", sim_dir="/nonexistent")}, None),
+    ],
+    ids=["no-rpc", "rpc-files", "rpc-attested"],
+)
+def test_the_plan_follows_the_rpc_identity(
+    tmp_path: Path, identity: dict[str, Any], expected: list[str] | None
+) -> None:
+    """Either RPC identity (files or an attested one) means a tunnel and an RPC to wait for."""
+    cfg = dataclasses.replace(_config(tmp_path), **identity)
+    pending = ControlPlane(cfg, creds=CREDS).readiness.report().to_json()["not_ready"]
+    assert pending == (expected or ["certbot", "peers_restored", "registration_rpc"])

@@ -52,6 +52,10 @@ def test_lab_demo_boots_registers_and_serves_https(tmp_path: Path) -> None:
         for i in (1, 2):  # the agents registered (their registrar status files)
             status = tmp_path / "d" / "lab" / f"cvm{i}" / "work" / "gateway"
             assert (status / "registrar-status.json").exists()
+        # one control child serves the attested RPC; no admin credentials: the API is off
+        serve_log = (tmp_path / "d" / "lab" / "serve.log").read_text()
+        assert serve_log.count("control process started") == 1, serve_log[-3000:]
+        assert "admin API is OFF" in serve_log and "admin API listening" not in serve_log
         os.kill(proc.pid, signal.SIGINT)  # Ctrl-C
         assert proc.wait(timeout=60) == 0
         assert "tearing down" in log.read_text()

@@ -111,7 +111,7 @@ def test_admin_changes_reach_the_workers(root: Path, origin: Origin) -> None:
 
         def control_pids() -> list[int]:
             return [
-                int(p) for p in re.findall(r"control plane started, pid (\d+)", log.read_text())
+                int(p) for p in re.findall(r"control process started, pid (\d+)", log.read_text())
             ]
 
         assert control_pids(), log.read_text()[-3000:]

@@ -54,3 +54,12 @@ def test_incomplete_head_waits_and_oversized_head_is_refused() -> None:
 def test_legacy_health(line: str, status: int) -> None:
     out = respond(req(line), INFO, legacy_health=True)
     assert out is not None and out.startswith(f"HTTP/1.1 {status}".encode())
+
+
+def test_a_missing_document_says_why() -> None:
+    info = GatewayInfo({}, {"app-info": "no TEE backend is configured"})
+    out = respond(req("GET /app-info HTTP/1.1"), info)
+    assert out is not None and out.startswith(b"HTTP/1.1 503")
+    assert "no TEE backend is configured" in json.loads(out.partition(b"\r\n\r\n")[2])["error"]
+    out = respond(req("GET /acme-info HTTP/1.1"), info)
+    assert out is not None and b"has not published it" in out

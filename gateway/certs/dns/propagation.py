@@ -5,11 +5,20 @@ lookup that misses the value, and the CA may ask any of the zone's servers. So b
 for validation, each authoritative server is queried directly (no recursive resolver, whose
 negative cache would hide a fresh record) until all of them return every expected value, or
 the one deadline handed down passes.
+
+One exception, so that a dead secondary cannot block issuance for good: after ``skip_silent``
+(``acme.propagation_wait``), servers that do not answer at all are dropped from the wait, with
+a warning, as long as at least one authoritative server shows the values. A CA cannot get a
+stale answer from a server that does not answer. A server that answers *without* the values
+keeps blocking until the deadline: the CA could ask it, and a failed validation costs a CA
+rate-limit slot. (Upstream proceeds after ``max_dns_wait`` whatever the servers say; we only
+go ahead past silent ones.)
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Collection, Iterable
 
@@ -23,6 +32,8 @@ import dns.rdatatype
 from gateway.certs.dns.base import NameServer
 
 __all__ = ["lagging_servers", "query_txt", "resolve_addresses", "wait_for_txt"]
+
+logger = logging.getLogger(__name__)
 
 
 async def query_txt(name: str, server: NameServer, timeout: float) -> set[str] | None:
@@ -44,12 +55,16 @@ async def query_txt(name: str, server: NameServer, timeout: float) -> set[str] |
     return values
 
 
+async def _answers(name: str, servers: list[NameServer], timeout: float) -> list[set[str] | None]:
+    return await asyncio.gather(*(query_txt(name, s, timeout) for s in servers))
+
+
 async def lagging_servers(
     name: str, expected: Collection[str], servers: Iterable[NameServer], timeout: float
 ) -> list[NameServer]:
     """The servers that do not (yet) return all of ``expected`` at ``name``."""
     servers = list(servers)
-    answers = await asyncio.gather(*(query_txt(name, s, timeout) for s in servers))
+    answers = await _answers(name, servers, timeout)
     want = set(expected)
     return [s for s, got in zip(servers, answers, strict=True) if got is None or not want <= got]
 
@@ -61,21 +76,39 @@ async def wait_for_txt(
     deadline: float,
     *,
     poll_interval: float = 1.0,
+    skip_silent: float | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> list[NameServer]:
     """Poll until all ``servers`` show ``expected``; return the laggards ([] = propagated).
 
     ``deadline`` is absolute on ``clock``. Polls start at 50 ms and double up to
     ``poll_interval`` because a primary usually answers at once while secondaries need a
-    NOTIFY round trip.
+    NOTIFY round trip. ``skip_silent`` (absolute on ``clock``): from then on, servers that did
+    not answer the last poll are given up on, if another server already shows the values
+    (see the module docstring).
     """
     pending = sorted(set(servers))
+    want = set(expected)
+    seen_somewhere = False
     delay = min(0.05, poll_interval)
     while True:
         remaining = deadline - clock()
         if remaining <= 0:
             return pending
-        pending = await lagging_servers(name, expected, pending, min(2.0, max(remaining, 0.05)))
+        answers = await _answers(name, pending, min(2.0, max(remaining, 0.05)))
+        seen_somewhere = seen_somewhere or any(got is not None and want <= got for got in answers)
+        silent = [s for s, got in zip(pending, answers, strict=True) if got is None]
+        pending = [
+            s for s, got in zip(pending, answers, strict=True) if got is None or not want <= got
+        ]
+        if silent and seen_somewhere and skip_silent is not None and clock() >= skip_silent:
+            logger.warning(
+                "%s: going ahead without %s: no answer from them (the values are visible "
+                "on the other authoritative servers); check that they are up",
+                name,
+                ", ".join(map(str, silent)),
+            )
+            pending = [s for s in pending if s not in silent]
         if not pending:
             return []
         await asyncio.sleep(max(0.0, min(delay, deadline - clock())))
