@@ -64,6 +64,18 @@ EXAMPLES: dict[tuple[str, str], tuple[str, dict[str, Any], tuple[int, ...]]] = {
         {"ports": [{"port": 80, "pp": False}, {"port": 443, "pp": True}], "restrict_mode": True},
         (200,),
     ),
+    ("PUT", "/api/v1/acme/config"): (  # stored even with ACME off; applied when it is on
+        "/api/v1/acme/config",
+        {"renew_before": 86400.0, "jitter": None, "caa": True, "caa_issuer": "pebble.test"},
+        (200,),
+    ),
+    # ACME is off here: valid bodies reach the "ACME disabled" check (409)
+    ("POST", "/api/v1/acme/rotate-credentials"): (
+        "/api/v1/acme/rotate-credentials",
+        {"key_change": True},
+        (409,),
+    ),
+    ("POST", "/api/v1/acme/caa"): ("/api/v1/acme/caa", {}, (409,)),
     ("PUT", "/api/v1/admission-policy"): (
         "/api/v1/admission-policy",
         {"allow_any_app": False, "app_ids": [APP], "allowed_tcb_statuses": ["UpToDate"]},
@@ -150,10 +162,7 @@ def test_every_request_schema_is_enforced_by_the_server(admin: Admin) -> None:  
     policy = admin.client.get("/api/v1/instances/oa-inst/port-policy").json()
     assert policy["source"] == "admin" and len(policy["admin_override"]["ports"]) == 2
     assert admin.client.get("/api/v1/admission-policy").json()["policy"]["app_ids"] == [APP]
-
-
-def test_bodies_that_are_not_json_are_refused(admin: Admin) -> None:  # noqa: F811
-    for (method, _), (path, _, _) in EXAMPLES.items():
+    for (method, _), (path, _, _) in EXAMPLES.items():  # and a body that is not JSON at all
         r = admin.client.request(
             method, path, content=b"{not json", headers={"Content-Type": "application/json"}
         )
