@@ -48,8 +48,10 @@ __all__ = ["Backend", "DeviceSpec", "PeerSync", "WgDevice", "link_exists", "max_
 #: Linux interface names are at most 15 bytes (IFNAMSIZ - 1).
 max_iface_len = 15
 
-#: Peers per request in :meth:`WgDevice.sync_peers`: wireguard-go takes ~1 ms per new peer
-#: (more when it has an endpoint to greet), so a batch stays well inside the request timeout.
+#: Peers per request in :meth:`WgDevice.sync_peers`. A new peer without keepalive costs
+#: wireguard-go ~0.08 ms of CPU (a keepalive adds a handshake initiation, ~0.14 ms); 10 000
+#: peers in one request or in 50 of these take the same ~0.7 s, so the batch only bounds a
+#: request's size and time.
 SYNC_BATCH = 200
 
 
@@ -269,7 +271,8 @@ class WgDevice:
         """Make the device's peers exactly ``desired`` (keyed by public key), touching only diffs.
 
         Used at start-up (restore from the registry) and by the periodic reconcile: peers
-        that match are left alone, so live sessions are not disturbed.
+        that match are left alone, so live sessions are not disturbed. Peers are added in
+        ``desired``'s order (the registry puts the most recently alive first).
         """
         current = {p.public_key: p for p in self.state().peers}
         changes: list[PeerConfig | PeerRemoval] = []
