@@ -184,3 +184,46 @@ def test_unhinted_peer_gets_keepalive_after_it_dials_in(
     assert registry.settle_keepalives(gw.state()) == 0  # nothing left to do
     assert lab.fetch_instance(node) == node.netns  # the session survived the change
     store.close()
+
+
+class RacingDevice:
+    """The real device; the first ``state()`` first lets a registration through (a race)."""
+
+    def __init__(self, device: Any, race: Callable[[], object]) -> None:
+        self.device = device
+        self.race: Callable[[], object] | None = race
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.device, name)
+
+    def state(self) -> DeviceState:
+        race, self.race = self.race, None
+        if race is not None:
+            race()
+        return self.device.state()  # type: ignore[no-any-return]
+
+
+def test_reconcile_reads_outside_the_lock_but_never_loses_a_racing_registration(
+    rs_lab: Callable[..., Lab], tmp_path: Path
+) -> None:
+    lab = rs_lab(wg_address=PLAN.interface)
+    gw = lab.gateway
+    assert gw is not None
+    store = SqliteStore(tmp_path / "registry.sqlite3")
+    registry = Registry(store, PLAN, device=gw, clock=time.time, rng=random.Random(5))
+    for n in range(20):
+        registry.register(Registration(f"i{n:03d}", "app", public_key(generate_private_key())))
+    late = public_key(generate_private_key())
+    rotated = public_key(generate_private_key())
+
+    def race() -> None:  # while restore has read the store but not yet the device
+        registry.register(Registration("late", "app", late))
+        registry.register(Registration("i003", "app", rotated))
+        registry.unregister("i004")
+
+    registry.device = RacingDevice(gw, race)
+    result = registry.restore()
+    assert (result.added, result.updated, result.removed) == ((), (), ())
+    assert peer_set(gw.state()) == stored_set(registry)
+    assert late in peer_set(gw.state()) and rotated in peer_set(gw.state())
+    store.close()
