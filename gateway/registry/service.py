@@ -325,8 +325,9 @@ class Registry:
         """Make the device's peers match the store (start-up, and the periodic reconcile).
 
         When this returns, every stored instance is a peer of the device with its address
-        (one pass under the lock, most recently alive first: ~1 s for 10 000 peers into a
-        fresh wireguard-go), and peers no longer stored are gone. That is "restored": routing
+        (one pass, most recently alive first: ~1 s for 10 000 peers into a fresh
+        wireguard-go; the lock is held only to apply the difference, see
+        :meth:`_sync_device`), and peers no longer stored are gone. That is "restored": routing
         is back and nothing is mistaken for gone.
 
         Then, unless ``greet`` is False (:func:`~gateway.registry.runtime.open_tunnel` runs
