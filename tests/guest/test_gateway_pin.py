@@ -223,7 +223,7 @@ def test_a_debug_gateway_is_refused_under_a_pin(
     tee = gateway_tee(pki, tmp_path / "dbg-tee", debug)
     with gateway(tmp_path / "dbg", pki, client_ca, tee) as server:
         exc = refused(client(pki, BOOT_PIN), server, keys)
-    assert exc.reason in ("debug_td", "quote_invalid")  # dcap-qvl or the policy says no
+    assert exc.reason == "debug_td"
 
 
 @pytest.mark.parametrize(
