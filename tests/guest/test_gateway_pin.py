@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives import serialization
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.attest.collateral import SimCollateralSource
 from gateway.control.registration import Advertised
@@ -293,3 +295,27 @@ def test_the_pin_comes_from_app_compose_and_the_flag_wins(tmp_path: Path) -> Non
 def test_a_bad_pin_in_app_compose_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="pin nothing"):
         build(_args(tmp_path, {"gateway_image_policy": {"compose_hashes": []}}))
+
+
+_json = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.text(max_size=8)
+    | st.sampled_from(["aa" * 32, "0x" + "bb" * 48, "cc" * 48, "AA" * 32]),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+_keys = st.sampled_from(["os_images", "os_image_hashes", "compose_hashes", "mrtd", "rtmr0", "x"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(_keys, _json, max_size=3) | _json)
+def test_any_json_gives_a_pin_or_a_pin_error(doc: object) -> None:
+    try:
+        pin = GatewayImagePin.from_json(json.dumps(doc))
+    except PinError:
+        return
+    assert pin.policy.os_images or pin.policy.os_image_hashes
