@@ -319,3 +319,22 @@ def test_any_json_gives_a_pin_or_a_pin_error(doc: object) -> None:
     except PinError:
         return
     assert pin.policy.os_images or pin.policy.os_image_hashes
+
+
+def test_the_command_exits_2_naming_a_bad_pin(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        code = main(
+            ["guest-register", "--work-dir", str(tmp_path / "w"), "--gateway-url", "https://gw:1",
+             "--gateway-app-id", GW_APP, "--sim-dir", str(tmp_path / "sim"), "--trust-sim-root",
+             "--gateway-image-policy", '{"os_image_hashes": ["zz"]}']
+        )  # fmt: skip
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert code == 2 and "os_image_hashes[0]" in capsys.readouterr().err
