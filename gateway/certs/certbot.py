@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,6 +163,19 @@ class Certbot:
     @property
     def domains(self) -> list[str]:
         return list(self._providers)
+
+    def adopt_state(self, previous: Certbot, domains: Collection[str]) -> None:
+        """Carry ``domains``' schedule, failure count and back-off over from ``previous``.
+
+        A rebuild (the operator added a base domain elsewhere, or edited another credential)
+        must not reset a failing domain's back-off: it would be retried at once, and
+        repeated admin edits would turn into a stream of CA requests and spend its rate
+        limits. The caller passes only the domains whose settings did not change: a domain
+        whose credential was just fixed should be retried now.
+        """
+        for domain in domains:
+            if domain in self._state and domain in previous._state:
+                self._state[domain] = dataclasses.replace(previous._state[domain])
 
     def account_uri(self) -> str | None:
         return self._acme.stored_account_uri()

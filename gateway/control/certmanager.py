@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -130,6 +131,8 @@ class CertManager:
         self._lock = asyncio.Lock()
         self._pending: asyncio.Task[None] | None = None
         self.last_error: str | None = None
+        self._fingerprints: dict[str, str] = {}  # domain -> what its renewal depends on
+        self._next_fingerprints: dict[str, str] = {}
 
     @property
     def enabled(self) -> bool:
@@ -218,7 +221,7 @@ class CertManager:
         def lookup(name: str) -> str | None:
             return secrets[name] if name in secrets else self._env(name)
 
-        return Certbot(
+        certbot = Certbot(
             settings,
             acme=self._acme,
             providers=build_providers(creds, lookup),
@@ -227,12 +230,17 @@ class CertManager:
             tee=self._tee,
             propagation=self._propagation,
         )
+        self._next_fingerprints = {
+            d.domain: _fingerprint(self.settings, d.dns_credential, creds, secrets) for d in domains
+        }
+        return certbot
 
     async def start(self) -> None:
         """Build and start the certbot (if enabled). Raises CertError on a bad credential."""
         if self._acme is None:
             return
         self._certbot = self._build()
+        self._fingerprints = self._next_fingerprints
         self._task = spawn(self._certbot.run(), name="certbot")
 
     def reconfigure(self) -> None:
@@ -255,9 +263,14 @@ class CertManager:
                 self.last_error = f"certbot not reconfigured: {exc}"
                 logger.error("%s; the previous domains keep renewing", self.last_error)
                 return
+            previous, before = self._certbot, self._fingerprints
+            unchanged = [d for d, f in self._next_fingerprints.items() if before.get(d) == f]
+            if previous is not None:
+                fresh.adopt_state(previous, unchanged)  # back-off survives unrelated edits
             await self._stop_current()
             self.last_error = None
             self._certbot = fresh
+            self._fingerprints = self._next_fingerprints
             self._task = spawn(fresh.run(), name="certbot")
             logger.info("certbot reconfigured: %s", ", ".join(fresh.domains) or "no domains")
 
@@ -361,6 +374,25 @@ class CertManager:
             "directory_url": self.directory_url(),
             **attestation.acme_info(self.certs_dir, names, uri),
         }
+
+
+def _fingerprint(
+    settings: AcmeSettings,
+    credential: str,
+    creds: Mapping[str, DnsCredential],
+    secrets: Mapping[str, str],
+) -> str:
+    """A digest of what one domain's renewal depends on: the ACME settings (domains aside),
+    its DNS credential and the stored secrets. Equal digests: keep the domain's back-off."""
+    material = repr(
+        (
+            dataclasses.replace(settings, domains=()),
+            credential,
+            creds.get(credential),
+            sorted(secrets.items()),
+        )
+    )
+    return hashlib.sha256(material.encode()).hexdigest()
 
 
 def _safe(name: str) -> bool:

@@ -50,6 +50,7 @@ from gateway.attest.policy_settings import AdmissionPolicy
 from gateway.attest.verifier import EvidenceResult, TrustAnchors, verify_with_source
 from gateway.config import Config
 from gateway.control.tls_server import PEER_CERT_CHAIN
+from gateway.registry.records import InstanceRecord
 from gateway.registry.service import (
     AppMismatch,
     InvalidRegistration,
@@ -216,6 +217,9 @@ class RegistrationService:
     check: EvidenceCheck
     advertised: Advertised
     clock: Callable[[], float] = time.time
+    # Called (never awaited) for an instance left without a port policy: see
+    # gateway.control.policy_fetch.PortPolicyFetcher.schedule. None: the policy stays unknown.
+    policy_fetch: Callable[[InstanceRecord], object] | None = None
     _admitted: int = field(default=0, init=False)
 
     async def register(self, chain: list[bytes], req: RegisterCvmRequest) -> dict[str, Any]:
@@ -255,6 +259,8 @@ class RegistrationService:
             logger.error("registration of %s failed: %s", ident.instance_id.hex(), exc)
             raise RpcError(503, "unavailable", f"registration failed, try again: {exc}") from None
         self._admitted += 1
+        if record.port_policy is None and self.policy_fetch is not None:
+            self.policy_fetch(record)  # starts a background task; the answer does not wait
         return self.response(str(record.ip))
 
     def response(self, client_ip: str) -> dict[str, Any]:

@@ -17,8 +17,12 @@ class RpcSettings:
     compatibility). ``client_ca_file``, optional, additionally requires client chains to
     verify to that CA at the TLS layer. ``handshake_timeout`` (seconds) bounds a TLS
     handshake. ``url`` is how CVMs and peers reach this listener, reported in ``gateways``.
+    ``enabled = false`` runs no registration RPC and no tunnel on this node even when it has
+    an identity (a proxy + operator-plane or certbot-only node); the TEE named in
+    ``[rpc_identity]`` still backs ``/app-info`` and quote-bound certificate keys.
     """
 
+    enabled: bool = True
     address: str = "127.0.0.1"
     port: int = 8010
     cert_file: str = ""

@@ -34,7 +34,10 @@ __all__ = ["NodeRoles", "credentials_configured", "node_roles", "rpc_identity_ki
 
 def rpc_identity_kind(cfg: Config) -> str:
     """Which server identity the RPC presents: ``"attested"`` (``[rpc_identity] tee``, which
-    wins when both are set), ``"files"`` (``rpc.cert_file``), or ``""`` (no RPC, no tunnel)."""
+    wins when both are set), ``"files"`` (``rpc.cert_file``), or ``""`` (no RPC, no tunnel:
+    neither is set, or ``rpc.enabled = false``)."""
+    if not cfg.rpc.enabled:
+        return ""
     if cfg.rpc_identity.tee:
         return "attested"
     return "files" if cfg.rpc.cert_file else ""

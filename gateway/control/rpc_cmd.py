@@ -35,6 +35,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     kind = rpc_identity_kind(cfg)
     if not kind:
-        sys.stderr.write("error: set [rpc_identity] tee, or rpc.cert_file and rpc.key_file\n")
+        sys.stderr.write(
+            "error: set [rpc_identity] tee, or rpc.cert_file and rpc.key_file "
+            "(with rpc.enabled = true)\n"
+        )
         return 2
     return run_node_process(cfg, roles=NodeRoles(kind, admin=False, acme=False))

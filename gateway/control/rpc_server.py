@@ -36,6 +36,7 @@ from gateway.attest.policy_settings import AdmissionPolicy
 from gateway.attest.quote import verifier_from_settings
 from gateway.attest.verifier import TrustAnchors
 from gateway.config import Config
+from gateway.control.policy_fetch import PortPolicyFetcher
 from gateway.control.registration import (
     EvidenceCheck,
     RegistrationService,
@@ -112,6 +113,9 @@ async def start_rpc(
     service = RegistrationService(
         tunnel.registry, instrument(check), advertised_from_config(cfg, tunnel.public_key)
     )
+    fetcher = PortPolicyFetcher(tunnel.store)  # CVMs that register without a port policy
+    service.policy_fetch = fetcher.schedule
+    stack.push_async_callback(fetcher.close)  # after the listener stops (LIFO)
     configure(service)
     runner = web.AppRunner(create_rpc_app(service), access_log=None)
     await runner.setup()

@@ -16,8 +16,16 @@ request is sent:
   leaf's app-id extension (1.3.6.1.4.1.62397.1.3) is a pinned gateway app id. This is what
   upstream's CVMs accept; it trusts the KMS's issuance rather than a fresh quote.
 
+Optionally (``GatewayTrust.image_pin``, :mod:`gateway.guest.gateway_pin`) the verified
+gateway must also run a pinned boot chain / OS image: the app id comes from RTMR3 events
+that the gateway's own OS writes, so only MRTD and RTMR0-2 tell a genuine gateway image from
+a modified one claiming the same app id. Without a pin the client keeps the app-id check
+alone and logs a WARNING once (with the measurements it saw, ready to pin). With a pin,
+KMS-chained gateway certificates are refused (no quote, nothing to compare).
+
 Anything else (a plain self-signed or CA-signed certificate, an attested gateway of another
-app, a bad quote) raises :class:`GatewayRejected` and nothing is sent. Differences from
+app, a bad quote, a boot chain not pinned) raises :class:`GatewayRejected` and nothing is
+sent. Differences from
 upstream, on purpose: upstream accepts the server if its hex app id is a *substring* of
 ``gateway_app_id`` and ``"any"`` disables every check; we compare whole ids (a list
 separated by commas or spaces is allowed) and refuse ``"any"``.
@@ -55,6 +63,7 @@ from gateway.attest.evidence import EvidenceError, VerifiedEvidence
 from gateway.attest.tcb import TcbPolicy
 from gateway.attest.verifier import presented_quote
 from gateway.guest.gateway_cache import GatewayKeys
+from gateway.guest.gateway_pin import GatewayImagePin
 from gateway.guest.http1 import parse_http_reply
 from gateway.protocol.errors import CodecError
 from gateway.tunnel.keys import WgKeyError, decode_key
@@ -92,7 +101,14 @@ class GatewayUnavailable(GatewayError):
 
 
 class GatewayRejected(GatewayError):
-    """The server is not a verified gateway of the pinned app: nothing was sent to it."""
+    """The server is not a verified gateway of the pinned app: nothing was sent to it.
+
+    ``reason`` is a stable code when one applies (the attestation core's
+    :class:`~gateway.attest.evidence.RejectReason` values, ``app_not_pinned``, ...)."""
+
+    def __init__(self, url: str, message: str, reason: str = "") -> None:
+        super().__init__(url, message)
+        self.reason = reason
 
 
 def parse_app_ids(text: str) -> tuple[bytes, ...]:
@@ -125,6 +141,8 @@ class GatewayTrust:
     RA-TLS quotes (``None`` root: Intel's; the simulator's root only when configured);
     ``tcb_policy``: the TCB statuses accepted (``UpToDate`` only unless more are named).
     ``kms_root_pem`` enables dstack-compatible KMS-chained server certificates.
+    ``image_pin``: the gateway's boot chain / OS image must also match it (``None``: the
+    app id alone, today's and upstream's trust, with a warning).
     """
 
     app_ids: tuple[bytes, ...]
@@ -132,6 +150,7 @@ class GatewayTrust:
     root_ca_der: bytes | None = None
     tcb_policy: TcbPolicy = field(default_factory=TcbPolicy)
     kms_root_pem: str | None = None
+    image_pin: GatewayImagePin | None = None
 
     def __post_init__(self) -> None:
         if not self.app_ids or any(len(a) != 20 for a in self.app_ids):
@@ -294,6 +313,7 @@ class GatewayClient:
         self.timeout = timeout
         self.clock = clock
         self.tmp_dir = tmp_dir
+        self._warned_unpinned = False
 
     # --- TLS contexts --------------------------------------------------------------------
 
@@ -345,14 +365,54 @@ class GatewayClient:
             )
         except EvidenceError as exc:
             raise GatewayRejected(
-                url, f"the gateway's attestation does not verify ({exc.reason.value}): {exc}"
+                url,
+                f"the gateway's attestation does not verify ({exc.reason.value}): {exc}",
+                exc.reason.value,
             ) from None
         app_id = evidence.identity.app_id
         if not self.trust.pinned(app_id):
             raise GatewayRejected(
-                url, f"attested, but app {app_id.hex()} is not the pinned gateway app"
+                url,
+                f"attested, but app {app_id.hex()} is not the pinned gateway app",
+                "app_not_pinned",
             )
+        self._check_image(url, evidence)
         return VerifiedGateway("ratls", app_id, evidence)
+
+    def _check_image(self, url: str, evidence: VerifiedEvidence) -> None:
+        """The boot-chain pin, or (no pin) one warning with what would have been pinned."""
+        pin = self.trust.image_pin
+        app = evidence.identity.app_id.hex()
+        if pin is None:
+            if not self._warned_unpinned:
+                self._warned_unpinned = True
+                m = evidence.measurements
+                seen = (
+                    f"mrtd {m.mr_td.hex()}, rtmr0 {m.rtmr0.hex()}, rtmr1 {m.rtmr1.hex()}, "
+                    f"rtmr2 {m.rtmr2.hex()}"
+                    if m is not None
+                    else "no measurements"
+                )
+                logger.warning(
+                    "gateway %s (app %s) is trusted by its app id alone: its OS image is not "
+                    "pinned, so a modified image claiming this app id would be trusted too; "
+                    "pin it (gateway_image_policy in app-compose or --gateway-image-policy). "
+                    "Seen: os_image_hash %s, %s",
+                    url,
+                    app,
+                    evidence.identity.os_image_hash.hex() or "(none)",
+                    seen,
+                )
+            return
+        verdict = pin.check(evidence)
+        if not verdict.accepted:
+            reason = verdict.reason.value if verdict.reason else "refused"
+            raise GatewayRejected(
+                url,
+                f"attested gateway app {app}, but not a pinned gateway image ({reason}): "
+                f"{verdict.detail}",
+                reason,
+            )
 
     def verify_kms(self, url: str, cert: x509.Certificate) -> VerifiedGateway:
         """The chain was verified by OpenSSL against the KMS root; check the app-id ext."""
@@ -364,7 +424,16 @@ class GatewayClient:
             raise GatewayRejected(url, "the KMS-issued certificate has no app-id extension")
         if not self.trust.pinned(app_id):
             raise GatewayRejected(
-                url, f"KMS-issued for app {app_id.hex()}, not the pinned gateway app"
+                url,
+                f"KMS-issued for app {app_id.hex()}, not the pinned gateway app",
+                "app_not_pinned",
+            )
+        if self.trust.image_pin is not None:
+            verdict = self.trust.image_pin.refuses_kms_certificates()
+            raise GatewayRejected(
+                url,
+                verdict.detail,
+                verdict.reason.value if verdict.reason else "measurement_not_allowed",
             )
         return VerifiedGateway("kms_cert", app_id)
 

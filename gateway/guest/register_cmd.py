@@ -7,6 +7,12 @@ registration, exit 0 on success, 1 on failure). Inputs, as in a dstack CVM:
   (untrusted: the gateway's attestation is what is trusted);
 * the pinned gateway app id: ``--gateway-app-id`` or ``gateway_app_id`` of ``--appkeys``
   (``.appkeys.json`` written by ``gateway guest boot``);
+* optionally, the gateway's pinned boot chain / OS image: ``--gateway-image-policy`` (JSON,
+  or ``@file``) or ``gateway_image_policy`` of app-compose (with ``--boot-dir``), in the
+  admission policy's vocabulary (:mod:`gateway.guest.gateway_pin`). app-compose is the
+  place because it is measured (its hash is in RTMR3 and the CVM's own attestation), as
+  the pinned app id from the KMS is trusted; ``.sys-config.json`` is written by the host
+  and is never read for it;
 * the TEE backend (``--tee sim|tdx``; sim state in ``--sim-dir``, as ``gateway guest``);
 * how quotes are verified: ``--trust-sim-root`` (the simulator's root and collateral from
   ``--sim-dir``, lab only), ``--collateral-file`` or ``--pccs-url``;
@@ -47,6 +53,7 @@ from gateway.guest.gateway_cache import (
     TeeCertIssuer,
 )
 from gateway.guest.gateway_client import GatewayClient, GatewayTrust, PortPolicy, parse_app_ids
+from gateway.guest.gateway_pin import GatewayImagePin, PinError
 from gateway.guest.hostshared import HostSharedError, SysConfig
 from gateway.guest.registrar import Action, Registrar, RegistrarSettings
 from gateway.guest.wgconfig import DEFAULT_CONFIG, DEFAULT_IFACE, LISTEN_PORT, Tunnel
@@ -83,6 +90,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sys-config", type=Path, help=".sys-config.json (gateway_urls)")
     p.add_argument("--gateway-app-id", help="pinned gateway app id(s), hex")
     p.add_argument("--appkeys", type=Path, help=".appkeys.json (gateway_app_id, KMS)")
+    p.add_argument(
+        "--gateway-image-policy",
+        help="pin the gateway's boot chain / OS image: JSON or @file, "
+        '{"os_images": [{"mrtd","rtmr0","rtmr1","rtmr2"}], "os_image_hashes": [...]}',
+    )
     p.add_argument("--tee", choices=["sim", "tdx"], default="sim")
     p.add_argument("--sim-dir", type=Path, help="simulated TDX state (pki/ and tee/)")
     p.add_argument("--trust-sim-root", action="store_true", help="lab: trust the sim's root")
@@ -189,11 +201,37 @@ def _from_boot(args: argparse.Namespace) -> None:
         args.appkeys = args.boot_dir / ".appkeys.json"
     if args.port_policy is None:
         args.port_policy = json.dumps(compose.extra.get("port_policy") or {"ports": []})
+    pin = compose.extra.get("gateway_image_policy")
+    if args.gateway_image_policy is None and pin is not None:
+        args.gateway_image_policy = json.dumps(pin)
     if not (args.trust_sim_root or args.collateral_file or args.pccs_url):
         try:
             args.pccs_url = SysConfig.parse(args.sys_config.read_bytes()).pccs_url or None
         except (OSError, HostSharedError, AttributeError):
             pass
+
+
+def _image_pin(text: str | None) -> GatewayImagePin | None:
+    """``--gateway-image-policy`` (JSON or ``@file``) as a pin; ``None`` when unset."""
+    if text is None or not text.strip():
+        return None
+    if text.startswith("@"):
+        try:
+            text = Path(text[1:]).read_text()
+        except OSError as exc:
+            raise UsageError(f"--gateway-image-policy: {exc}") from None
+    try:
+        pin = GatewayImagePin.from_json(text)
+    except PinError as exc:
+        raise UsageError(f"gateway image policy: {exc}") from None
+    logger.info("the gateway must run a pinned image: %s", pin.describe())
+    if not pin.hardware_rooted:
+        logger.warning(
+            "the gateway pin lists OS image hashes but no os_images: the hash is read from "
+            "the gateway's own event log, so a modified image can claim it; pin os_images "
+            "(MRTD + RTMR0-2) to resist that"
+        )
+    return pin
 
 
 def build(args: argparse.Namespace) -> Registrar:
@@ -236,6 +274,7 @@ def build(args: argparse.Namespace) -> Registrar:
         tcb = TcbPolicy.from_names(args.allow_tcb_status)
     except ValueError as exc:
         raise UsageError(f"--allow-tcb-status: {exc}") from None
+    image_pin = _image_pin(args.gateway_image_policy)
     tee = _tee(args)
     policy = None
     if args.port_policy:
@@ -256,7 +295,14 @@ def build(args: argparse.Namespace) -> Registrar:
     return Registrar(
         urls=tuple(urls),
         client=GatewayClient(
-            GatewayTrust(app_ids, collateral, root, tcb_policy=tcb, kms_root_pem=kms_root),
+            GatewayTrust(
+                app_ids,
+                collateral,
+                root,
+                tcb_policy=tcb,
+                kms_root_pem=kms_root,
+                image_pin=image_pin,
+            ),
             tmp_dir=str(args.work_dir),
         ),
         keystore=GatewayKeyStore(args.work_dir),

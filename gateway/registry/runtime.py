@@ -1,10 +1,14 @@
 """The tunnel side of a running gateway: device, store, registry and their timer, as one unit.
 
 ``async with open_tunnel(cfg) as tunnel:`` loads (or creates) the private key, opens the
-WireGuard device, opens the store, re-applies every stored peer (restart restore) and starts
-the maintenance task; leaving the block stops the task, closes the device (our wireguard-go
-is stopped by PID) and the store, in that order, after a last handshake poll so that the
-next start has fresh endpoint hints. It fits aiohttp's ``cleanup_ctx``.
+WireGuard device, opens the store and re-applies every stored peer (restart restore). When
+the block is entered every stored instance is a peer again, so nothing that serves afterwards
+can take a not-yet-restored peer for gone. Peers with endpoint hints are then greeted by a
+background task (slow when neighbours have vanished, so it must not hold up serving), and the
+maintenance task starts, its first recycle pass one interval later. Leaving the block stops
+both, closes the device (our wireguard-go is stopped by PID) and the store, in that order,
+after a last handshake poll so that the next start has fresh endpoint hints. It fits
+aiohttp's ``cleanup_ctx``.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -49,7 +54,12 @@ async def open_tunnel(cfg: Config) -> AsyncIterator[Tunnel]:
         store = open_store(cfg.registry, data_dir)
         try:
             registry = build_registry(store, cfg.wg, cfg.registry, device)
-            await asyncio.to_thread(registry.restore)
+            restored = await asyncio.to_thread(registry.restore, greet=False)
+            stop_greeting = threading.Event()
+            greeting = spawn(
+                asyncio.to_thread(registry.greet, restored.added, stop=stop_greeting),
+                name="registry-greet",
+            )
             timer = Maintenance(
                 registry,
                 device,
@@ -61,9 +71,11 @@ async def open_tunnel(cfg: Config) -> AsyncIterator[Tunnel]:
             try:
                 yield Tunnel(device, store, registry, public_key(key))
             finally:
+                stop_greeting.set()  # ends after the batch in flight; the thread cannot be killed
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+                await asyncio.wait([greeting])  # a failure was logged by spawn
                 try:  # last look before the device goes: fresh endpoint hints for the restart
                     await asyncio.to_thread(lambda: registry.observe(device.state()))
                 except TunnelError as exc:

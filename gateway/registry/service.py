@@ -75,7 +75,11 @@ class PeerDevice(Protocol):
 
     def apply(self, changes: Sequence[PeerConfig | PeerRemoval]) -> None: ...
 
-    def sync_peers(self, desired: Mapping[str, PeerConfig]) -> PeerSync: ...
+    def sync_peers(
+        self, desired: Mapping[str, PeerConfig], *, current: DeviceState | None = None
+    ) -> PeerSync: ...
+
+    def state(self) -> DeviceState: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -305,49 +309,45 @@ class Registry:
         return newer
 
     def desired_peers(self, *, keepalive: bool = True) -> dict[str, PeerConfig]:
-        """One peer per stored instance (routing only: no endpoint)."""
+        """One peer per stored instance (routing only: no endpoint), most recently alive first.
+
+        The order is the order :meth:`restore` applies them in, so after a restart the peers
+        that carried traffic just before it are back in the device first.
+        """
         return {
-            r.public_key: self.peer_for(r, keepalive=keepalive) for r in self.store.list_instances()
+            r.public_key: self.peer_for(r, keepalive=keepalive)
+            for r in sorted(self.store.list_instances(), key=_recency)
         }
 
-    def restore(self, *, hint_max_age: float = 600.0, batch: int = 50) -> PeerSync:
+    def restore(
+        self, *, hint_max_age: float = 600.0, batch: int = 50, greet: bool = True
+    ) -> PeerSync:
         """Make the device's peers match the store (start-up, and the periodic reconcile).
 
-        Two passes. First every missing peer is added with its address only, which
-        wireguard-go does in well under a millisecond each, so routing is back quickly.
-        Then each added peer gets its keepalive and, if this node saw it shake hands within
-        ``hint_max_age`` seconds, the endpoint it was seen at, in batches of ``batch``
-        under the lock (registrations interleave).
+        When this returns, every stored instance is a peer of the device with its address
+        (one pass, most recently alive first: ~1 s for 10 000 peers into a fresh
+        wireguard-go; the lock is held only to apply the difference, see
+        :meth:`_sync_device`), and peers no longer stored are gone. That is "restored": routing
+        is back and nothing is mistaken for gone.
 
-        Why the hint: upstream never sets endpoints (CVMs dial in), which is enough while
-        the kernel device outlives the gateway process. A restarted userspace device has no
+        Then, unless ``greet`` is False (:func:`~gateway.registry.runtime.open_tunnel` runs
+        :meth:`greet` in the background instead, after serving starts), each added peer that
+        this node saw shake hands within ``hint_max_age`` seconds gets the endpoint it was seen
+        at and its keepalive, which makes the device greet it at once.
+
+        Why the hint: upstream never sets endpoints (CVMs dial in), which is enough while the
+        kernel device outlives the gateway process. A restarted userspace device has no
         sessions, and a CVM only re-handshakes when it sends data or its session ages out
-        (minutes). Setting the keepalive on a peer with an endpoint makes the device greet
-        it at once. It is a separate pass because greeting a vanished neighbour on the same
-        link blocks wireguard-go's send until ARP gives up (seconds per batch).
+        (minutes). Peers without a hint get no keepalive here: with no endpoint, wireguard-go
+        would build a handshake initiation per peer at once and again every 5 s (10 000
+        peers: ~1.4 s of its CPU at once, ~25 % of a core afterwards), all undeliverable.
+        They get it once they have shaken hands (:meth:`settle_keepalives`, from the
+        handshake poll).
         """
         if self.device is None:
             return PeerSync((), (), ())
-        with self._lock:
-            result = self.device.sync_peers(self.desired_peers(keepalive=False))
-        hints = self.store.last_endpoints(self.node_id, since=self.clock() - hint_max_age)
-        hinted = 0
-        for start in range(0, len(result.added), batch):
-            with self._lock:
-                owners = self.store.instance_keys()
-                changes = []
-                for key in result.added[start : start + batch]:
-                    record = self.store.get_instance(owners[key]) if key in owners else None
-                    if record is None or record.public_key != key:
-                        continue  # removed or rotated meanwhile: leave it to that change
-                    endpoint = hints.get(record.instance_id)
-                    hinted += endpoint is not None
-                    changes.append(self.peer_for(record, endpoint))
-                try:
-                    self.device.apply(changes)
-                except TunnelError as exc:
-                    logger.warning("restoring keepalives and endpoint hints stopped: %s", exc)
-                    break
+        result = self._sync_device(self.device)
+        hinted = len(self._greeting_plan(result.added, hint_max_age)) if result.added else 0
         logger.info(
             "peers restored: %d added (%d with endpoint hints), %d updated, %d removed",
             len(result.added),
@@ -355,4 +355,113 @@ class Registry:
             len(result.updated),
             len(result.removed),
         )
+        if greet and hinted:
+            self.greet(result.added, hint_max_age=hint_max_age, batch=batch)
         return result
+
+    def _sync_device(self, device: PeerDevice) -> PeerSync:
+        """``sync_peers`` to the store, holding the lock only to apply the difference.
+
+        Reading the store and the device takes ~1 s at 10 000 peers; the periodic reconcile
+        must not block registrations that long. Every writer of instances bumps the store's
+        revision (and changes the device under the lock), so if the revision is unchanged
+        when the lock is taken, the store read before is still the truth and any device
+        change since came from a write the read already saw: re-adding or re-removing such
+        a peer is a no-op. If the revision moved, both are read again under the lock.
+        """
+        revision = self.store.revision()
+        desired = self.desired_peers(keepalive=False)
+        current = device.state()
+        with self._lock:
+            if self.store.revision() != revision:
+                desired, current = self.desired_peers(keepalive=False), device.state()
+            return device.sync_peers(desired, current=current)
+
+    def _greeting_plan(
+        self, keys: Sequence[str], hint_max_age: float
+    ) -> list[tuple[str, str, str]]:
+        """``(public key, instance id, endpoint)`` of the ``keys`` with a fresh hint, in order."""
+        hints = self.store.last_endpoints(self.node_id, since=self.clock() - hint_max_age)
+        if not hints:
+            return []
+        owners = self.store.instance_keys()
+        plan = []
+        for key in keys:
+            instance_id = owners.get(key)
+            if instance_id is not None and instance_id in hints:
+                plan.append((key, instance_id, hints[instance_id]))
+        return plan
+
+    def greet(
+        self,
+        keys: Sequence[str],
+        *,
+        hint_max_age: float = 600.0,
+        batch: int = 50,
+        stop: threading.Event | None = None,
+    ) -> int:
+        """Give the restored peers ``keys`` their endpoint hint and keepalive; returns how many.
+
+        In ``keys`` order (restore's: most recently alive first), ``batch`` peers per device
+        request, each batch under the lock and checked against the store, so a registration
+        that rotated a key or an unregister meanwhile wins. Small batches because greeting a
+        vanished neighbour *on the same link* blocks wireguard-go's UDP send until ARP gives
+        up (~3 s per stuck batch); ``stop`` ends the pass between batches (shutdown).
+        """
+        if self.device is None:
+            return 0
+        plan = self._greeting_plan(keys, hint_max_age)
+        greeted = 0
+        for start in range(0, len(plan), batch):
+            if stop is not None and stop.is_set():
+                break
+            with self._lock:
+                changes = []
+                for key, instance_id, endpoint in plan[start : start + batch]:
+                    record = self.store.get_instance(instance_id)
+                    if record is None or record.public_key != key:
+                        continue  # removed or rotated meanwhile: leave it to that change
+                    changes.append(self.peer_for(record, endpoint))
+                try:
+                    self.device.apply(changes)
+                except TunnelError as exc:
+                    logger.warning("restoring endpoint hints stopped: %s", exc)
+                    break
+                greeted += len(changes)
+        if plan:
+            logger.info(
+                "greeted %d of %d restored peers at their last endpoint", greeted, len(plan)
+            )
+        return greeted
+
+    def settle_keepalives(self, state: DeviceState) -> int:
+        """Give the keepalive to stored peers that lack it and have shaken hands since.
+
+        :meth:`restore` leaves it off peers without an endpoint hint (it would only make the
+        device send undeliverable handshakes). Once such a CVM has dialled in, the device
+        knows its endpoint and the keepalive works; the handshake poll calls this with the
+        state it just read. Returns how many peers were changed.
+        """
+        if self.device is None or not self.persistent_keepalive:
+            return 0
+        pending = [
+            p.public_key
+            for p in state.peers
+            if p.persistent_keepalive == 0 and p.last_handshake is not None and p.endpoint
+        ]
+        if not pending:
+            return 0
+        with self._lock:
+            changes = []
+            for key in pending:
+                record = self.store.find_instance_by_key(key)
+                if record is not None:
+                    changes.append(self.peer_for(record))
+            if changes:
+                self.device.apply(changes)
+        return len(changes)
+
+
+def _recency(record: InstanceRecord) -> tuple[float, str]:
+    """Sort key: most recent sign of life first, then by id (a stable order)."""
+    return (-record.last_activity, record.instance_id)

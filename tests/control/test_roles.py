@@ -33,6 +33,10 @@ def test_rpc_identity_kind() -> None:
     assert rpc_identity_kind(parse_config(ATTESTED)) == "attested"
     assert rpc_identity_kind(parse_config(FILES)) == "files"
     assert rpc_identity_kind(parse_config(ATTESTED + FILES)) == "attested"  # the quote wins
+    # rpc.enabled = false: an identity's TEE may back /app-info, but no RPC and no tunnel run
+    off = "[rpc]\nenabled = false\ncert_file = '/x.pem'\nkey_file = '/x.key'\n"
+    assert rpc_identity_kind(parse_config(ATTESTED + off)) == ""
+    assert not node_roles(parse_config(ATTESTED + off)).runs_anything
 
 
 @pytest.mark.parametrize("extra", [ATTESTED, FILES, ACME])

@@ -116,6 +116,8 @@ def test_attested_rpc_policy_per_registration_renewal_and_shutdown(tmp_path: Pat
                     configure=configured.append,
                 )
                 assert site.port == port and len(configured) == 1
+                # CVMs registering without a port policy get it fetched from their agent
+                assert configured[0].policy_fetch is not None
                 first = await _served_der(port)
                 assert first == x509.load_pem_x509_certificate(
                     fast.cert_file.read_bytes()

@@ -82,6 +82,8 @@ tsig_key_name = "{stack.tsig_name}"
 tsig_secret_env = "GW_TEST_INFO_TSIG"
 ttl = 10
 check_port = {stack.dns_port}
+[rpc]
+enabled = false  # the sim TEE backs /app-info and quote binding; no tunnel in this test
 [rpc_identity]
 tee = "sim"
 sim_dir = "{root / "sim"}"
@@ -127,7 +129,7 @@ def test_acme_info_and_app_info_on_the_proxy_port(stack: LocalStack, tmp_path: P
     root_ca.write_bytes(stack.pebble_root_pem())
     log = tmp_path / "gateway.log"
     env = {**os.environ, "GW_TEST_INFO_TOKEN": TOKEN, "GW_TEST_INFO_TSIG": stack.tsig_secret}
-    cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--no-control"]
+    cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(cfg)]
     proc = start(cmd, log, env=env)
     admin = httpx.Client(
         base_url=f"http://127.0.0.1:{admin_port}", headers={"X-Admin-Token": TOKEN}, timeout=60
