@@ -28,6 +28,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 from gateway.config import Config, ConfigError
+from gateway.control.collectors import count_registrations
 from gateway.control.models import Topic
 from gateway.control.plane import ControlPlane
 from gateway.control.registration import RegistrationService
@@ -125,7 +126,9 @@ async def run_node(
                 policy=plane.admission_policy,  # read per registration: runtime changes apply
                 instrument=plane.instrument,
                 configure=_follow_base_domains(plane),
+                observe=lambda app: count_registrations(app, plane.registrations),
             )
+            plane.readiness.mark("registration_rpc")
         logger.info(
             "control plane running (admin API %s, certbot %s, registration RPC %s)",
             "on" if roles.admin else "OFF",

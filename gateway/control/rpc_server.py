@@ -102,11 +102,13 @@ async def start_rpc(
     policy: Callable[[], AdmissionPolicy],
     instrument: Callable[[EvidenceCheck], EvidenceCheck] = lambda check: check,
     configure: Callable[[RegistrationService], None] = lambda service: None,
+    observe: Callable[[web.Application], web.Application] = lambda app: app,
 ) -> TlsSite:
     """Serve the RPC until ``stack`` closes (listener first, then the renewal task).
 
     ``policy`` is read per registration; ``configure`` sees the service before the first
-    connection (the node keeps ``service.advertised`` in step with its base domains).
+    connection (the node keeps ``service.advertised`` in step with its base domains);
+    ``observe`` may wrap the aiohttp app (the node counts registrations by outcome).
     """
     rpc = cfg.rpc
     check = evidence_check(source=plan.source, anchors=plan.anchors, policy=policy)
@@ -117,7 +119,7 @@ async def start_rpc(
     service.policy_fetch = fetcher.schedule
     stack.push_async_callback(fetcher.close)  # after the listener stops (LIFO)
     configure(service)
-    runner = web.AppRunner(create_rpc_app(service), access_log=None)
+    runner = web.AppRunner(observe(create_rpc_app(service)), access_log=None)
     await runner.setup()
     stack.push_async_callback(runner.cleanup)
     site = TlsSite(

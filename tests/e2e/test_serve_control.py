@@ -158,6 +158,14 @@ def test_one_control_child_serves_the_attested_rpc_under_the_admin_policy(
             )
             print(f"registered {time.monotonic() - t0:.2f}s after the admission-policy PUT")
             assert _metric(admin, "accepted") >= 1
+            # the RPC's answers are counted by final outcome, and the node reports ready
+            reg = admin.get("/metrics").text
+            assert re.search(
+                r'gateway_registrations_total\{outcome="accepted",reason="ok"\} [1-9]', reg
+            )
+            assert re.search(r'gateway_registrations_total\{outcome="rejected",[^}]*\} [1-9]', reg)
+            ready = admin.get("/ready")
+            assert ready.status_code == 200, ready.text
             (inst,) = admin.get("/api/v1/instances").json()
             assert inst["app_id"] == CVM_APP and inst["ip"] == status(work)["client_ip"]
             node.tunnel_ip = ipaddress.IPv4Address(status(work)["client_ip"])
