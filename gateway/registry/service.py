@@ -173,12 +173,15 @@ class Registry:
                 changes.append(self.peer_for(saved))
             if changes and self.device is not None:
                 self.device.apply(changes)
-        logger.info(
+        # A plain refresh (same key, same address: every CVM every few minutes) changes
+        # nothing worth a line at info; new instances, key rotations and moves do.
+        logger.log(
+            logging.INFO if changes else logging.DEBUG,
             "registered instance %s of app %s at %s%s",
             saved.instance_id,
             saved.app_id,
             saved.ip,
-            " (new)" if previous is None else "",
+            " (new)" if previous is None else "" if changes else " (refresh)",
         )
         return saved
 

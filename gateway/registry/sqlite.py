@@ -256,9 +256,11 @@ class SqliteStore:
                 "evidence = excluded.evidence, revision = excluded.revision",
                 values,
             )
-            db.execute("DELETE FROM allocations WHERE instance_id = ?", (record.instance_id,))
+            # a refresh keeps its address: then nothing is written (no row or index pages)
             db.execute(
-                "INSERT INTO allocations (ip, instance_id, allocated_at) VALUES (?, ?, ?)",
+                "INSERT INTO allocations (ip, instance_id, allocated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (instance_id) DO UPDATE SET ip = excluded.ip, "
+                "allocated_at = excluded.allocated_at WHERE ip != excluded.ip",
                 (str(record.ip), record.instance_id, record.last_seen),
             )
         return _replace_revision(record, rev)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 from collections.abc import Iterator
@@ -233,3 +234,24 @@ def test_two_connections_racing_never_share_an_address(tmp_path: Path) -> None:
     assert len(ips) == 50 == len(set(ips))
     for s in stores:
         s.close()
+
+
+def test_refreshes_log_at_debug_changes_at_info(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every CVM refreshes every few minutes: only new instances, key rotations and moves
+    are worth an info line."""
+    caplog.set_level(logging.DEBUG, logger="gateway.registry.service")
+    k = key()
+
+    def levels() -> list[tuple[int, str]]:
+        out = [(r.levelno, r.getMessage()) for r in caplog.records]
+        caplog.clear()
+        return out
+
+    registry.register(Registration("i1", "app", k))
+    assert [lvl for lvl, msg in levels() if "(new)" in msg] == [logging.INFO]
+    registry.register(Registration("i1", "app", k))
+    assert [lvl for lvl, msg in levels() if "(refresh)" in msg] == [logging.DEBUG]
+    registry.register(Registration("i1", "app", key()))  # key rotation
+    assert [lvl for lvl, msg in levels() if "registered instance i1" in msg] == [logging.INFO]
