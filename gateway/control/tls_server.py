@@ -394,6 +394,8 @@ class TlsProtocol(asyncio.Protocol):
             if not data:
                 break
             out.append(data)
+            if len(data) < _CHUNK:
+                break  # a memory BIO hands out all it has: drained (no WantReadError to raise)
         if out:
             transport.write(b"".join(out))
 
