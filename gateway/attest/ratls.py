@@ -205,7 +205,7 @@ def load_chain(data: bytes) -> list[x509.Certificate]:
                 chain = x509.load_pem_x509_certificates(data)
             else:
                 chain = [x509.load_der_x509_certificate(data)]
-    except (ValueError, CryptographyDeprecationWarning) as exc:
+    except (ValueError, x509.InvalidVersion, CryptographyDeprecationWarning) as exc:
         raise EvidenceError(RejectReason.MALFORMED, f"not an X.509 certificate: {exc}") from None
     if not chain:
         raise EvidenceError(RejectReason.MALFORMED, "no certificate in the PEM data")

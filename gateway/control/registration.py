@@ -426,7 +426,7 @@ def load_der_chain(chain: list[bytes]) -> list[x509.Certificate]:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", CryptographyDeprecationWarning)
                 certs.append(x509.load_der_x509_certificate(der))
-        except (ValueError, CryptographyDeprecationWarning) as exc:
+        except (ValueError, x509.InvalidVersion, CryptographyDeprecationWarning) as exc:
             raise EvidenceError(
                 RejectReason.MALFORMED, f"client certificate {i} does not parse: {exc}"
             ) from None

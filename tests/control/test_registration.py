@@ -751,3 +751,35 @@ def test_a_body_split_across_tls_records_and_segments_is_read_whole(
                 reply += chunk
     assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
     assert b'"client_ip"' in reply
+
+
+def test_a_certificate_with_a_version_cryptography_rejects_is_malformed(
+    rpc: Rpc, tmp_path: Path
+) -> None:
+    """Version field 1 (X.509 v2): OpenSSL takes it, cryptography raises ``InvalidVersion``
+    (not a ValueError): still 403 malformed, not a server error."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = dt.datetime.fromtimestamp(NOW - 3600, dt.UTC)
+    der = (
+        x509.CertificateBuilder()
+        .subject_name(_name("v2"))
+        .issuer_name(_name("v2"))
+        .public_key(key.public_key())
+        .serial_number(7)
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    marker = bytes.fromhex("a003020102020107")  # version v3, then serial INTEGER 7
+    assert der.count(marker) == 1
+    der = der.replace(marker, bytes.fromhex("a003020101020107"))  # version v2
+    pem = (
+        b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der) + b"-----END CERTIFICATE-----\n"
+    )
+    (tmp_path / "v2.pem").write_bytes(pem)
+    (tmp_path / "v2.key").write_bytes(pem_key(key))
+    cvm = Cvm(tmp_path / "v2.pem", tmp_path / "v2.key", "")
+    status, err = rpc.post(cvm, {"client_public_key": public_key(generate_private_key())})
+    assert (status, err["reason"]) == (403, "malformed"), err
+    assert "client certificate 0" in err["error"]
