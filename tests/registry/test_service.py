@@ -273,7 +273,8 @@ def test_lowest_order_does_not_rescan_the_taken_bottom(tmp_path: Path, clock: Cl
     last scan ended. Addresses it frees are handed out again first; one freed by another
     writer is found once the scan wraps."""
     plan = AddressPlan(IPv4Interface("10.0.0.1/24"), IPv4Network("10.0.0.0/24"))
-    with CountingStore(tmp_path / "c.sqlite3") as store:
+    store = CountingStore(tmp_path / "c.sqlite3")
+    with store:
         reg = Registry(store, plan, clock=clock)
         ips = [reg.register(Registration(f"i{n}", "app", key())).ip for n in range(200)]
         assert ips == [IPv4Address(f"10.0.0.{n}") for n in range(2, 202)]  # still lowest-first
