@@ -229,6 +229,7 @@ def decode_app_identity(events: Sequence[AttestedEvent]) -> AppIdentity:
             break
         found.setdefault(event.name, event.payload)
     kp_payload = found.get("key-provider", b"")
+    boot_rtmr3, rtmr3 = _replay_boot_and_all(events)
     return AppIdentity(
         app_id=found.get("app-id", b""),
         compose_hash=found.get("compose-hash", b""),
@@ -236,9 +237,21 @@ def decode_app_identity(events: Sequence[AttestedEvent]) -> AppIdentity:
         os_image_hash=found.get("os-image-hash", b""),
         key_provider=parse_key_provider(kp_payload) if kp_payload else None,
         key_provider_payload=kp_payload,
-        boot_rtmr3=replay_rtmr3(events, until=BOOT_DONE_EVENT),
-        rtmr3=replay_rtmr3(events),
+        boot_rtmr3=boot_rtmr3,
+        rtmr3=rtmr3,
     )
+
+
+def _replay_boot_and_all(events: Sequence[AttestedEvent]) -> tuple[bytes, bytes]:
+    """``(replay_rtmr3(events, until=BOOT_DONE_EVENT), replay_rtmr3(events))`` in one pass
+    (each event's digest is a SHA-384 of its encoding: hashed once, not twice)."""
+    mr = bytes(RTMR_SIZE)
+    boot: bytes | None = None
+    for event in events:
+        mr = _extend(mr, event.digest())
+        if boot is None and event.name == BOOT_DONE_EVENT:
+            boot = mr
+    return (mr if boot is None else boot), mr
 
 
 def mr_system(mr_td: bytes, rtmrs: Sequence[bytes], key_provider_payload: bytes) -> bytes:

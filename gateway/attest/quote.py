@@ -326,10 +326,15 @@ def verify_quote(
     root_ca_der: bytes | None = None,
     now: int,
     policy: TcbPolicy | None = None,
+    prechecked: bool = False,
 ) -> VerifiedQuote:
     """Verify ``quote`` against ``collateral`` at unix time ``now`` under ``root_ca_der``
     (Intel's SGX Root CA when ``None``), then apply ``policy`` (default: UpToDate only)
     and refuse debug TDs.
+
+    ``prechecked``: the caller has just parsed exactly these bytes with
+    :func:`~gateway.protocol.tdx_quote.parse_tdx_quote` (the RA-TLS path does), so the
+    strict framing check is not repeated.
 
     Returns a :class:`VerifiedQuote`; raises :class:`QuoteVerificationError` with a
     :class:`RejectReason`. Blocks for about a millisecond (use :func:`verify_quote_async`
@@ -342,7 +347,8 @@ def verify_quote(
         raise ValueError(f"verification time {now} is out of range")
     if not isinstance(quote, bytes | bytearray | memoryview) or len(quote) == 0:
         raise QuoteVerificationError(RejectReason.MALFORMED, "the quote is empty or not bytes")
-    _precheck(bytes(quote))
+    if not prechecked:
+        _precheck(bytes(quote))
     col = load_collateral_json(collateral) if isinstance(collateral, str | bytes) else collateral
     root = INTEL_SGX_ROOT_CA_DER if root_ca_der is None else bytes(root_ca_der)
     try:

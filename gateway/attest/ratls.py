@@ -205,7 +205,7 @@ def load_chain(data: bytes) -> list[x509.Certificate]:
                 chain = x509.load_pem_x509_certificates(data)
             else:
                 chain = [x509.load_der_x509_certificate(data)]
-    except (ValueError, CryptographyDeprecationWarning) as exc:
+    except (ValueError, x509.InvalidVersion, CryptographyDeprecationWarning) as exc:
         raise EvidenceError(RejectReason.MALFORMED, f"not an X.509 certificate: {exc}") from None
     if not chain:
         raise EvidenceError(RejectReason.MALFORMED, "no certificate in the PEM data")
@@ -339,7 +339,9 @@ def build_ratls_cert(
 # --- verifying -------------------------------------------------------------------------------
 
 
-def _attestation_from_cert(cert: x509.Certificate) -> Attestation:
+def attestation_from_cert(cert: x509.Certificate) -> Attestation:
+    """The (unverified) attestation an RA-TLS certificate carries: the 1.8 extension, or
+    the legacy quote (1.1) and event log (1.2). Raises :class:`EvidenceError`."""
     try:
         blob = read_extension(cert, OID_ATTESTATION)
         if blob is not None:
@@ -422,7 +424,9 @@ def verify_attestation(
         raise EvidenceError(RejectReason.RTMR_MISMATCH, str(err))
     col = collateral(att.quote) if callable(collateral) else collateral
     try:
-        vq = verify_quote(att.quote, col, root_ca_der=root_ca_der, now=now, policy=tcb_policy)
+        vq = verify_quote(
+            att.quote, col, root_ca_der=root_ca_der, now=now, policy=tcb_policy, prechecked=True
+        )
     except QuoteVerificationError as exc:
         reason = _QUOTE_REASONS.get(exc.reason, RejectReason.QUOTE_INVALID)
         raise EvidenceError(
@@ -451,15 +455,18 @@ def verify_ratls_cert(
     root_ca_der: bytes | None,
     now: int,
     tcb_policy: TcbPolicy = PERMISSIVE_TCB,
+    attestation: Attestation | None = None,
 ) -> VerifiedEvidence:
     """Verify an RA-TLS certificate (DER/PEM bytes or parsed); raises :class:`EvidenceError`.
 
     The certificate's own signature and validity are not what makes it trustworthy (it is
-    usually self-signed): the quote bound to its key is.
+    usually self-signed): the quote bound to its key is. ``attestation``: what
+    :func:`attestation_from_cert` returned for this same certificate object, when the
+    caller needed it first (to look collateral up); it is then not decoded twice.
     """
     if isinstance(cert, bytes):
         cert = load_certificate(cert)
-    att = _attestation_from_cert(cert)
+    att = attestation_from_cert(cert) if attestation is None else attestation
     return verify_attestation(
         att,
         ratls_report_data(_spki(cert)),

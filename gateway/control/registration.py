@@ -328,9 +328,16 @@ async def _payload(request: web.Request) -> Any:
         )
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise RpcError(413, "too_large", f"request body over {MAX_BODY} bytes")
-    body = await request.content.read(MAX_BODY + 1)
-    if len(body) > MAX_BODY:
-        raise RpcError(413, "too_large", f"request body over {MAX_BODY} bytes")
+    # ``read(n)`` returns what has arrived so far, not the whole body: read to its end
+    # (a client may send the headers and the body in separate writes)
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await request.content.read(MAX_BODY + 1 - size):
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise RpcError(413, "too_large", f"request body over {MAX_BODY} bytes")
+    body = b"".join(chunks)
     if not body.strip():
         return {}
     try:
@@ -425,7 +432,7 @@ def load_der_chain(chain: list[bytes]) -> list[x509.Certificate]:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", CryptographyDeprecationWarning)
                 certs.append(x509.load_der_x509_certificate(der))
-        except (ValueError, CryptographyDeprecationWarning) as exc:
+        except (ValueError, x509.InvalidVersion, CryptographyDeprecationWarning) as exc:
             raise EvidenceError(
                 RejectReason.MALFORMED, f"client certificate {i} does not parse: {exc}"
             ) from None

@@ -96,7 +96,14 @@ def server_context(creds: TlsCredentials) -> SSL.Context:
     """
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
-    ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE)
+    ctx.set_options(SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_TICKET)
+    # No resumption: CVMs open one connection per registration with a fresh TLS client, so
+    # tickets were never used, yet each of the two TLS 1.3 tickets OpenSSL sends carries
+    # the whole client chain (an RA-TLS leaf is ~7 KB): +10 KB on the wire and ~0.1 ms of
+    # server CPU per registration. With OP_NO_TICKET and the cache off, OpenSSL still
+    # sends TLS 1.3's small stateful ticket, which never matches: a full handshake each time,
+    # so every connection proves possession of the key it presents.
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     try:
         ctx.use_certificate_chain_file(str(creds.cert_file))
@@ -226,6 +233,9 @@ class TlsProtocol(asyncio.Protocol):
         self.app_paused = False
         self._write_paused = False
         self._lost = False
+        # TLS 1.3 sends its post-handshake session ticket after the client's Finished; it
+        # rides along with the first response instead of costing a socket write of its own
+        self._hold_output = False
         # how the connection went, counted by TlsSite.stats: "handshaking" (closed by the
         # peer mid-handshake), "refused" (TLS error in the handshake), "timeout",
         # "established"; ``reason`` is the detail of the last failure
@@ -310,7 +320,12 @@ class TlsProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._flush()  # the last flight, TLS 1.3 session tickets
+        if conn.get_protocol_version_name() == "TLSv1.3":
+            # Only the (never used, see server_context) ticket is pending: the client needs
+            # nothing more to finish, so it goes out with the first response or the close.
+            self._hold_output = True
+        else:
+            self._flush()  # TLS 1.2: the server's Finished, which the client waits for
         transport = self._transport
         self._extra = {
             PEER_CERT_CHAIN: _peer_chain(conn),
@@ -359,10 +374,12 @@ class TlsProtocol(asyncio.Protocol):
             if not chunk:
                 break
             self.app.data_received(chunk)
-        self._flush()
+        if not self._hold_output:
+            self._flush()  # what reading produced (a KeyUpdate answer, say)
 
     def _flush(self) -> None:
         """Move whatever OpenSSL produced (records, alerts) to the socket."""
+        self._hold_output = False
         conn, transport = self._conn, self._transport
         if conn is None or transport is None or transport.is_closing():
             return
@@ -377,6 +394,8 @@ class TlsProtocol(asyncio.Protocol):
             if not data:
                 break
             out.append(data)
+            if len(data) < _CHUNK:
+                break  # a memory BIO hands out all it has: drained (no WantReadError to raise)
         if out:
             transport.write(b"".join(out))
 

@@ -146,6 +146,10 @@ class Registry:
         self.attempts = attempts
         self._lock = threading.Lock()
         self._seen: dict[str, float] = {}  # public key -> handshake already recorded
+        # lowest order: where the next scan for a free address starts (the last address
+        # this registry handed out, lowered when it frees one). Only a hint: the scan wraps
+        # around, so an address freed elsewhere (another node) is still found, later.
+        self._scan_from: ipaddress.IPv4Address | None = None
 
     def peer_for(
         self, record: InstanceRecord, endpoint: str | None = None, *, keepalive: bool = True
@@ -177,12 +181,15 @@ class Registry:
                 changes.append(self.peer_for(saved))
             if changes and self.device is not None:
                 self.device.apply(changes)
-        logger.info(
+        # A plain refresh (same key, same address: every CVM every few minutes) changes
+        # nothing worth a line at info; new instances, key rotations and moves do.
+        logger.log(
+            logging.INFO if changes else logging.DEBUG,
             "registered instance %s of app %s at %s%s",
             saved.instance_id,
             saved.app_id,
             saved.ip,
-            " (new)" if previous is None else "",
+            " (new)" if previous is None else "" if changes else " (refresh)",
         )
         return saved
 
@@ -205,6 +212,7 @@ class Registry:
                 _TakenByOthers(self.store, reg.instance_id),
                 current=existing.ip if existing else None,
                 rng=self.rng,
+                scan_from=self._scan_from,
             )
             now = self.clock()
             port_policy = reg.port_policy
@@ -232,8 +240,17 @@ class Registry:
             except Conflict as exc:  # another writer (node, thread) raced us: re-read
                 last = exc
                 continue
+            if existing is None or existing.ip != saved.ip:
+                self._scan_from = saved.ip
+                if existing is not None:
+                    self._freed(existing.ip)
             return saved, existing
         raise RegistryError(f"registration kept conflicting, try again: {last}")
+
+    def _freed(self, ip: ipaddress.IPv4Address) -> None:
+        """Let the next lowest-first scan see an address this registry just freed."""
+        if self._scan_from is not None and ip < self._scan_from:
+            self._scan_from = ip
 
     def unregister(self, instance_id: str) -> bool:
         """Remove an instance now (admin action): record, address and peer."""
@@ -242,6 +259,7 @@ class Registry:
             if record is None:
                 return False
             self.store.delete_instance(instance_id)
+            self._freed(record.ip)
             if self.device is not None:
                 self.device.apply([PeerRemoval(record.public_key)])
         return True
@@ -258,6 +276,7 @@ class Registry:
                     self.store.delete_instance(record.instance_id, expect_revision=record.revision)
                 except Conflict:
                     continue  # refreshed meanwhile: alive
+                self._freed(record.ip)
                 removed.append(record)
             if removed and self.device is not None:
                 self.device.apply([PeerRemoval(r.public_key) for r in removed])

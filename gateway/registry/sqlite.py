@@ -7,8 +7,12 @@ without keeping everything in memory.
 
 * Every write runs in ``BEGIN IMMEDIATE`` ... ``COMMIT`` (one writer at a time, no upgrade
   deadlocks) under a process-local lock, so the store can be shared by threads
-  (``asyncio.to_thread``). ``synchronous=NORMAL``: a process crash loses nothing committed;
-  a power loss can lose the last commits but never corrupts the file.
+  (``asyncio.to_thread``). ``synchronous=NORMAL`` (durable enough, and no fsync per
+  registration): under WAL a transaction is in the log file, i.e. the OS's page cache, when
+  ``COMMIT`` returns, so a crash of the gateway process loses nothing committed; only a power
+  loss or kernel crash can lose the last commits (the WAL is fsynced at checkpoints), and it
+  never corrupts the file. A CVM whose lost registration mattered re-registers at its next
+  refresh. ``FULL`` would add an fsync (milliseconds on real disks) to every registration.
 * The schema version is ``PRAGMA user_version``; :data:`MIGRATIONS` lists the steps, each
   applied once in its own transaction. A database newer than this code is refused.
 * The change feed (``changes`` table) is compacted to the last :data:`FEED_KEEP` entries.
@@ -256,9 +260,11 @@ class SqliteStore:
                 "evidence = excluded.evidence, revision = excluded.revision",
                 values,
             )
-            db.execute("DELETE FROM allocations WHERE instance_id = ?", (record.instance_id,))
+            # a refresh keeps its address: then nothing is written (no row or index pages)
             db.execute(
-                "INSERT INTO allocations (ip, instance_id, allocated_at) VALUES (?, ?, ?)",
+                "INSERT INTO allocations (ip, instance_id, allocated_at) VALUES (?, ?, ?) "
+                "ON CONFLICT (instance_id) DO UPDATE SET ip = excluded.ip, "
+                "allocated_at = excluded.allocated_at WHERE ip != excluded.ip",
                 (str(record.ip), record.instance_id, record.last_seen),
             )
         return _replace_revision(record, rev)

@@ -95,19 +95,28 @@ def choose(
     *,
     current: IPv4 | None = None,
     rng: random.Random | None = None,
+    scan_from: IPv4 | None = None,
 ) -> IPv4:
     """The address for one instance.
 
     ``taken`` holds every address allocated to *other* instances. ``current`` is the
     instance's address from an earlier registration: kept if still assignable and not taken.
     Otherwise the lowest free address, or a random free one when ``rng`` is given.
-    Raises :class:`PoolExhausted` when nothing is free.
+    ``scan_from`` (lowest order only) starts the scan there instead of at the bottom,
+    wrapping around, so a caller that knows everything below is taken (the registry
+    remembers where its last scan ended) does not test thousands of held addresses, one
+    store query each, per new instance. Raises :class:`PoolExhausted` when nothing is free.
     """
     if current is not None and plan.assignable(current) and current not in taken:
         return current
     lo, hi = plan._bounds()
     size = hi - lo + 1
-    start = rng.randrange(size) if rng is not None and size > 0 else 0
+    if rng is not None and size > 0:
+        start = rng.randrange(size)
+    elif scan_from is not None and lo <= int(scan_from) <= hi:
+        start = int(scan_from) - lo
+    else:
+        start = 0
     in_use = 0
     for step in range(size):
         candidate = IPv4(lo + (start + step) % size)

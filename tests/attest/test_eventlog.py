@@ -4,6 +4,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gateway.attest.eventlog import (
     KeyProvider,
@@ -122,3 +124,18 @@ def test_key_provider_json_variants() -> None:
     assert kp.key_provider == KeyProvider("none", "")
     bad = decode_app_identity([AttestedEvent("key-provider", b"[1]")])
     assert bad.key_provider is None and bad.key_provider_payload == b"[1]"
+
+
+_NAMES = st.sampled_from(["app-id", "boot-mr-done", "system-ready", "compose-hash", "x"])
+
+
+@given(st.lists(st.tuples(_NAMES, st.binary(max_size=8)), max_size=8))
+def test_identity_replays_in_one_pass_what_two_replays_give(
+    events: list[tuple[str, bytes]],
+) -> None:
+    """decode_app_identity computes boot_rtmr3 and rtmr3 in one pass; it must equal the two
+    separate replays (until the first boot-mr-done, inclusive; and to the end)."""
+    evs = [AttestedEvent(name, payload) for name, payload in events]
+    ident = decode_app_identity(evs)
+    assert ident.boot_rtmr3 == replay_rtmr3(evs, until="boot-mr-done")
+    assert ident.rtmr3 == replay_rtmr3(evs)

@@ -726,3 +726,60 @@ def test_a_certificate_only_openssl_accepts_is_malformed_evidence(rpc: Rpc, tmp_
     assert "client certificate 0" in err["error"]
     status, _ = rpc.post(None, {}, path="/prpc/Info")
     assert status == 200
+
+
+def test_a_body_split_across_tls_records_and_segments_is_read_whole(
+    rpc: Rpc, pki: SimPki, tmp_path: Path
+) -> None:
+    """Clients may write the headers and the body separately (and a slow link delivers them
+    apart): the handler waits for the whole body instead of parsing what arrived first."""
+    cvm = make_cvm(pki, tmp_path / "split", b"\x5a" * 20, None)
+    body = json.dumps({"client_public_key": public_key(generate_private_key())}).encode()
+    head = (
+        f"POST /prpc/RegisterCvm HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    ctx = ssl.create_default_context(cafile=str(rpc.ca_file))
+    ctx.load_cert_chain(cvm.cert, cvm.key)
+    with socket.create_connection(("127.0.0.1", rpc.port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            tls.sendall(head + body[:10])
+            time.sleep(0.2)
+            tls.sendall(body[10:])
+            reply = b""
+            while chunk := tls.recv(65536):
+                reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+    assert b'"client_ip"' in reply
+
+
+def test_a_certificate_with_a_version_cryptography_rejects_is_malformed(
+    rpc: Rpc, tmp_path: Path
+) -> None:
+    """Version field 1 (X.509 v2): OpenSSL takes it, cryptography raises ``InvalidVersion``
+    (not a ValueError): still 403 malformed, not a server error."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    start = dt.datetime.fromtimestamp(NOW - 3600, dt.UTC)
+    der = (
+        x509.CertificateBuilder()
+        .subject_name(_name("v2"))
+        .issuer_name(_name("v2"))
+        .public_key(key.public_key())
+        .serial_number(7)
+        .not_valid_before(start)
+        .not_valid_after(start + dt.timedelta(days=1))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.DER)
+    )
+    marker = bytes.fromhex("a003020102020107")  # version v3, then serial INTEGER 7
+    assert der.count(marker) == 1
+    der = der.replace(marker, bytes.fromhex("a003020101020107"))  # version v2
+    pem = (
+        b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der) + b"-----END CERTIFICATE-----\n"
+    )
+    (tmp_path / "v2.pem").write_bytes(pem)
+    (tmp_path / "v2.key").write_bytes(pem_key(key))
+    cvm = Cvm(tmp_path / "v2.pem", tmp_path / "v2.key", "")
+    status, err = rpc.post(cvm, {"client_public_key": public_key(generate_private_key())})
+    assert (status, err["reason"]) == (403, "malformed"), err
+    assert "client certificate 0" in err["error"]

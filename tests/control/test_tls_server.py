@@ -370,3 +370,49 @@ def test_mutated_client_hellos_never_break_the_server(server: Server) -> None:
     assert _get(server, "/whoami")["chain"] == []
     stats = dict(server.site.stats)
     assert sum(stats.values()) >= 59 and stats.get("established", 0) <= 1, stats
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_no_resumption_every_connection_is_a_full_handshake(
+    server: Server, client: Client, version: ssl.TLSVersion
+) -> None:
+    """Tickets would each carry the client's whole chain (an RA-TLS leaf is ~7 KB) and no
+    CVM resumes, so none are honoured: the second connection offers the first one's
+    session, still does a full handshake and presents its certificate again."""
+    ctx = ssl.create_default_context(cafile=str(server.ca_file))
+    ctx.minimum_version = ctx.maximum_version = version
+    ctx.load_cert_chain(client.cert, client.key)
+    session = None
+    for attempt in range(2):
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as tls:
+                tls.sendall(b"GET /whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                reply = b""
+                while chunk := tls.recv(65536):
+                    reply += chunk
+                assert b"CN=client intermediate" in reply
+                assert not tls.session_reused, f"connection {attempt} resumed a session"
+                session = tls.session
+    assert session is not None
+
+
+def test_tls13_ticket_waits_for_the_first_response(server: Server, client: Client) -> None:
+    """After a TLS 1.3 handshake the server holds back its post-handshake ticket (the
+    client needs nothing more) and sends it with the response: one socket write less per
+    registration. The response still arrives whole."""
+    ctx = ssl.create_default_context(cafile=str(server.ca_file))
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.load_cert_chain(client.cert, client.key)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.version() == "TLSv1.3"
+            with socket.fromfd(tls.fileno(), socket.AF_INET, socket.SOCK_STREAM) as peek:
+                peek.settimeout(0.3)
+                with pytest.raises(TimeoutError):  # nothing sent before we ask
+                    peek.recv(1, socket.MSG_PEEK)
+            tls.sendall(b"GET /whoami HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            reply = b""
+            while chunk := tls.recv(65536):
+                reply += chunk
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert b"CN=gateway-rpc" in reply

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator
+from dataclasses import replace
+from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
@@ -71,3 +73,25 @@ def test_garbage_file_is_a_store_error(tmp_path: Path) -> None:
     path.write_bytes(b"not a database" * 100)
     with pytest.raises(StoreError, match="cannot open"):
         SqliteStore(path)
+
+
+def test_a_refresh_keeping_its_address_leaves_the_allocation_alone(tmp_path: Path) -> None:
+    """The allocation row is rewritten only when the address moves: a refresh writes no
+    allocation pages and the row keeps the time the address was first given out."""
+    path = tmp_path / "a.sqlite3"
+
+    def allocation() -> list[tuple[str, str, float]]:
+        with sqlite3.connect(path) as db:
+            return db.execute("SELECT ip, instance_id, allocated_at FROM allocations").fetchall()
+
+    with SqliteStore(path) as s:
+        first = s.put_instance(rec(1, last_seen=100.0), expect_revision=0)
+        assert allocation() == [("10.0.0.2", "inst1", 100.0)]
+        refreshed = s.put_instance(rec(1, last_seen=200.0), expect_revision=first.revision)
+        assert allocation() == [("10.0.0.2", "inst1", 100.0)]
+        s.put_instance(
+            replace(refreshed, ip=IPv4Address("10.0.0.9"), last_seen=300.0),
+            expect_revision=refreshed.revision,
+        )
+        assert allocation() == [("10.0.0.9", "inst1", 300.0)]
+        assert s.ip_holder(IPv4Address("10.0.0.2")) is None

@@ -123,3 +123,18 @@ def test_fill_pool_never_duplicates_nor_hands_out_reserved(
         )
         taken.add(ip)
     assert len(taken) == plan.capacity()
+
+
+def test_lowest_scan_can_start_where_the_last_one_ended_and_wraps() -> None:
+    """``scan_from`` skips the known-taken bottom of the range; the scan wraps, so a free
+    address below the start is still found (and exhaustion still detected)."""
+    assert choose(UPSTREAM, set(), scan_from=A("10.0.0.40")) == A("10.0.0.40")
+    assert choose(UPSTREAM, {A("10.0.0.40")}, scan_from=A("10.0.0.40")) == A("10.0.0.41")
+    top = {A(f"10.0.0.{n}") for n in range(40, 255)}
+    assert choose(UPSTREAM, top, scan_from=A("10.0.0.40")) == A("10.0.0.2")  # wrapped
+    assert choose(UPSTREAM, set(), scan_from=A("192.0.2.1")) == A("10.0.0.2")  # outside: ignored
+    rng_pick = choose(UPSTREAM, set(), rng=random.Random(7), scan_from=A("10.0.0.40"))
+    assert rng_pick == choose(UPSTREAM, set(), rng=random.Random(7))  # random order ignores it
+    everything = {A(f"10.0.0.{n}") for n in range(2, 255)}
+    with pytest.raises(PoolExhausted):
+        choose(UPSTREAM, everything, scan_from=A("10.0.0.40"))
