@@ -283,7 +283,7 @@ class StoredCredential:
         if kind == "rfc2136":
             try:
                 base64.b64decode(secret, validate=True)
-            except binascii.Error:
+            except (binascii.Error, ValueError):  # ValueError: non-ASCII text
                 raise FieldError(
                     "tsig_secret", "expected base64 (as in a knot/BIND key file)"
                 ) from None

@@ -234,3 +234,11 @@ def test_base_domain_over_existing_custom_routes_is_refused(tmp_path: Path) -> N
             state.put_domain(BaseDomain("customer.example", "knot"), create=True)
         state.delete_route("shop.customer.example")
         assert state.put_domain(BaseDomain("customer.example", "knot"), create=True).revision
+
+
+def test_non_ascii_tsig_secret_is_a_field_error() -> None:
+    """Found by the property above: base64 of non-ASCII text raised a bare ValueError (500)."""
+    body = {"kind": "rfc2136", "tsig_secret": "0000000\x80"}
+    with pytest.raises(FieldError) as err:
+        StoredCredential.from_json(body, cred_id="c", previous=cred("c"))
+    assert err.value.field == "tsig_secret"
