@@ -179,9 +179,17 @@ class Advertised:
 
 
 def advertised_from_config(cfg: Config, wg_public_key: str) -> Advertised:
-    """What the RPC tells CVMs about this gateway, from ``[wg]`` and ``[rpc]``."""
+    """What the RPC tells CVMs about this gateway, from ``[wg]``, ``[rpc]`` and the first
+    base domain (``proxy.base_domains``, else ``[[acme.domains]]``; the node replaces it
+    with the operator's base domains when it has any). Without one, CVMs get ``""``, as
+    upstream sends when it has no base domain."""
+    bases = [*cfg.proxy.base_domains, *(d.base_domain for d in cfg.acme.domains)]
     return Advertised(
-        wg_public_key=wg_public_key, wg_ip=cfg.wg.ip, wg_endpoint=cfg.wg.endpoint, url=cfg.rpc.url
+        wg_public_key=wg_public_key,
+        wg_ip=cfg.wg.ip,
+        wg_endpoint=cfg.wg.endpoint,
+        url=cfg.rpc.url,
+        base_domain=bases[0] if bases else "",
     )
 
 

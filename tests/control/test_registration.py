@@ -783,3 +783,17 @@ def test_a_certificate_with_a_version_cryptography_rejects_is_malformed(
     status, err = rpc.post(cvm, {"client_public_key": public_key(generate_private_key())})
     assert (status, err["reason"]) == (403, "malformed"), err
     assert "client certificate 0" in err["error"]
+
+
+def test_advertised_base_domain_comes_from_the_configuration() -> None:
+    """CVMs learn the domain their apps are published under (``agent.domain``, ``Info``)
+    even when no base domain was added through the admin API."""
+    from gateway.config import parse_config
+    from gateway.control.registration import advertised_from_config
+
+    key = "k" * 43 + "="
+    assert advertised_from_config(parse_config(""), key).base_domain == ""
+    proxy = parse_config("[proxy]\nbase_domains = ['apps.test', 'other.test']\n")
+    assert advertised_from_config(proxy, key).base_domain == "apps.test"
+    acme = parse_config("[[acme.domains]]\nbase_domain = 'acme.test'\ndns = 'x'\n")
+    assert advertised_from_config(acme, key).base_domain == "acme.test"
