@@ -22,7 +22,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol, cast
+from typing import Protocol
 
 from gateway.proxy.settings import StaticRoute
 
@@ -116,16 +116,6 @@ class StaticRoutes:
         return cands if len(cands) <= top_n else cands[:top_n]
 
 
-class CustomTarget(Protocol):
-    """An operator's custom-domain route: the app and the port it is reached on."""
-
-    @property
-    def app_id(self) -> str: ...
-
-    @property
-    def port(self) -> int: ...
-
-
 class CombinedRoutes:
     """Several tables asked in order; the first that knows an id answers for it alone.
 
@@ -145,19 +135,6 @@ class CombinedRoutes:
             if found:
                 return found
         return ()
-
-    def custom_route(self, sni: str) -> CustomTarget | None:
-        """The operator's route for a custom domain from the first table that has one.
-
-        The overlay (``OverlayRoutes``) sits in the static table; without this, putting the
-        registry's table next to it (the default when the control process runs) hid every
-        route set with ``gateway ctl custom-domains add`` from ``decide()``.
-        """
-        for table in self.tables:
-            finder = getattr(table, "custom_route", None)
-            if finder is not None and (target := finder(sni)) is not None:
-                return cast(CustomTarget, target)
-        return None
 
 
 def _age(c: Candidate) -> float:

@@ -23,6 +23,7 @@ drains and re-opens one).
 from __future__ import annotations
 
 import base64
+import ipaddress
 import json
 import os
 import re
@@ -30,6 +31,7 @@ import secrets
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +41,8 @@ import pytest
 from cryptography import x509
 
 from gateway.certs.devca import ensure_dev_ca, issue_wildcard, write_cert_dir
+from gateway.registry.records import InstanceRecord
+from gateway.registry.sqlite import SqliteStore
 from tests.certs.localstack import LocalStack, binaries_present, local_stack
 from tests.certs.util import dns_update
 from tests.helpers.gateway import Origin
@@ -53,6 +57,7 @@ STEP = re.compile(
 BASE = "apps.example.com"
 ZONES = ["example.com", "example.org"]
 APP_ID_HEX = "a1" * 20
+CVM_APP, CVM_INSTANCE = "c1" * 20, "c2" * 20
 
 
 def doc_steps(text: str) -> dict[str, str]:
@@ -114,6 +119,9 @@ class Walk:
             ('"acme-key"', f'"{self.stack.tsig_name}"'),
             ("192.0.2.10", "127.0.0.1"),
             ("<40 hex>", APP_ID_HEX),
+            ("<app_id>-8080.", f"{CVM_APP}-{self.origin.http}."),
+            ('"port": 8080', f'"port": {self.origin.http}'),
+            ("<instance_id>", CVM_INSTANCE),
             ("demo-8080.", f"demo-{self.origin.http}."),
             ('"port": 8443', f'"port": {self.origin.tls}'),
         ]
@@ -194,6 +202,15 @@ class Walk:
             done.stderr,
         )
 
+    def fetch(self, name: str) -> str | None:
+        """``GET /`` on ``name`` through the proxy (pebble's root), or None if refused."""
+        done = subprocess.run(
+            ["curl", "-sS", "--max-time", "5", "--cacert", str(self.pebble_root),
+             "--connect-to", f"::127.0.0.1:{self.proxy_port}", f"https://{name}/"],
+            capture_output=True, text=True, timeout=15,
+        )  # fmt: skip
+        return done.stdout if done.returncode == 0 else None
+
     def served_cert(self, name: str) -> x509.Certificate:
         """The certificate the proxy presents for ``name``, verified against pebble's root."""
         done = subprocess.run(
@@ -219,7 +236,7 @@ def walk(tmp_path: Path) -> Iterator[Walk]:
     olog = tmp_path / "origin.log"
     cmd = [sys.executable, "-m", "gateway.proxy.origin", "--http", "0", "--tls", "0"]
     cmd += ["--cert", str(cert / "fullchain.pem"), "--key", str(cert / "privkey.pem")]
-    with local_stack(tmp_path / "acme", ZONES) as stack:
+    with local_stack(tmp_path / "acme", ZONES, cert_validity=90 * 86400) as stack:
         origin_proc: subprocess.Popen[bytes] = start(cmd, olog)
         walk = None
         try:
@@ -238,8 +255,10 @@ def walk(tmp_path: Path) -> Iterator[Walk]:
 
 def test_walkthrough_as_written(walk: Walk) -> None:
     steps = doc_steps(DOC.read_text())
-    assert list(steps) == ["dirs", "token", "config", "credential", "domain", "served",
-                           "admission", "custom", "daily"]  # fmt: skip
+    assert list(steps) == [
+        *("dirs", "token", "config", "credential", "domain", "served", "admission"),
+        *("custom", "daily", "drain", "undrain", "remove"),
+    ]
 
     walk.step("dirs", steps)
     assert walk.etc.is_dir() and walk.data.is_dir()
@@ -314,31 +333,81 @@ def test_walkthrough_as_written(walk: Walk) -> None:
     assert "<title>gateway dashboard" in out
     assert token not in walk.log.read_text() and secret not in walk.log.read_text()
 
+    cvm_instances(walk)
     assert walk.unused == set(), "placeholders the doc no longer uses"
 
     renewal_failures_keep_serving(walk, int(str(cert_doc["serial"]), 16))
 
 
+def cvm_instances(walk: Walk) -> None:
+    """The drain / undrain / port-policy / remove steps, for a CVM the test registers by
+    writing the registry record the registration RPC would (its WireGuard address is the
+    origin's 127.0.0.1); the workers find it by polling the registry."""
+    steps = doc_steps(DOC.read_text())
+    now = time.time()
+    store = SqliteStore(walk.data / "registry.sqlite3")
+    try:
+        store.put_instance(
+            InstanceRecord(
+                instance_id=CVM_INSTANCE, app_id=CVM_APP, public_key="A" * 43 + "=",
+                ip=ipaddress.IPv4Address("127.0.0.1"), registered_at=now, last_seen=now,
+                last_handshake=now,
+                port_policy={"restrict_mode": True, "ports": [{"port": walk.origin.http}]},
+            ),
+            expect_revision=0,
+        )  # fmt: skip
+    finally:
+        store.close()
+    name = f"{CVM_APP}-{walk.origin.http}.{BASE}"
+
+    def reachable() -> bool:
+        return all(walk.fetch(name) is not None for _ in range(4))  # both workers
+
+    def unreachable() -> bool:
+        return all(walk.fetch(name) is None for _ in range(4))
+
+    assert walk.gateway is not None
+    wait_until(reachable, walk.gateway, 10, "the CVM's route in the workers", walk.log)
+    out = walk.step("drain", steps)
+    assert CVM_INSTANCE in out and f"port {walk.origin.http}, plain TCP" in out, out
+    wait_until(unreachable, walk.gateway, 10, "the drain in the workers", walk.log)
+    out = walk.step("undrain", steps)
+    assert re.search(r"^source\s+admin$", out, re.M), out  # `port-policy get`, after `set`
+    wait_until(reachable, walk.gateway, 10, "the undrain in the workers", walk.log)
+    out = walk.step("remove", steps)
+    assert out.count(CVM_INSTANCE) == 1, out  # in remove's answer, not in the list after it
+    wait_until(unreachable, walk.gateway, 10, "the removal in the workers", walk.log)
+
+
 def renewal_failures_keep_serving(walk: Walk, serial: int) -> None:
-    """A refused DNS update, then a stopped CA: a forced renewal fails, the old cert serves."""
+    """A refused DNS update, then a stopped CA: a forced renewal (the doc's command) fails
+    with an error that names the cause, and the proxy keeps serving the old certificate.
+
+    The CA is stopped before the right secret is restored: restoring it rebuilds the certbot,
+    and nothing may renew behind the test's back while the CA is still up.
+    """
     renew = f"certificates renew {BASE} --data '{{\"force\": true}}'"
     cred = (
         '{"kind": "rfc2136", "server": "127.0.0.1", "port": %d, "check_port": %d, '
         '"zone": "example.com", "tsig_key_name": "%s", "tsig_secret": "%s"}'
     )
-    wrong = base64.b64encode(secrets.token_bytes(32)).decode()
     port, name = walk.stack.dns_port, walk.stack.tsig_name
+    wrong = base64.b64encode(secrets.token_bytes(32)).decode()
     walk.ctl_json(f"dns-credentials set primary --data '{cred % (port, port, name, wrong)}'")
-    rc, _, err = walk.ctl_json(renew, check=False)
-    assert rc == 1 and "HTTP 502" in err and "BADSIG" in err.upper(), err
+    rc, out, err = walk.ctl_json(renew, check=False)
+    assert rc == 1 and out is None, (rc, out, err)
+    assert "error: HTTP 502:" in err and "BADSIG" in err and "TSIG key" in err, err
     assert walk.served_cert(f"gateway.{BASE}").serial_number == serial
 
+    walk.stack.stop_pebble()
     right = walk.stack.tsig_secret
     walk.ctl_json(f"dns-credentials set primary --data '{cred % (port, port, name, right)}'")
-    walk.stack.stop_pebble()
-    rc, _, err = walk.ctl_json(renew, check=False)
-    assert rc == 1 and "HTTP 502" in err, err
+    rc, out, err = walk.ctl_json(renew, check=False)
+    assert rc == 1 and out is None, (rc, out, err)
+    assert "error: HTTP 502:" in err and "ca-unreachable" in err, err
     assert walk.served_cert(f"demo-{walk.origin.http}.{BASE}").serial_number == serial
     _, doc, _ = walk.ctl_json(f"certificates get {BASE}")
-    assert isinstance(doc, dict) and doc["has_cert"] and doc["last_error"], doc
+    assert doc["has_cert"] and "ca-unreachable" in doc["last_error"], doc
     assert int(str(doc["serial"]), 16) == serial
+    _, history, _ = walk.ctl_json(f"certificates history {BASE}")
+    assert [(int(c["serial"], 16), c["current"]) for c in history] == [(serial, True)], history

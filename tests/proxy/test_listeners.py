@@ -144,3 +144,49 @@ def test_base_domains_added_by_the_operator_are_routed_after_a_reload(tmp_path: 
         assert after == ("conf.test", "added.test")
     finally:
         loop.close()
+
+
+def test_the_operators_overlay_applies_to_registry_instances_too(tmp_path: Path) -> None:
+    """Drains and custom-domain routes reach CVMs found in the registry, not only static
+    routes: the overlay is laid over the combined table (it once wrapped the static table
+    alone, so a drained CVM kept getting connections and `ctl custom-domains` routes were
+    ignored whenever registry routes were on)."""
+    from gateway.control.overlay import Overlay, OverlayRoutes, RouteTarget
+    from gateway.proxy.decide import CustomRouteTable
+
+    db = tmp_path / "registry.sqlite3"
+    overlay = Overlay(drained=frozenset({"i1"}), routes={"shop.test": RouteTarget("cvm", 443)})
+    loop = asyncio.new_event_loop()
+    try:
+        worker = make_worker(tmp_path, db, loop)
+        worker.reload_routes = lambda: OverlayRoutes(
+            StaticRoutes([StaticRoute(app_id="pinned", backends=("127.0.0.1",))]), overlay
+        )
+    except BaseException:
+        loop.close()
+        raise
+
+    def hosts(ident: str) -> list[str]:
+        return [c.host for c in worker.snapshot.routes.lookup(ident, 3)]
+
+    async def main() -> None:
+        store = SqliteStore(db)
+        try:
+            store.put_instance(record("i1", "cvm", 2, time.time()), expect_revision=0)
+            store.put_instance(record("i2", "cvm", 3, time.time() - 1), expect_revision=0)
+            worker.reload()
+            worker.start_registry_polling()
+            await asyncio.sleep(0.15)
+            assert hosts("cvm") == ["10.9.0.3"] and hosts("i1") == [] and hosts("i2")
+            routes = worker.snapshot.routes
+            assert isinstance(routes, CustomRouteTable)
+            assert routes.custom_route("shop.test") == RouteTarget("cvm", 443)
+            assert hosts("pinned") == ["127.0.0.1"]
+        finally:
+            store.close()
+        await worker.drain()
+
+    try:
+        loop.run_until_complete(main())
+    finally:
+        loop.close()

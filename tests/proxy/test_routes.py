@@ -25,18 +25,3 @@ def test_first_table_that_knows_an_id_answers_alone() -> None:
     assert [c.host for c in combined.lookup("i4", 3)] == ["10.0.0.4"]
     assert combined.lookup("nobody", 3) == ()
     assert CombinedRoutes().lookup("app", 3) == ()
-
-
-def test_combined_routes_pass_on_the_operators_custom_domain_routes() -> None:
-    """The overlay's routes stay visible to decide() when the registry's table is added."""
-    from gateway.control.overlay import Overlay, OverlayRoutes, RouteTarget
-    from gateway.proxy.decide import CustomRouteTable
-
-    overlay = Overlay(routes={"shop.example.org": RouteTarget("app", 8443)})
-    combined = CombinedRoutes(
-        OverlayRoutes(table("app", "127.0.0.1"), overlay), table("cvm", "10.0.0.3")
-    )
-    assert isinstance(combined, CustomRouteTable)
-    assert combined.custom_route("shop.example.org") == RouteTarget("app", 8443)
-    assert combined.custom_route("other.example.org") is None
-    assert CombinedRoutes(table("app", "127.0.0.1")).custom_route("shop.example.org") is None
