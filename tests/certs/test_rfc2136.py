@@ -85,6 +85,16 @@ def test_caa_swap_keeps_other_tags(stack: LocalStack) -> None:
     ]
 
 
+def test_caa_on_a_name_that_does_not_exist_yet(stack: LocalStack) -> None:
+    """A base domain's apex may have no records at all (NXDOMAIN) when CAA is first pinned;
+    that is "no CAA records", not a failed update."""
+    p = rfc2136_provider(stack)
+    name = f"fresh-caa.{ZONE}"
+    assert records_at(stack.dns_port, name, "CAA") == []
+    run(p.set_caa(name, [CaaRecord(0, "issue", "a.example")]))
+    assert records_at(stack.dns_port, name, "CAA") == ['0 issue "a.example"']
+
+
 def test_wrong_key_unknown_key_outside_zone_and_dead_server(stack: LocalStack) -> None:
     bad = rfc2136_provider(stack, secret="AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=")
     with pytest.raises(DnsProviderError) as err:

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import dns.message
+import dns.query
 import pytest
 from cryptography import x509
 
@@ -257,7 +259,7 @@ def test_walkthrough_as_written(walk: Walk) -> None:
     steps = doc_steps(DOC.read_text())
     assert list(steps) == [
         *("dirs", "token", "config", "credential", "domain", "served", "admission"),
-        *("custom", "daily", "drain", "undrain", "remove"),
+        *("custom", "daily", "drain", "undrain", "remove", "acme"),
     ]
 
     walk.step("dirs", steps)
@@ -273,6 +275,14 @@ def test_walkthrough_as_written(walk: Walk) -> None:
     assert walk.gateway is not None
     assert str(walk.data) in out  # `config check` printed the resolved file
 
+    # step 4 (no commands): knot is the server the zone is delegated to; the names point
+    # at the gateway (our curl and openssl connect to its port whatever they resolve to)
+    dns_update(
+        walk.stack.dns_port,
+        (walk.stack.tsig_name, walk.stack.tsig_secret),
+        "example.com",
+        add=[(f"{BASE}.", 60, "A", "127.0.0.1"), (f"*.{BASE}.", 60, "A", "127.0.0.1")],
+    )
     out = walk.step("credential", steps)
     secret = walk.stack.tsig_secret
     assert "primary" in out and secret not in out
@@ -334,6 +344,7 @@ def test_walkthrough_as_written(walk: Walk) -> None:
     assert token not in walk.log.read_text() and secret not in walk.log.read_text()
 
     cvm_instances(walk)
+    acme_account(walk, steps)
     assert walk.unused == set(), "placeholders the doc no longer uses"
 
     renewal_failures_keep_serving(walk, int(str(cert_doc["serial"]), 16))
@@ -377,6 +388,23 @@ def cvm_instances(walk: Walk) -> None:
     out = walk.step("remove", steps)
     assert out.count(CVM_INSTANCE) == 1, out  # in remove's answer, not in the list after it
     wait_until(unreachable, walk.gateway, 10, "the removal in the workers", walk.log)
+
+
+def acme_account(walk: Walk, steps: dict[str, str]) -> None:
+    """The schedule is applied, the account rotated at the CA, and CAA published in knot."""
+    _, before, _ = walk.ctl_json("acme get")
+    out = walk.step("acme", steps)
+    _, after, _ = walk.ctl_json("acme get")
+    assert after["account_uri"] and after["account_uri"] != before["account_uri"], out
+    _, config, _ = walk.ctl_json("acme config")
+    assert (config["check_interval"], config["renew_before"]) == (1800, 864000), config
+    assert config["caa"] is True and config["caa_issuer"] == "letsencrypt.org", config
+    answer = dns.query.udp(
+        dns.message.make_query(BASE, "CAA"), "127.0.0.1", port=walk.stack.dns_port, timeout=3
+    )
+    caa = sorted(rd.to_text() for rrset in answer.answer for rd in rrset)
+    pin = f'"letsencrypt.org;validationmethods=dns-01;accounturi={after["account_uri"]}"'
+    assert caa == [f"0 issue {pin}", f"0 issuewild {pin}"], caa
 
 
 def renewal_failures_keep_serving(walk: Walk, serial: int) -> None:

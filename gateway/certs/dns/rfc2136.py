@@ -185,7 +185,12 @@ class Rfc2136Provider(DnsProvider):
     async def _query(
         self, name: dns.name.Name, rdtype: dns.rdatatype.RdataType
     ) -> list[dns.rdata.Rdata]:
-        response = await self._send(dns.message.make_query(name, rdtype))
+        try:
+            response = await self._send(dns.message.make_query(name, rdtype))
+        except DnsProviderError as exc:
+            if exc.rcode == "NXDOMAIN":  # no such name (yet): it has no records of any type,
+                return []  # e.g. a base domain's apex before anything points at the gateway
+            raise
         return [rd for rrset in response.answer if rrset.rdtype == rdtype for rd in rrset]
 
     async def authoritative_servers(self, name: str) -> tuple[NameServer, ...]:
