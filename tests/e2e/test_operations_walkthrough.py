@@ -1,23 +1,26 @@
 """``docs/operations.md``'s walkthrough, run as written, against pebble and knot.
 
-The shell blocks the doc marks ``<!-- walkthrough:step NAME -->`` are extracted, their
-documented placeholders (directories, ports, the ACME directory, the DNS server and TSIG
-key, the app's host and ports) replaced, and each block run with bash in order, sharing
-exported variables. ``gateway serve`` runs as a real process (started by PID, not by the
-shell); ``gateway ctl`` and ``curl`` are the real programs. After each step the test checks
-what the doc promises: the credential is stored with its secret redacted, the base domain
-gets a certificate from the ACME CA (pebble) that the proxy serves on any name under it,
-a custom domain routes to the app by its ``_dstack-app-address`` TXT record in knot and by
-a static route, and the dashboard and metrics answer.
+The shell blocks the doc marks ``<!-- walkthrough:step NAME -->`` are extracted, the
+placeholders its table lists (directories, ports, the ACME directory, the DNS server and
+TSIG key, the app's host and ports, a CVM's ids) replaced, and each block run with bash in
+order, sharing exported variables. ``gateway serve`` runs as a real process (started and
+stopped by PID, not by the shell); ``gateway ctl``, ``curl`` and ``openssl`` are the real
+programs. After each step the test checks what the doc promises: the node reports ready,
+the credential is stored with its secret redacted, the base domain gets a certificate from
+the ACME CA (pebble) that the proxy serves for the names under it, a custom domain routes
+to the app by its ``_dstack-app-address`` TXT record in knot and another by a static route,
+the dashboard and metrics answer, a registered CVM is drained, re-opened and removed, and
+the ACME account is rotated and pinned in CAA records.
 
 Then what an operator relies on when renewal fails: a forced renewal with the DNS update
-refused (a wrong TSIG secret) and with the CA stopped fails with a clear error, and the
-proxy still serves the old certificate (checked over TLS with openssl).
+refused (a wrong TSIG secret) and with the CA stopped fails with an error naming the cause,
+and the proxy still serves the old certificate (checked over TLS with openssl).
 
-Not run: step 1's ``scripts/setup.sh`` (installs Debian packages and the environment this
-test already runs in), step 4 (DNS delegation; knot is the delegated server here) and the
-unmarked "with CVMs registered" block (it needs registry instances; tests/e2e/test_operator.py
-drains and re-opens one).
+Not run as commands: step 1's ``scripts/setup.sh`` (it installs the Debian packages and the
+environment this test already runs in) and step 4 (DNS delegation: knot is the delegated
+server; the test adds the records pointing at the gateway). The CVM is registered by
+writing the registry record the registration RPC would, pointing at the origin on 127.0.0.1
+(the RPC itself is covered by tests/e2e/test_serve_control.py).
 """
 
 from __future__ import annotations
@@ -258,7 +261,7 @@ def walk(tmp_path: Path) -> Iterator[Walk]:
 def test_walkthrough_as_written(walk: Walk) -> None:
     steps = doc_steps(DOC.read_text())
     assert list(steps) == [
-        *("dirs", "token", "config", "credential", "domain", "served", "admission"),
+        *("dirs", "token", "config", "ready", "credential", "domain", "served", "admission"),
         *("custom", "daily", "drain", "undrain", "remove", "acme"),
     ]
 
@@ -274,6 +277,13 @@ def test_walkthrough_as_written(walk: Walk) -> None:
     out = walk.step("config", steps)
     assert walk.gateway is not None
     assert str(walk.data) in out  # `config check` printed the resolved file
+
+    def ready() -> bool:
+        doc = json.loads(walk.step("ready", steps))
+        assert set(doc) == {"ready", "not_ready", "checks"}, doc
+        return bool(doc["ready"]) and doc["not_ready"] == []
+
+    wait_until(ready, walk.gateway, 15, "/ready", walk.log)
 
     # step 4 (no commands): knot is the server the zone is delegated to; the names point
     # at the gateway (our curl and openssl connect to its port whatever they resolve to)
