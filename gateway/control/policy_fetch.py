@@ -48,7 +48,6 @@ import aiohttp
 from gateway.control.registration import PortPolicy, RpcError
 from gateway.registry.records import InstanceRecord
 from gateway.registry.store import Conflict, Store, StoreError
-from gateway.util.bodies import read_upto
 from gateway.util.tasks import spawn
 
 logger = logging.getLogger(__name__)
@@ -137,7 +136,12 @@ async def aiohttp_get(url: str, timeout: float, limit: int) -> tuple[int, bytes]
             aiohttp.ClientSession(timeout=client_timeout) as session,
             session.get(url, allow_redirects=False) as resp,
         ):
-            body = await read_upto(resp.content, limit)
+            body = b""
+            while len(body) <= limit:  # read(n) returns what has arrived, not n bytes
+                chunk = await resp.content.read(limit + 1 - len(body))
+                if not chunk:
+                    break
+                body += chunk
             if len(body) > limit:
                 raise OSError(f"answer larger than {limit} bytes")
             return resp.status, body

@@ -16,8 +16,6 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.util.bodies import read_upto
-
 __all__ = [
     "MAX_BODY",
     "Args",
@@ -68,7 +66,7 @@ async def read_args(request: web.Request) -> dict[str, Any]:
         )
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise RpcError(f"request body is larger than {MAX_BODY} bytes", status=413)
-    body = await read_upto(request.content, MAX_BODY)
+    body = await request.content.read(MAX_BODY + 1)
     if len(body) > MAX_BODY:
         raise RpcError(f"request body is larger than {MAX_BODY} bytes", status=413)
     if not body.strip():
