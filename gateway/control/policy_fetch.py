@@ -136,12 +136,7 @@ async def aiohttp_get(url: str, timeout: float, limit: int) -> tuple[int, bytes]
             aiohttp.ClientSession(timeout=client_timeout) as session,
             session.get(url, allow_redirects=False) as resp,
         ):
-            body = b""
-            while len(body) <= limit:  # read(n) returns what has arrived, not n bytes
-                chunk = await resp.content.read(limit + 1 - len(body))
-                if not chunk:
-                    break
-                body += chunk
+            body = await resp.content.read(limit + 1)
             if len(body) > limit:
                 raise OSError(f"answer larger than {limit} bytes")
             return resp.status, body

@@ -382,32 +382,3 @@ def test_the_rpc_schedules_a_fetch_only_when_no_policy_is_known(tmp_path: Path) 
         asyncio.run(client.register(url, keys))  # same app version: the stored one is kept
         assert len(seen) == 1
     store.close()
-
-
-def test_aiohttp_get_reads_a_body_that_arrives_in_pieces() -> None:
-    """``StreamReader.read(n)`` returns what has arrived so far, not ``n`` bytes: an agent
-    answer split across TCP segments once came back truncated ("malformed Info answer")."""
-    from gateway.control.policy_fetch import aiohttp_get
-    from tests.helpers.processes import free_port
-
-    body = json.dumps({"app_compose": "x" * 5000}).encode()
-
-    async def info(request: web.Request) -> web.StreamResponse:
-        resp = web.StreamResponse(headers={"Content-Length": str(len(body))})
-        await resp.prepare(request)
-        await resp.write(body[:100])
-        await asyncio.sleep(0.1)  # the rest arrives later
-        await resp.write(body[100:])
-        return resp
-
-    async def main() -> None:
-        app = web.Application()
-        app.router.add_get("/info", info)
-        port = free_port()
-        async with agent(app, port):
-            url = f"http://127.0.0.1:{port}/info"
-            assert await aiohttp_get(url, 5.0, 1 << 16) == (200, body)
-            with pytest.raises(OSError, match="larger than 1000 bytes"):
-                await aiohttp_get(url, 5.0, 1000)
-
-    asyncio.run(main())
