@@ -175,12 +175,6 @@ class OverlayRoutes:
         """The operator's route for a custom domain (``decide`` checks it before DNS)."""
         return self._overlay.custom_route(sni)
 
-    def over(self, inner: proxy_routes.RouteTable) -> OverlayRoutes:
-        """The same overlay over another table. A worker puts it over its static and
-        registry routes together (``Worker.combined_routes``): wrapping the static table
-        alone left drains and custom-domain routes out for registered CVMs."""
-        return OverlayRoutes(inner, self._overlay)
-
     def lookup(self, ident: str, top_n: int) -> tuple[proxy_routes.Candidate, ...]:
         drained = self._overlay.drained
         found = self._inner.lookup(ident, top_n + len(drained))

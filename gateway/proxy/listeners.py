@@ -202,17 +202,10 @@ class Worker:
     # -- registry routes ------------------------------------------------------------------
 
     def combined_routes(self) -> RouteTable:
-        """Static routes first, then the registry's (when a registry table is installed).
-
-        A static table that carries the operator's overlay (``OverlayRoutes.over``) is also
-        laid over the combination, so drained CVM instances get no new connections and
-        custom-domain routes stay visible to ``decide()`` (``CustomRouteTable``).
-        """
+        """Static routes first, then the registry's (when a registry table is installed)."""
         if self.registry_routes is None:
             return self.static_routes
-        combined = CombinedRoutes(self.static_routes, self.registry_routes)
-        over: Callable[[RouteTable], RouteTable] | None = getattr(self.static_routes, "over", None)
-        return over(combined) if over is not None else combined
+        return CombinedRoutes(self.static_routes, self.registry_routes)
 
     def start_registry_polling(self) -> None:
         """Poll the registry now and then every ``registry_poll_interval`` seconds."""
