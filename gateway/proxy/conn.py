@@ -13,6 +13,11 @@ handshake deadline, with the client's fd unwatched and the hello still in the ke
 answer goes through the pure :func:`decide_custom` and the pipeline continues as for a base
 domain name.
 
+Candidates are raced in the order of one of the decision's rotations (``proxy.balance =
+"round_robin"``): a per-worker counter per app picks which, so equal instances take turns
+being connected first (on a fast network the first SYN sent is the first answered). Two
+dict operations and an index per connection; the cached decision is not rebuilt.
+
 On the terminate path the backend connect (racing the top-N candidates) starts as soon as the
 hello is routed and runs during the TLS handshake: the handshake's round trip hides the
 connect's, and the client socket's poller registration is handed from the sniffer to the
@@ -114,6 +119,7 @@ _TIMEOUT_REASON = {
 _NEVER = float("inf")
 _BROKEN = frozenset({"reset", "tls_error", "tls_handshake"})
 _DECISION_CACHE = 4096  # distinct SNIs remembered per snapshot (cleared when full)
+_TURNS_MAX = 4096  # apps whose round-robin turn a worker remembers (cleared when full)
 
 
 class Conn:
@@ -522,7 +528,18 @@ class Conn:
         upstream = self.upstream
         assert upstream is not None
         self.connect_deadline = deadline = self.loop.time() + self.w.timeouts.connect
-        for target in upstream.targets:
+        targets = upstream.targets
+        rotations = upstream.rotations
+        if rotations:  # round robin: this worker's next turn for the app
+            turns = self.w.turns
+            turn = turns.get(upstream.app_id)
+            if turn is None:  # workers start at different instances
+                turn = self.w.state.index
+                if len(turns) >= _TURNS_MAX:
+                    turns.clear()
+            turns[upstream.app_id] = turn + 1
+            targets = rotations[turn % len(rotations)]
+        for target in targets:
             family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
             try:
                 bsock = socket.socket(family, _STREAM_NONBLOCK)  # no extra ioctl

@@ -24,7 +24,7 @@ from gateway.proxy.conn import Conn, Phase
 from gateway.proxy.decide import Decision, Snapshot
 from gateway.proxy.endpoints import GatewayInfo
 from gateway.proxy.relay import PipePool
-from gateway.proxy.routes import CombinedRoutes, RouteTable
+from gateway.proxy.routes import RouteTable, combine
 from gateway.proxy.settings import ListenSpec, ProxySettings, Timeouts
 from gateway.proxy.stats import WorkerState, write_stats
 
@@ -106,11 +106,13 @@ class Worker:
             routes=routes,
             top_n=settings.connect_top_n,
             localhost_backend=settings.insecure_localhost_backend,
+            balance=settings.balance,
         )
         workers = settings.worker_count()
         limit = settings.max_connections_per_app
         self.app_limit = math.ceil(limit / workers) if limit else 0
         self.decisions: dict[str | None, Decision] = {}  # per snapshot, by SNI
+        self.turns: dict[str, int] = {}  # app id -> next round-robin turn (kept across swaps)
         self.conns: set[Conn] = set()
         self.pipes = PipePool()
         # custom domains' TXT lookups (gateway/proxy/custom.py); None = custom domains off
@@ -198,10 +200,9 @@ class Worker:
     # -- registry routes ------------------------------------------------------------------
 
     def combined_routes(self) -> RouteTable:
-        """Static routes first, then the registry's (when a registry table is installed)."""
-        if self.registry_routes is None:
-            return self.static_routes
-        return CombinedRoutes(self.static_routes, self.registry_routes)
+        """Static routes first, then the registry's (when a registry table is installed),
+        with the operator's overlay (drains) over both."""
+        return combine(self.static_routes, self.registry_routes)
 
     def start_registry_polling(self) -> None:
         """Poll the registry now and then every ``registry_poll_interval`` seconds."""

@@ -164,3 +164,44 @@ def test_drain_closes_connections_that_are_not_relaying(pair: Any) -> None:
     conn.start()
     conn.shutdown()
     assert conn.phase is Phase.CLOSED and state.errors["drain"] == 1
+
+
+def test_round_robin_turns_rotate_per_app_and_start_per_worker() -> None:
+    """Successive connections of one worker race the app's rotations in turn (first choice
+    A, B, A, ...); another worker starts one further; another app keeps its own turn."""
+    from gateway.proxy.decide import Target, Upstream
+
+    lsock = socket.socket()
+    lsock.bind(("127.0.0.1", 0))
+    lsock.listen(16)
+    port = lsock.getsockname()[1]
+    # two "instances" on one listener: which was connected first is what this test observes
+    a, b = Target("a", "127.0.0.1", False), Target("b", "127.0.0.1", False)
+    try:
+
+        def first_choices(index: int, turns: dict[str, int], app: str, n: int) -> list[str]:
+            out = []
+            for _ in range(n):
+                c1, c2 = socket.socketpair()
+                c1.setblocking(False)
+                conn, _loop, _state = make(c1)
+                conn.w.state.index = index
+                conn.w.turns = turns
+                conn.start()
+                ups = Upstream(app, port, (a, b), ((a, b), (b, a)))
+                conn.upstream = ups
+                conn.phase = Phase.CONNECTING
+                conn._start_connect()
+                out.append(conn.connecting[0][1].instance_id)  # the first SYN sent
+                assert [t for _, t in conn.connecting] in ([a, b], [b, a])  # still raced
+                conn.close("done")
+                c2.close()
+            return out
+
+        turns: dict[str, int] = {}
+        assert first_choices(0, turns, "app", 5) == ["a", "b", "a", "b", "a"]
+        assert first_choices(0, turns, "other", 2) == ["a", "b"]  # its own turn
+        assert first_choices(0, turns, "app", 1) == ["b"]  # kept across other apps
+        assert first_choices(1, {}, "app", 2) == ["b", "a"]  # worker 1 starts further on
+    finally:
+        lsock.close()
