@@ -236,7 +236,9 @@ def _upstream(
     if snap.balance is not Balance.ROUND_ROBIN or len(targets) < 2:
         return Upstream(cands[0].app_id, port, tuple(targets[:top_n]))
     targets.sort(key=_stable)
-    rotations = tuple(tuple((targets[i:] + targets[:i])[:top_n]) for i in range(len(targets)))
+    n = len(targets)
+    width = range(min(top_n, n))
+    rotations = tuple(tuple([targets[(i + k) % n] for k in width]) for i in range(n))
     return Upstream(cands[0].app_id, port, rotations[0], rotations)
 
 
