@@ -22,6 +22,7 @@ from typing import Any
 
 from gateway.certs.store import CertSnapshot
 from gateway.protocol.clienthello import ClientHello
+from gateway.proxy.balance import Turns
 from gateway.proxy.conn import Conn, Phase
 from gateway.proxy.decide import ConnInfo, Snapshot, Target, Upstream, decide
 from gateway.proxy.routes import Candidate, PortPolicy
@@ -72,7 +73,7 @@ def start_connect_us(upstream: Upstream, number: int, repeat: int = 5) -> float:
     state = WorkerState()
     w = SimpleNamespace(
         loop=_Loop(), settings=settings, timeouts=settings.timeouts, state=state,
-        conns=set(), access_enabled=False, app_limit=0, turns={},
+        conns=set(), access_enabled=False, app_limit=0, turns=Turns(),
     )  # fmt: skip
     client, peer = socket.socketpair()
     conn = Conn(w, client, ("192.0.2.1", 1), 443)  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from gateway.certs.custom_domains import AppAddressResolver
 from gateway.certs.store import CertStore
+from gateway.proxy.balance import Turns
 from gateway.proxy.conn import Conn, Phase
 from gateway.proxy.decide import Decision, Snapshot
 from gateway.proxy.endpoints import GatewayInfo
@@ -112,7 +113,7 @@ class Worker:
         limit = settings.max_connections_per_app
         self.app_limit = math.ceil(limit / workers) if limit else 0
         self.decisions: dict[str | None, Decision] = {}  # per snapshot, by SNI
-        self.turns: dict[str, int] = {}  # app id -> next round-robin turn (kept across swaps)
+        self.turns = Turns(start=state.index)  # round-robin turns, kept across swaps
         self.conns: set[Conn] = set()
         self.pipes = PipePool()
         # custom domains' TXT lookups (gateway/proxy/custom.py); None = custom domains off

@@ -6,7 +6,8 @@ would; the workers route the app id from the registry feed. Checked with real TL
 
 * ``proxy.balance = "round_robin"`` splits new connections evenly, and ``"freshest"``
   (upstream's order) does not, which is why round robin is the default;
-* with one origin down every connection still succeeds (the connect race fails over);
+* with one origin down every connection still succeeds: a refusing one is passed at once,
+  a silent one (SYNs dropped) costs the connect head start about once per worker;
 * a drain through the admin API (overlay file + SIGHUP to the workers) sends new
   connections only to the other instance while a connection already open to the drained
   one keeps working; undrain restores it; draining both refuses the app the way an
@@ -31,6 +32,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from gateway.proxy.balance import HEAD_START
 from gateway.registry.records import InstanceRecord
 from gateway.registry.sqlite import SqliteStore
 from tests.helpers.gateway import (
@@ -99,6 +101,35 @@ def stop_origin(server: Origin) -> None:
     if server.socket.fileno() >= 0:
         server.shutdown()
         server.server_close()
+
+
+@contextmanager
+def silent(host: str, port: int) -> Iterator[None]:
+    """An address whose SYNs go unanswered (a dead CVM behind WireGuard looks like this):
+    a listener with a full accept queue drops new SYNs without a reset."""
+    lsock = socket.socket()
+    fillers = []
+    try:
+        lsock.bind((host, port))
+        lsock.listen(0)
+        for _ in range(2):  # backlog 0 still queues one; then the queue is full
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex((host, port))
+            fillers.append(filler)
+        time.sleep(0.1)
+        probe = socket.socket()
+        probe.settimeout(0.3)
+        try:
+            with pytest.raises(TimeoutError):
+                probe.connect((host, port))
+        finally:
+            probe.close()
+        yield
+    finally:
+        for filler in fillers:
+            filler.close()
+        lsock.close()
 
 
 def write_config(root: Path, name: str, balance: str, extra: str = "") -> Path:
@@ -190,10 +221,21 @@ def test_round_robin_splits_evenly_and_fails_over(root: Path) -> None:
             print("round robin, 100 connections:", dict(got))
             assert got[None] == 0
             assert 40 <= got["inst-a"] <= 60 and 40 <= got["inst-b"] <= 60, got
-            stop_origin(servers["inst-b"])  # one instance down: its address refuses
+            stop_origin(servers["inst-b"])
+            with silent(HOSTS["inst-b"], port):  # inst-b drops SYNs: no refusal, no answer
+                took = []
+                for _ in range(20):
+                    t0 = time.monotonic()
+                    assert serve(gw.port, ca, sni) == "inst-a"
+                    took.append(time.monotonic() - t0)
+            waited = sum(1 for t in took if t >= HEAD_START)
+            print(f"inst-b silent: {waited} of 20 connections waited for the head start")
+            # each worker pays the head start once, then passes inst-b over as first choice
+            assert 1 <= waited <= 4, took
+            # inst-b's address now refuses: every connection still succeeds
             got = spread(gw.port, ca, sni, 40)
             print("inst-b down, 40 connections:", dict(got))
-            assert got == Counter({"inst-a": 40})  # none failed, none reached the dead one
+            assert got == Counter({"inst-a": 40})
 
 
 def test_freshest_order_sends_nearly_everything_to_one_instance(root: Path) -> None:
