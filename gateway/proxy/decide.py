@@ -30,9 +30,10 @@ ones and fallbacks (seen, but past the stale window; used only when no fresh one
 ``freshest`` keeps upstream's order (freshest first, at most ``top_n``). ``round_robin``
 sorts the fresh ones by instance id (a stable order across table rebuilds, which re-rank by
 handshake age) and precomputes every rotation, each cut to ``top_n``, into
-``Upstream.rotations``: the edge picks one per connection by a per-worker counter, an index
-into a cached tuple, so the per-SNI decision cache stays and nothing is built per
-connection. Which rotation comes next is state, so it is not decided here.
+``Upstream.rotations``: the edge picks one per connection (the worker's ``Turns`` in
+``gateway/proxy/balance.py``, an index into a cached tuple), so the per-SNI decision cache
+stays and nothing is built per connection, and races it staggered (``conn.py``). Which
+rotation comes next is state, so it is not decided here.
 """
 
 from __future__ import annotations

@@ -86,11 +86,12 @@ def parse_listen(text: str) -> ListenSpec:
 class Balance(enum.StrEnum):
     """How new connections to an app id are spread over its fresh instances.
 
-    ``round_robin`` (default): each worker rotates the starting candidate per app, so two
-    healthy instances get the same share of new connections. ``freshest``: upstream's order
-    (most recent WireGuard handshake first), which on a fast network sends nearly everything
-    to one instance. Either way the top-N candidates are raced, so a dead first choice does
-    not fail the connection (docs/proxy.md, "Balancing and drains").
+    ``round_robin`` (default): each worker rotates the first choice per app and gives it a
+    short head start before the next candidate joins the race, so two healthy instances get
+    the same share of new connections and a dead first choice still does not fail the
+    connection. ``freshest``: upstream's order (most recent WireGuard handshake first) and its
+    all-at-once race, which sends nearly everything to the nearest instance. Details in
+    docs/proxy.md, "Balancing and drains".
     """
 
     ROUND_ROBIN = "round_robin"
