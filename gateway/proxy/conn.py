@@ -156,6 +156,7 @@ class Conn:
         "tls_info",
         "app",
         "connecting",
+        "order",
         "later",
         "later_at",
         "bsock",
@@ -194,6 +195,7 @@ class Conn:
         self.tls_info = "-"
         self.app = ""
         self.connecting: list[tuple[socket.socket, Target]] = []
+        self.order: tuple[Target, ...] = ()  # this connection's candidates, first choice first
         self.later: tuple[Target, ...] | None = None  # staggered race: not started yet
         self.later_at = _NEVER  # when the next of them joins the race
         self.bsock: socket.socket | None = None
@@ -551,7 +553,7 @@ class Conn:
         assert upstream is not None
         now = self.loop.time()
         self.connect_deadline = now + self.w.timeouts.connect
-        targets = self.w.turns.order(upstream, now)
+        self.order = targets = self.w.turns.order(upstream, now)
         if upstream.rotations and len(targets) > 1:  # round robin: staggered race
             self.later = targets
             if self._stagger(now):
@@ -720,7 +722,10 @@ class Conn:
         up = self.upstream
         if up is None:
             return "-"
-        host = self.target.host if self.target else ",".join(t.host for t in up.targets)
+        if self.target:
+            host = self.target.host
+        else:  # the candidates in the order this connection tried them
+            host = ",".join(t.host for t in self.order or up.targets)
         return f"{host}:{up.port}"
 
     def close(self, reason: str, detail: str = "", from_relay: bool = False) -> None:

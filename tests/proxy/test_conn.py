@@ -242,8 +242,9 @@ def test_staggered_race_next_candidate_joins_after_the_head_start(listener: int)
         phase: Phase = conn.phase  # re-read (mypy keeps the narrowing across the timer)
         assert phase is Phase.CLOSED
     # the next connection's first choice is B (A's turn skipped while it is held back)
-    for _conn, _loop, flying, _later in connecting(turns, ups):
+    for conn, _loop, flying, _later in connecting(turns, ups):
         assert flying == [B]
+        assert conn.upstream_text() == f"127.0.0.2,127.0.0.1:{listener}"  # as tried
 
 
 def test_staggered_race_moves_on_at_once_when_the_first_choice_refuses(listener: int) -> None:
