@@ -231,7 +231,8 @@ def test_round_robin_splits_evenly_and_fails_over(root: Path) -> None:
             waited = sum(1 for t in took if t >= HEAD_START)
             print(f"inst-b silent: {waited} of 20 connections waited for the head start")
             # each worker pays the head start once, then passes inst-b over as first choice
-            assert 1 <= waited <= 4, took
+            # (without that, every other connection would wait; slack for a loaded machine)
+            assert 1 <= waited <= 6, took
             # inst-b's address now refuses: every connection still succeeds
             got = spread(gw.port, ca, sni, 40)
             print("inst-b down, 40 connections:", dict(got))
@@ -297,9 +298,11 @@ def test_admin_drain_moves_new_connections_to_the_other_instance(root: Path) -> 
             assert get(held, "/")[1] == b"inst-b"  # the open connection continues
 
             assert admin.delete("/api/v1/instances/inst-b/drain").status_code == 200
-            wait_until(lambda: spread(gw.port, ca, sni, 10)["inst-b"] > 0, proc, 15, "undrain", log)
+            wait_until(  # both workers: about half of the connections again
+                lambda: spread(gw.port, ca, sni, 10)["inst-b"] >= 3, proc, 15, "undrain", log
+            )
             got = spread(gw.port, ca, sni, 40)
-            assert 14 <= got["inst-b"] <= 26 and got[None] == 0, got
+            assert 10 <= got["inst-b"] <= 30 and got[None] == 0, got
 
             # every instance drained: refused like an unknown app (same TLS alert)
             for iid in HOSTS:
