@@ -38,7 +38,12 @@ from gateway.attest.policy_settings import AdmissionPolicy
 from gateway.attest.quote import verifier_from_settings
 from gateway.attest.verifier import TrustAnchors
 from gateway.config import Config
-from gateway.control.auth_webhook import AuthWebhook, WebhookTarget, load_webhook_target
+from gateway.control.auth_webhook import (
+    AuthWebhook,
+    WebhookStats,
+    WebhookTarget,
+    load_webhook_target,
+)
 from gateway.control.policy_fetch import PortPolicyFetcher
 from gateway.control.registration import (
     EvidenceCheck,
@@ -109,6 +114,7 @@ async def start_rpc(
     instrument: Callable[[EvidenceCheck], EvidenceCheck] = lambda check: check,
     configure: Callable[[RegistrationService], None] = lambda service: None,
     observe: Callable[[web.Application], web.Application] = lambda app: app,
+    webhook_stats: WebhookStats | None = None,
 ) -> TlsSite:
     """Serve the RPC until ``stack`` closes (listener first, then the renewal task).
 
@@ -119,7 +125,7 @@ async def start_rpc(
     rpc = cfg.rpc
     check = evidence_check(source=plan.source, anchors=plan.anchors, policy=policy)
     if plan.webhook is not None:  # asked after the policy admits; inside instrument's timing
-        webhook = AuthWebhook(plan.webhook)
+        webhook = AuthWebhook(plan.webhook, webhook_stats)
         stack.push_async_callback(webhook.close)  # after the listener stops (LIFO)
         check = webhook.wrap(check)
     service = RegistrationService(
