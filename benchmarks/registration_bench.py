@@ -7,13 +7,17 @@ measured by ``registry_bench --device``). A load generator registers distinct si
 each registration over a new mutual-TLS connection (its RA-TLS client certificate), as CVMs
 do, and verifies the server's certificate against the one the bench made.
 
-Load generators (``--client``): ``curl`` (default) is one curl process (C, libcurl) running
-every registration from a config file, ``--parallel`` at a time, each transfer with its own
-``--cert/--key`` and JSON body, ``Connection: close`` and no TLS session reuse; it costs a
-fraction of the CPU of ``python`` (``--clients`` processes of ``http.client`` + ``ssl``, a
-fresh context per registration), which on two cores capped the wall rate at about
-2 / (server + client CPU). With two or more CPUs the server is pinned to CPU 0 and the load
-generator to CPU 1 (``--no-pin`` to let the kernel place them), as ``benchmarks.run`` does.
+Load generators (``--client``), both pinned to CPU 1 with the server on CPU 0 when there
+are two or more CPUs (``--no-pin`` lets the kernel place them), as ``benchmarks.run`` does:
+``python`` (default, the cheaper: ~0.9-1.0 ms CPU per registration) is ``--clients``
+processes that each hold every CVM's client context and request bytes, built before the
+timed part, and per registration open a TCP connection, make a full TLS handshake and write
+the request; ``curl`` (~1.6-1.8 ms: OpenSSL 3 builds a context and decodes the PEM key and
+certificates for every connection) is one curl process running all registrations from a
+config file, ``--parallel`` at a time, each transfer with its own ``--cert/--key`` and JSON
+body, ``Connection: close`` and no TLS session reuse. The earlier client (``http.client``
+and a fresh context per registration, 2.0-2.2 ms, unpinned) capped the wall rate on two
+shared cores at about 2 / (server + client CPU).
 
 Reported: registrations per second of wall time (``target_300_wall_met``: >= 300/s, issue
 "Attested tunnels"), the server's own CPU time per registration (utime+stime from /proc, so
@@ -36,13 +40,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import http.client
 import ipaddress
 import json
 import multiprocessing as mp
 import os
 import random
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
@@ -204,6 +208,31 @@ def _bodies(count: int) -> list[str]:
     ]
 
 
+def read_status(sock: socket.socket) -> int:
+    """Read one HTTP/1.1 response with a Content-Length; its status (0 if malformed)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return 0
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    if not lines[0].startswith(b"HTTP/1.1 ") or not lines[0][9:12].isdigit():
+        return 0
+    length = 0
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return 0
+        body += chunk
+    return int(lines[0][9:12])
+
+
 def _python_client(
     port: int,
     ca: str,
@@ -214,30 +243,40 @@ def _python_client(
     go: Any,
     out_q: Any,
 ) -> None:
-    """One Python load generator: every registration is a new TLS connection with a fresh
-    client context. Reports its own CPU for the registrations only (not its start-up)."""
+    """One Python load generator: every registration is a new TCP connection and a full
+    TLS handshake (no session reuse) verifying the server. Each CVM's client context (its
+    certificate and key) and request are built before the timed part, as a guest agent holds
+    them; the request is written as bytes and the response read up to its Content-Length
+    (``http.client`` cost ~0.3 ms more per registration). Reports its own CPU for the
+    registrations only (not its start-up)."""
     _pin(cpu)
-    contexts = []
+    prepared = []
     for cert, key, body in cvms:
         ctx = ssl.create_default_context(cafile=ca)
         ctx.load_cert_chain(cert, key)
-        contexts.append((ctx, body))
+        request = (
+            f"POST {PATH} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"Connection: close\r\n\r\n{body}"
+        ).encode()
+        prepared.append((ctx, request))
     ready_q.put(None)
     go.wait()
     cpu0 = time.process_time()
     statuses: dict[int, int] = {}
     for _ in range(rounds):
-        for ctx, body in contexts:
-            conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+        for ctx, request in prepared:
             try:
-                conn.request("POST", PATH, body, {"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                resp.read()
-                statuses[resp.status] = statuses.get(resp.status, 0) + 1
-            except (OSError, http.client.HTTPException):
-                statuses[0] = statuses.get(0, 0) + 1  # 0: no HTTP status (TLS/connection error)
-            finally:
-                conn.close()
+                with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+                    # as http.client and curl do: else Nagle holds the request behind the
+                    # handshake's last flight until the server's delayed ACK (~40 ms)
+                    raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                    with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+                        conn.sendall(request)
+                        status = read_status(conn)
+            except (OSError, ValueError):
+                status = 0  # no HTTP status: TLS or connection error
+            statuses[status] = statuses.get(status, 0) + 1
     out_q.put((statuses, time.process_time() - cpu0))
 
 
@@ -421,9 +460,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--rounds", type=int, default=3, help="registrations per CVM (refreshes)")
     ap.add_argument(
         "--client",
-        choices=("curl", "python"),
-        default="curl",
-        help="load generator (default curl: one C process, far cheaper per registration)",
+        choices=("python", "curl"),
+        default="python",
+        help="load generator (default python: the cheaper per registration; curl: one process)",
     )
     ap.add_argument(
         "--parallel", type=int, default=16, help="curl: registrations in flight (default 16)"

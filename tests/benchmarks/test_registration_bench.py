@@ -10,13 +10,21 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from benchmarks.registration_bench import Cvm, LoadResult, curl_config, parse_write_out, verdict
+from benchmarks.registration_bench import (
+    Cvm,
+    LoadResult,
+    curl_config,
+    parse_write_out,
+    read_status,
+    verdict,
+)
 from tests.helpers.processes import stop_by_pid
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +34,26 @@ def test_parse_write_out_counts_statuses_and_connects() -> None:
     statuses, connects = parse_write_out("200 1\n200 1\n000 0\n503 1\n")
     assert statuses == {200: 2, 0: 1, 503: 1}
     assert connects == 3
+
+
+@pytest.mark.parametrize(
+    ("reply", "status"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\n", 200),  # body in a second write
+        (b"HTTP/1.1 403 Forbidden\r\ncontent-length: 0\r\n\r\n", 403),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc", 0),  # body cut short
+        (b"HTTP/1.1 200 OK\r\n", 0),  # headers cut short
+        (b"SSH-2.0-x\r\n\r\n", 0),
+    ],
+)
+def test_read_status(reply: bytes, status: int) -> None:
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(reply)
+        if status == 200:
+            b.sendall(b"body")
+        b.shutdown(socket.SHUT_WR)
+        assert read_status(a) == status
 
 
 @pytest.mark.parametrize(
