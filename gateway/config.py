@@ -186,6 +186,7 @@ def decode(cls: type[T], data: Any, path: str = "") -> T:
 from gateway.attest.policy_settings import AdmissionPolicy  # noqa: E402
 from gateway.attest.settings import AttestSettings  # noqa: E402
 from gateway.certs.settings import AcmeSettings, DnsSettings, resolve_certs_dir  # noqa: E402
+from gateway.control.auth_webhook_settings import AuthWebhookSettings  # noqa: E402
 from gateway.control.registration_settings import RpcSettings  # noqa: E402
 from gateway.control.rpc_identity_settings import RpcIdentitySettings  # noqa: E402
 from gateway.control.settings import AdminSettings  # noqa: E402
@@ -209,6 +210,7 @@ class Config:
     rpc_identity: RpcIdentitySettings = dataclasses.field(default_factory=RpcIdentitySettings)
     attest: AttestSettings = dataclasses.field(default_factory=AttestSettings)
     admission: AdmissionPolicy = dataclasses.field(default_factory=AdmissionPolicy)
+    auth_webhook: AuthWebhookSettings = dataclasses.field(default_factory=AuthWebhookSettings)
     proxy: ProxySettings = dataclasses.field(default_factory=ProxySettings)
 
     def __post_init__(self) -> None:

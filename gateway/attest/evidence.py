@@ -37,6 +37,8 @@ class RejectReason(enum.StrEnum):
     OS_IMAGE_NOT_ALLOWED = "os_image_not_allowed"
     MEASUREMENT_NOT_ALLOWED = "measurement_not_allowed"
     KMS_CERT_NOT_ALLOWED = "kms_cert_not_allowed"
+    # the operator's registration webhook (gateway.control.auth_webhook) answered non-2xx
+    WEBHOOK_DENIED = "webhook_denied"
 
 
 class EvidenceError(Exception):

@@ -19,6 +19,7 @@ from gateway.control.errors import ApiError, error_middleware, request_id_middle
 from gateway.control.ratelimit import RateLimiter
 from gateway.control.readiness import Readiness
 from gateway.control.routes import Endpoint, add_endpoints, openapi_document
+from gateway.util.bodies import BodyTooLarge, read_bounded
 
 API_TITLE = "gateway admin API"
 API_VERSION = "1"
@@ -47,9 +48,10 @@ async def read_json(request: web.Request, max_bytes: int = 1 << 20) -> Any:
     """The request body as JSON, or a 4xx :class:`ApiError` saying what is wrong."""
     if request.content_length is not None and request.content_length > max_bytes:
         raise ApiError(413, "body_too_large", f"request body over {max_bytes} bytes")
-    raw = await request.content.read(max_bytes + 1)
-    if len(raw) > max_bytes:
-        raise ApiError(413, "body_too_large", f"request body over {max_bytes} bytes")
+    try:
+        raw = await read_bounded(request.content, max_bytes)
+    except BodyTooLarge:
+        raise ApiError(413, "body_too_large", f"request body over {max_bytes} bytes") from None
     try:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -127,6 +127,7 @@ async def run_node(
                 instrument=plane.instrument,
                 configure=_follow_base_domains(plane),
                 observe=lambda app: count_registrations(app, plane.registrations),
+                webhook_stats=plane.webhook_stats,
             )
             plane.readiness.mark("registration_rpc")
         logger.info(

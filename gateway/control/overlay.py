@@ -12,6 +12,9 @@ domains added at runtime. Lookups for the proxy's decisions: ``custom_route(sni)
 before the TXT lookup),
 ``drained`` (skip these candidates for new connections; open ones are untouched) and
 ``port_policy(instance_id)`` (an admin override replaces the instance-reported policy).
+The worker lays the overlay over its static routes and, through
+:meth:`OverlayRoutes.overlay_on` (``gateway.proxy.routes.combine``), over the registry's
+routes too, so draining a registered CVM instance takes effect at the next ``SIGHUP``.
 """
 
 from __future__ import annotations
@@ -148,22 +151,36 @@ def read_overlay(path: Path) -> Overlay:
 class OverlayRoutes:
     """A proxy :class:`~gateway.proxy.routes.RouteTable` with the overlay applied.
 
-    Drained instances are never returned (so no new connection reaches them; connections
-    already open are untouched), and an instance with an admin port-policy override gets
-    that policy instead of its own. Immutable, like the table it wraps.
+    Drained instances are left out while any other candidate remains (so no new connection
+    reaches them; connections already open are untouched); when every candidate is drained
+    they come back flagged ``drained``, so that ``decide`` refuses with a reason that says so
+    (and a drained static app does not fall through to another table). An instance with an
+    admin port-policy override gets that policy instead of its own. Immutable, like the
+    table it wraps.
     """
 
     __slots__ = ("_inner", "_overlay", "_policies")
 
-    def __init__(self, inner: proxy_routes.RouteTable, overlay: Overlay) -> None:
+    def __init__(
+        self,
+        inner: proxy_routes.RouteTable,
+        overlay: Overlay,
+        policies: Mapping[str, proxy_routes.PortPolicy] | None = None,
+    ) -> None:
         self._inner = inner
         self._overlay = overlay
-        self._policies = {
-            k: proxy_routes.PortPolicy(
-                p.restrict_mode, MappingProxyType({a.port: a.pp for a in p.ports})
-            )
-            for k, p in overlay.port_policies.items()
-        }
+        if policies is None:
+            policies = {
+                k: proxy_routes.PortPolicy(
+                    p.restrict_mode, MappingProxyType({a.port: a.pp for a in p.ports})
+                )
+                for k, p in overlay.port_policies.items()
+            }
+        self._policies = policies
+
+    def overlay_on(self, table: proxy_routes.RouteTable) -> OverlayRoutes:
+        """The same overlay laid over another table (the workers' registry routes)."""
+        return OverlayRoutes(table, self._overlay, self._policies)
 
     @property
     def base_domains(self) -> tuple[str, ...]:
@@ -177,11 +194,18 @@ class OverlayRoutes:
 
     def lookup(self, ident: str, top_n: int) -> tuple[proxy_routes.Candidate, ...]:
         drained = self._overlay.drained
+        policies = self._policies
+        if not drained and not policies:
+            return self._inner.lookup(ident, top_n)
         found = self._inner.lookup(ident, top_n + len(drained))
         out = []
+        held = []
         for cand in found:
             if cand.instance_id and cand.instance_id in drained:
+                held.append(dataclasses.replace(cand, drained=True))
                 continue
-            policy = self._policies.get(cand.instance_id) if cand.instance_id else None
+            policy = policies.get(cand.instance_id) if cand.instance_id else None
             out.append(dataclasses.replace(cand, policy=policy) if policy is not None else cand)
+        if not out:
+            return tuple(held)  # every candidate is drained: decide says so
         return tuple(out[:top_n])

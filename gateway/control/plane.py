@@ -46,6 +46,7 @@ from gateway.certs.settings import AcmeSettings
 from gateway.config import Config
 from gateway.control.admin import create_admin_app
 from gateway.control.auth import Credentials, load_credentials
+from gateway.control.auth_webhook import WebhookStats
 from gateway.control.certmanager import CertManager
 from gateway.control.collectors import (
     AdminStats,
@@ -108,6 +109,7 @@ def build_admin_app(
     accel: Callable[[], Mapping[str, Any]] = dict,
     verification: VerificationStats | None = None,
     registrations: RegistrationStats | None = None,
+    webhook: WebhookStats | None = None,
     failures_per_minute: int = 10,
     clock: Callable[[], float] = time.time,
     readiness: Readiness | None = None,
@@ -133,6 +135,8 @@ def build_admin_app(
         collectors.append(verification.collect)
     if registrations is not None:
         collectors.append(registrations.collect)
+    if webhook is not None:
+        collectors.append(webhook.collect)
     resources = [
         *instance_endpoints(state, registry, clock),
         *domain_endpoints(state, certs.status),
@@ -208,6 +212,7 @@ class ControlPlane:
         self._stack = AsyncExitStack()
         self.verification = VerificationStats()
         self.registrations = RegistrationStats()  # count_registrations(rpc_app, this)
+        self.webhook_stats = WebhookStats()  # the RPC's [auth_webhook] outcomes
         self.store: Store
         self.registry: Registry
         self.state: OperatorState
@@ -358,6 +363,7 @@ class ControlPlane:
             accel=self._accel,
             verification=self.verification,
             registrations=self.registrations,
+            webhook=self.webhook_stats if cfg.auth_webhook.enabled else None,
             failures_per_minute=cfg.admin.auth_failures_per_minute,
             readiness=self.readiness,
         )

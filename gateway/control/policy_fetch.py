@@ -48,6 +48,7 @@ import aiohttp
 from gateway.control.registration import PortPolicy, RpcError
 from gateway.registry.records import InstanceRecord
 from gateway.registry.store import Conflict, Store, StoreError
+from gateway.util.bodies import BodyTooLarge, read_bounded
 from gateway.util.tasks import spawn
 
 logger = logging.getLogger(__name__)
@@ -136,10 +137,10 @@ async def aiohttp_get(url: str, timeout: float, limit: int) -> tuple[int, bytes]
             aiohttp.ClientSession(timeout=client_timeout) as session,
             session.get(url, allow_redirects=False) as resp,
         ):
-            body = await resp.content.read(limit + 1)
-            if len(body) > limit:
-                raise OSError(f"answer larger than {limit} bytes")
-            return resp.status, body
+            try:
+                return resp.status, await read_bounded(resp.content, limit)
+            except BodyTooLarge:
+                raise OSError(f"answer larger than {limit} bytes") from None
     except aiohttp.ClientError as exc:
         raise OSError(str(exc) or type(exc).__name__) from None
 

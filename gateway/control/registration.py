@@ -62,6 +62,7 @@ from gateway.registry.service import (
 )
 from gateway.tunnel.errors import TunnelError
 from gateway.tunnel.keys import WgKeyError, decode_key
+from gateway.util.bodies import BodyTooLarge, read_bounded
 
 logger = logging.getLogger(__name__)
 
@@ -336,16 +337,10 @@ async def _payload(request: web.Request) -> Any:
         )
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise RpcError(413, "too_large", f"request body over {MAX_BODY} bytes")
-    # ``read(n)`` returns what has arrived so far, not the whole body: read to its end
-    # (a client may send the headers and the body in separate writes)
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await request.content.read(MAX_BODY + 1 - size):
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_BODY:
-            raise RpcError(413, "too_large", f"request body over {MAX_BODY} bytes")
-    body = b"".join(chunks)
+    try:  # to its end: a client may send the headers and the body in separate writes
+        body = await read_bounded(request.content, MAX_BODY)
+    except BodyTooLarge:
+        raise RpcError(413, "too_large", f"request body over {MAX_BODY} bytes") from None
     if not body.strip():
         return {}
     try:

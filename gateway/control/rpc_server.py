@@ -10,7 +10,9 @@ same node without the admin API and the certbot: :mod:`gateway.control.node`) se
 * the evidence check: the quote verifier and trust anchors of ``[attest]``, the KMS root of
   ``rpc.kms_root_file``, and the admission policy *getter* the caller passes (the control
   plane's operator state, so a policy changed through the admin API applies to the next
-  registration), wrapped by the caller's ``instrument`` (``/metrics``);
+  registration), then, when ``[auth_webhook]`` is enabled, the operator's webhook
+  (:mod:`gateway.control.auth_webhook`), all wrapped by the caller's ``instrument``
+  (``/metrics``);
 * the :class:`~gateway.control.registration.RegistrationService` over the tunnel's registry,
   and the pyOpenSSL :class:`~gateway.control.tls_server.TlsSite` that serves it.
 
@@ -36,6 +38,12 @@ from gateway.attest.policy_settings import AdmissionPolicy
 from gateway.attest.quote import verifier_from_settings
 from gateway.attest.verifier import TrustAnchors
 from gateway.config import Config
+from gateway.control.auth_webhook import (
+    AuthWebhook,
+    WebhookStats,
+    WebhookTarget,
+    load_webhook_target,
+)
 from gateway.control.policy_fetch import PortPolicyFetcher
 from gateway.control.registration import (
     EvidenceCheck,
@@ -72,11 +80,13 @@ class RpcPlan:
     creds: TlsCredentials
     anchors: TrustAnchors
     source: CollateralSource
+    webhook: WebhookTarget | None = None  # [auth_webhook], token and CA read
 
 
 def prepare_rpc(cfg: Config) -> RpcPlan:
-    """Issue or load the server certificate and read the trust anchors, failing (with
-    ``RpcIdentityError``, ``TlsServerError``, ``CollateralError``, ``ValueError``) before
+    """Issue or load the server certificate, read the trust anchors and the webhook's token
+    and CA, failing (with ``RpcIdentityError``, ``TlsServerError``, ``CollateralError``,
+    ``ConfigError``, ``ValueError``) before
     any tunnel, listener or admin API exists. Blocking: the quote may take a while."""
     rpc = cfg.rpc
     identity = identity_from_settings(cfg.rpc_identity, cfg.core.data_dir)
@@ -90,7 +100,8 @@ def prepare_rpc(cfg: Config) -> RpcPlan:
         kms_root=load_kms_root(rpc.kms_root_file),
         tcb_policy=cfg.attest.tcb_policy(),
     )
-    return RpcPlan(identity, creds, anchors, collateral_source_from_settings(cfg.attest))
+    source = collateral_source_from_settings(cfg.attest)
+    return RpcPlan(identity, creds, anchors, source, load_webhook_target(cfg.auth_webhook))
 
 
 async def start_rpc(
@@ -103,6 +114,7 @@ async def start_rpc(
     instrument: Callable[[EvidenceCheck], EvidenceCheck] = lambda check: check,
     configure: Callable[[RegistrationService], None] = lambda service: None,
     observe: Callable[[web.Application], web.Application] = lambda app: app,
+    webhook_stats: WebhookStats | None = None,
 ) -> TlsSite:
     """Serve the RPC until ``stack`` closes (listener first, then the renewal task).
 
@@ -112,6 +124,10 @@ async def start_rpc(
     """
     rpc = cfg.rpc
     check = evidence_check(source=plan.source, anchors=plan.anchors, policy=policy)
+    if plan.webhook is not None:  # asked after the policy admits; inside instrument's timing
+        webhook = AuthWebhook(plan.webhook, webhook_stats)
+        stack.push_async_callback(webhook.close)  # after the listener stops (LIFO)
+        check = webhook.wrap(check)
     service = RegistrationService(
         tunnel.registry, instrument(check), advertised_from_config(cfg, tunnel.public_key)
     )

@@ -16,6 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.util.bodies import BodyTooLarge, read_bounded
+
 __all__ = [
     "MAX_BODY",
     "Args",
@@ -66,9 +68,10 @@ async def read_args(request: web.Request) -> dict[str, Any]:
         )
     if request.content_length is not None and request.content_length > MAX_BODY:
         raise RpcError(f"request body is larger than {MAX_BODY} bytes", status=413)
-    body = await request.content.read(MAX_BODY + 1)
-    if len(body) > MAX_BODY:
-        raise RpcError(f"request body is larger than {MAX_BODY} bytes", status=413)
+    try:
+        body = await read_bounded(request.content, MAX_BODY)
+    except BodyTooLarge:
+        raise RpcError(f"request body is larger than {MAX_BODY} bytes", status=413) from None
     if not body.strip():
         return {}
     try:

@@ -13,6 +13,16 @@ handshake deadline, with the client's fd unwatched and the hello still in the ke
 answer goes through the pure :func:`decide_custom` and the pipeline continues as for a base
 domain name.
 
+Balancing (``proxy.balance``; ``gateway/proxy/balance.py``). With ``"round_robin"`` the
+decision carries rotations of the app's fresh instances; the worker's :class:`Turns` picks
+the next one per connection (two dict operations and an index; the cached decision is not
+rebuilt), and the race is staggered: the first choice alone for
+:data:`~gateway.proxy.balance.HEAD_START`, then the next joins (at once if the first
+refuses), as Happy Eyeballs does. Without the head start the nearest instance would win
+every race and the rotation would not matter; it also spares the losers' sockets. A first
+choice that refused or did not answer in time is passed over as first choice for a while.
+``"freshest"`` races every candidate at once, as upstream does.
+
 On the terminate path the backend connect (racing the top-N candidates) starts as soon as the
 hello is routed and runs during the TLS handshake: the handshake's round trip hides the
 connect's, and the client socket's poller registration is handed from the sniffer to the
@@ -53,6 +63,7 @@ from gateway.protocol.proxy_header import (
     encode_proxy_header,
     parse_proxy_header,
 )
+from gateway.proxy.balance import HEAD_START
 from gateway.proxy.decide import (
     ConnInfo,
     Gateway,
@@ -145,6 +156,9 @@ class Conn:
         "tls_info",
         "app",
         "connecting",
+        "order",
+        "later",
+        "later_at",
         "bsock",
         "target",
         "relay",
@@ -181,6 +195,9 @@ class Conn:
         self.tls_info = "-"
         self.app = ""
         self.connecting: list[tuple[socket.socket, Target]] = []
+        self.order: tuple[Target, ...] = ()  # this connection's candidates, first choice first
+        self.later: tuple[Target, ...] | None = None  # staggered race: not started yet
+        self.later_at = _NEVER  # when the next of them joins the race
         self.bsock: socket.socket | None = None
         self.target: Target | None = None
         self.relay: Relay | None = None
@@ -237,6 +254,19 @@ class Conn:
                 min(now + self.w.timeouts.idle, self.total_deadline), self._on_timer
             )
             return
+        if self.later and now >= self.later_at and now < self.connect_deadline:
+            # the candidates in flight did not answer within the head start: the next joins
+            turns = self.w.turns
+            for _, target in self.connecting:
+                turns.slow(target.host, now)
+            self._stagger(now)
+            if self.phase is Phase.CLOSED:
+                return
+            if self.phase is Phase.RELAYING:  # connected at once: this was the only timer
+                self.timer = self.loop.call_at(
+                    min(now + self.w.timeouts.idle, self.total_deadline), self._on_timer
+                )
+                return
         if self.connecting and now >= self.connect_deadline:
             if phase is Phase.HANDSHAKE:  # report it once the handshake ends, as above
                 self._abandon_others()
@@ -258,7 +288,7 @@ class Conn:
             self.close(_TIMEOUT_REASON[phase])
             return
         # woke for a deadline that no longer applies (e.g. the connect finished): next one
-        nxt = self.connect_deadline if self.connecting else _NEVER
+        nxt = self._connect_wake() if self.connecting else _NEVER
         if phase is not Phase.CONNECTING:
             nxt = min(nxt, self.setup_deadline)
         self.timer = self.loop.call_at(min(nxt, self.total_deadline), self._on_timer)
@@ -489,7 +519,7 @@ class Conn:
             # down and making a new one costs uvloop 7 syscalls (docs/performance.md)
             self._set_reader(self._on_client_early)
             self._enter(Phase.CONNECTING)
-            self._arm(self.connect_deadline)
+            self._arm(self._connect_wake())
 
     def _on_client_early(self) -> None:
         """The client spoke (or closed) before the backend is up: stop watching it (no busy
@@ -526,29 +556,71 @@ class Conn:
     def _start_connect(self) -> None:
         upstream = self.upstream
         assert upstream is not None
-        self.connect_deadline = deadline = self.loop.time() + self.w.timeouts.connect
-        for target in upstream.targets:
-            family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
-            try:
-                bsock = socket.socket(family, _STREAM_NONBLOCK)  # no extra ioctl
-            except OSError:
-                continue
-            bsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = bsock.connect_ex((target.host, upstream.port))
-            if err == 0:
-                self._abandon_others()
-                self._won(bsock, target, registered=False)
+        now = self.loop.time()
+        self.connect_deadline = now + self.w.timeouts.connect
+        self.order = targets = self.w.turns.order(upstream, now)
+        if upstream.rotations and len(targets) > 1:  # round robin: staggered race
+            self.later = targets
+            if self._stagger(now):
                 return
-            if err in (errno.EINPROGRESS, errno.EAGAIN):
-                self.connecting.append((bsock, target))
-                self.loop.add_writer(bsock.fileno(), self._on_connect, bsock, target)
-            else:
-                bsock.close()
+        else:  # every candidate at once (upstream's race)
+            for target in targets:
+                if self._try(target):
+                    return
         if not self.connecting:
             self._connect_failed(f"{self.upstream_text()}: nothing accepted the connection")
             return
-        if self.phase is Phase.CONNECTING or deadline < self.setup_deadline:
-            self._arm(deadline)
+        self._arm_connect()
+
+    def _try(self, target: Target) -> bool:
+        """Start connecting to ``target``; True if it connected at once (the race is won)."""
+        upstream = self.upstream
+        assert upstream is not None
+        family = socket.AF_INET6 if ":" in target.host else socket.AF_INET
+        try:
+            bsock = socket.socket(family, _STREAM_NONBLOCK)  # no extra ioctl
+        except OSError:
+            return False
+        bsock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = bsock.connect_ex((target.host, upstream.port))
+        if err == 0:
+            self._abandon_others()
+            self._won(bsock, target, registered=False)
+            return True
+        if err in (errno.EINPROGRESS, errno.EAGAIN):
+            self.connecting.append((bsock, target))
+            self.loop.add_writer(bsock.fileno(), self._on_connect, bsock, target)
+        else:
+            bsock.close()
+            if self.later is not None:
+                self.w.turns.slow(target.host, self.loop.time())
+        return False
+
+    def _stagger(self, now: float) -> bool:
+        """Start the waiting candidates in order until one more is in flight (the next waits
+        another head start); True if one connected at once."""
+        later = self.later
+        while later:
+            target, later = later[0], later[1:]
+            self.later = later
+            before = len(self.connecting)
+            if self._try(target):
+                return True
+            if len(self.connecting) > before:
+                self.later_at = now + HEAD_START
+                break
+        return False
+
+    def _connect_wake(self) -> float:
+        """When the connect step next needs the timer: its deadline, or the next stagger."""
+        if self.later:
+            return min(self.later_at, self.connect_deadline)
+        return self.connect_deadline
+
+    def _arm_connect(self) -> None:
+        when = self._connect_wake()
+        if self.phase is Phase.CONNECTING or when < self.setup_deadline:
+            self._arm(when)
 
     def _on_connect(self, bsock: socket.socket, target: Target) -> None:
         self.connecting.remove((bsock, target))
@@ -556,6 +628,14 @@ class Conn:
         if err:
             self.loop.remove_writer(bsock.fileno())
             bsock.close()
+            if self.later is not None:  # staggered: held back a while, the next one now
+                now = self.loop.time()
+                self.w.turns.slow(target.host, now)
+                if self.later and self._stagger(now):
+                    return
+                if self.connecting:
+                    self._arm_connect()
+                    return
             if not self.connecting:
                 self._connect_failed(f"{self.upstream_text()}: {errno.errorcode.get(err, err)}")
             return
@@ -575,11 +655,13 @@ class Conn:
             self.loop.remove_writer(other.fileno())
             other.close()
         self.connecting.clear()
+        self.later = None
 
     def _won(self, bsock: socket.socket, target: Target, registered: bool) -> None:
         """A backend accepted: relay now if the client side is ready, else park it."""
         self.bsock = bsock
         self.target = target
+        self.w.turns.answered(target.host)
         if self.phase is Phase.CONNECTING:
             self._start_relay(writer_registered=registered)
         elif registered:
@@ -645,7 +727,10 @@ class Conn:
         up = self.upstream
         if up is None:
             return "-"
-        host = self.target.host if self.target else ",".join(t.host for t in up.targets)
+        if self.target:
+            host = self.target.host
+        else:  # the candidates in the order this connection tried them
+            host = ",".join(t.host for t in self.order or up.targets)
         return f"{host}:{up.port}"
 
     def close(self, reason: str, detail: str = "", from_relay: bool = False) -> None:

@@ -11,7 +11,8 @@ Rules, in order (the parser has lower-cased and validated the SNI):
    * ``gateway`` (no port, no flag) -> the gateway's own HTTPS endpoints; ``health`` likewise;
    * ``localhost[-port][s|g]`` -> 127.0.0.1, only with ``insecure_localhost_backend``;
    * otherwise the label is an address ``<id>[-<port>][s|g]`` looked up in the route table,
-     candidates filtered by port policy (fail-closed); ``s`` passes TLS through, anything else
+     candidates filtered by drains (all drained -> reject ``drained``, the same alert as an
+     unknown app) and port policy (fail-closed); ``s`` passes TLS through, anything else
      terminates (``g``: ALPN ``h2`` only) with the certificate for the SNI;
 3. any other name is a custom domain. If the route table carries an operator route for it
    (:class:`CustomRouteTable`, e.g. ``gateway ctl custom-domains add`` through the control
@@ -23,6 +24,16 @@ Rules, in order (the parser has lower-cased and validated the SNI):
    * ``<app_id>:<port>`` -> the route table and port policy as in rule 2 (fail-closed);
    * a certificate in the store for the SNI (exact or one-level wildcard) -> terminate with
      ALPN ``http/1.1``; otherwise pass TLS through, as upstream always does.
+
+Balancing (``proxy.balance``). The candidates that survive the filters are split into fresh
+ones and fallbacks (seen, but past the stale window; used only when no fresh one is left).
+``freshest`` keeps upstream's order (freshest first, at most ``top_n``). ``round_robin``
+sorts the fresh ones by instance id (a stable order across table rebuilds, which re-rank by
+handshake age) and precomputes every rotation, each cut to ``top_n``, into
+``Upstream.rotations``: the edge picks one per connection (the worker's ``Turns`` in
+``gateway/proxy/balance.py``, an index into a cached tuple), so the per-SNI decision cache
+stays and nothing is built per connection, and races it staggered (``conn.py``). Which
+rotation comes next is state, so it is not decided here.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from gateway.protocol.address import Mode, parse_address, split_sni
 from gateway.protocol.clienthello import ClientHello
 from gateway.protocol.errors import AddressError, TlsAlert
 from gateway.proxy.routes import OPEN_POLICY, Candidate, RouteTable
+from gateway.proxy.settings import Balance
 
 __all__ = [
     "ConnInfo",
@@ -76,6 +88,7 @@ class Snapshot:
     routes: RouteTable
     top_n: int = 3
     localhost_backend: bool = False
+    balance: Balance = Balance.ROUND_ROBIN
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,11 +102,17 @@ class Target:
 
 @dataclass(frozen=True, slots=True)
 class Upstream:
-    """Where the relay goes: an app (for limits and logs), a port and candidates, best first."""
+    """Where the relay goes: an app (for limits and logs), a port and candidates, best first.
+
+    ``rotations`` (round-robin balancing, more than one fresh instance): the candidate orders
+    the edge takes turns with, each at most ``top_n`` long; ``targets`` is the first of them.
+    Empty: always ``targets``.
+    """
 
     app_id: str
     port: int
     targets: tuple[Target, ...]
+    rotations: tuple[tuple[Target, ...], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,13 +184,13 @@ def decide(hello: ClientHello, conn: ConnInfo, snap: Snapshot) -> Decision:
             Candidate(LOCALHOST_ID, LOCALHOST_ID, "127.0.0.1", OPEN_POLICY),
         )
     else:
-        cands = snap.routes.lookup(addr.id, snap.top_n)
+        cands = snap.routes.lookup(addr.id, _lookup_limit(snap))
         if not cands:
             return Reject(
                 TlsAlert.UNRECOGNIZED_NAME, "unknown_app", f"{sni}: no app or instance {addr.id!r}"
             )
 
-    upstream = _upstream(sni, cands, addr.port)
+    upstream = _upstream(sni, cands, addr.port, snap)
     if isinstance(upstream, Reject):
         return upstream
     if addr.mode is Mode.PASSTHROUGH:
@@ -182,20 +201,50 @@ def decide(hello: ClientHello, conn: ConnInfo, snap: Snapshot) -> Decision:
     return Terminate(upstream, cert.context(alpn), alpn)
 
 
-def _upstream(sni: str, cands: tuple[Candidate, ...], port: int) -> Upstream | Reject:
-    """The candidates whose port policy allows ``port`` (fail-closed: unknown policy = no)."""
-    targets = tuple(
-        Target(c.instance_id, c.host, c.policy.wants_pp(port))
-        for c in cands
-        if c.policy is not None and c.policy.allows(port)
-    )
-    if not targets:
+_ALL = 1 << 16  # round robin rotates over every fresh instance, not only the top N
+
+
+def _lookup_limit(snap: Snapshot) -> int:
+    return _ALL if snap.balance is Balance.ROUND_ROBIN else snap.top_n
+
+
+def _upstream(
+    sni: str, cands: tuple[Candidate, ...], port: int, snap: Snapshot
+) -> Upstream | Reject:
+    """The candidates that are not drained and whose port policy allows ``port``
+    (fail-closed: unknown policy = no), fresh ones before fallbacks, in balancing order."""
+    live = [c for c in cands if not c.drained]
+    if not live:
+        return Reject(
+            TlsAlert.UNRECOGNIZED_NAME,
+            "drained",
+            f"{sni}: every instance of {cands[0].app_id!r} is drained by the operator",
+        )
+    allowed = [c for c in live if c.policy is not None and c.policy.allows(port)]
+    if not allowed:
         return Reject(
             TlsAlert.HANDSHAKE_FAILURE,
             "port_denied",
             f"{sni}: port {port} denied by the app's port policy",
         )
-    return Upstream(cands[0].app_id, port, targets)
+    fresh = [c for c in allowed if not c.fallback] or allowed  # fallbacks when nothing fresh
+    top_n = snap.top_n
+    targets = [
+        Target(c.instance_id, c.host, c.policy.wants_pp(port))
+        for c in fresh
+        if c.policy is not None  # (checked above; narrows the type)
+    ]
+    if snap.balance is not Balance.ROUND_ROBIN or len(targets) < 2:
+        return Upstream(cands[0].app_id, port, tuple(targets[:top_n]))
+    targets.sort(key=_stable)
+    n = len(targets)
+    width = range(min(top_n, n))
+    rotations = tuple(tuple([targets[(i + k) % n] for k in width]) for i in range(n))
+    return Upstream(cands[0].app_id, port, rotations[0], rotations)
+
+
+def _stable(t: Target) -> tuple[str, str]:
+    return (t.instance_id, t.host)
 
 
 class _RouteTarget(Protocol):
@@ -241,14 +290,14 @@ def decide_custom(
     if isinstance(answer, AddressMiss):
         reason = "custom_" + answer.reason.value.replace("-", "_")
         return Reject(TlsAlert.UNRECOGNIZED_NAME, reason, f"{sni}: {answer.detail}")
-    cands = snap.routes.lookup(answer.app_id, snap.top_n)
+    cands = snap.routes.lookup(answer.app_id, _lookup_limit(snap))
     if not cands:
         return Reject(
             TlsAlert.UNRECOGNIZED_NAME,
             "unknown_app",
             f"{sni}: {answer.record} names {answer.app_id!r}, no such app or instance",
         )
-    upstream = _upstream(sni, cands, answer.port)
+    upstream = _upstream(sni, cands, answer.port, snap)
     if isinstance(upstream, Reject):
         return upstream
     cert = snap.certs.lookup(sni)

@@ -20,12 +20,13 @@ from typing import Protocol
 
 from gateway.certs.custom_domains import AppAddressResolver
 from gateway.certs.store import CertStore
+from gateway.proxy.balance import Turns
 from gateway.proxy.conn import Conn, Phase
 from gateway.proxy.decide import Decision, Snapshot
 from gateway.proxy.endpoints import GatewayInfo
 from gateway.proxy.info_file import INFO_FILE, load_info
 from gateway.proxy.relay import PipePool
-from gateway.proxy.routes import CombinedRoutes, RouteTable
+from gateway.proxy.routes import RouteTable, combine
 from gateway.proxy.settings import ListenSpec, ProxySettings, Timeouts
 from gateway.proxy.stats import WorkerState, write_stats
 
@@ -109,11 +110,13 @@ class Worker:
             routes=routes,
             top_n=settings.connect_top_n,
             localhost_backend=settings.insecure_localhost_backend,
+            balance=settings.balance,
         )
         workers = settings.worker_count()
         limit = settings.max_connections_per_app
         self.app_limit = math.ceil(limit / workers) if limit else 0
         self.decisions: dict[str | None, Decision] = {}  # per snapshot, by SNI
+        self.turns = Turns(start=state.index)  # round-robin turns, kept across swaps
         self.conns: set[Conn] = set()
         self.pipes = PipePool()
         # custom domains' TXT lookups (gateway/proxy/custom.py); None = custom domains off
@@ -202,10 +205,9 @@ class Worker:
     # -- registry routes ------------------------------------------------------------------
 
     def combined_routes(self) -> RouteTable:
-        """Static routes first, then the registry's (when a registry table is installed)."""
-        if self.registry_routes is None:
-            return self.static_routes
-        return CombinedRoutes(self.static_routes, self.registry_routes)
+        """Static routes first, then the registry's (when a registry table is installed),
+        with the operator's overlay (drains) over both."""
+        return combine(self.static_routes, self.registry_routes)
 
     def start_registry_polling(self) -> None:
         """Poll the registry now and then every ``registry_poll_interval`` seconds."""

@@ -10,8 +10,10 @@ Choice rules follow upstream's ``select_top_n_hosts``:
 
 * an instance id -> that instance, however stale (operators and apps address one replica);
 * an app id -> its instances whose last WireGuard handshake is younger than
-  ``stale_after`` (default 30 min), freshest first; an instance that never completed a
-  handshake is reachable only by its instance id;
+  ``stale_after`` (default 30 min), freshest first; then, flagged ``fallback``, those seen
+  before that (``decide`` uses them only when no fresh instance is eligible, where upstream
+  would fail the connection: a missed handshake observation must not black an app out); an
+  instance that never completed a handshake is reachable only by its instance id;
 * port policy fail-closed: an instance that reported no policy (and has no admin override)
   gets ``policy=None``, which the decision step refuses.
 """
@@ -86,11 +88,13 @@ class RegistryRoutes:
                 host=str(rec.ip),
                 policy=policy_from_json(reported),
                 freshness=age,
+                fallback=stale_after <= age < math.inf,
             )
             by_instance[rec.instance_id] = cand
-            if age < stale_after:
+            if age < math.inf:
                 by_app.setdefault(rec.app_id, []).append(cand)
         self._by_instance: Mapping[str, Candidate] = MappingProxyType(by_instance)
+        # sorted by age, fresh ones come first and stale ones (fallbacks) after them
         self._by_app: Mapping[str, tuple[Candidate, ...]] = MappingProxyType(
             {app: tuple(sorted(c, key=_age)) for app, c in by_app.items()}
         )

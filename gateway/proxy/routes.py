@@ -10,10 +10,16 @@ Lookup rules (from the upstream gateway, ``select_top_n_hosts``):
 
 1. ``id`` names an instance -> exactly that instance, whatever its freshness;
 2. else ``id`` names an app -> its instances that have ever been seen (finite freshness),
-   sorted freshest first, at most ``top_n``;
+   sorted freshest first, at most ``top_n``; those past the stale window come last, flagged
+   ``fallback`` (``decide`` uses them only when no fresh instance is eligible);
 3. else nothing.
 
 Port policy is fail-closed: a candidate whose policy is unknown (``None``) is never used.
+A drained candidate (``drained``, set by the operator's overlay) is returned flagged rather
+than dropped when nothing else is left, so that ``decide`` can say "drained" instead of
+"unknown", and so that a drained static app does not fall through to the registry's table.
+How the candidates are then spread over connections is ``decide``'s and the edge's business
+(``proxy.balance``; docs/proxy.md, "Balancing and drains").
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from gateway.proxy.settings import StaticRoute
 
@@ -30,9 +36,11 @@ __all__ = [
     "OPEN_POLICY",
     "Candidate",
     "CombinedRoutes",
+    "Overlaying",
     "PortPolicy",
     "RouteTable",
     "StaticRoutes",
+    "combine",
 ]
 
 
@@ -58,8 +66,10 @@ class Candidate:
     """One backend an id may lead to.
 
     ``freshness`` is the age in seconds of the instance's last sign of life (the WireGuard
-    handshake, later); ``math.inf`` means never seen. ``policy`` ``None`` means unknown and
-    therefore denied.
+    handshake); ``math.inf`` means never seen. ``policy`` ``None`` means unknown and
+    therefore denied. ``fallback``: seen, but not within the stale window (used for an app
+    only when no fresh instance is eligible). ``drained``: the operator drained it (no new
+    connections).
     """
 
     instance_id: str
@@ -67,6 +77,8 @@ class Candidate:
     host: str
     policy: PortPolicy | None
     freshness: float = 0.0
+    fallback: bool = False
+    drained: bool = False
 
 
 class RouteTable(Protocol):
@@ -122,6 +134,8 @@ class CombinedRoutes:
     Static routes come first so that an operator's ``[[proxy.routes]]`` entry can pin an app
     (or shadow a registered one) without touching the registry. Ids are not merged across
     tables: mixing candidates of different sources would make their freshness incomparable.
+    Operator custom-domain routes (``custom_route``) come from the first table that has them,
+    so they keep working once a registry table is installed behind the static one.
     """
 
     __slots__ = ("tables",)
@@ -135,6 +149,35 @@ class CombinedRoutes:
             if found:
                 return found
         return ()
+
+    def custom_route(self, sni: str) -> Any:
+        """The first table's operator route for ``sni`` (``decide``'s ``CustomRouteTable``)."""
+        for table in self.tables:
+            find = getattr(table, "custom_route", None)
+            if find is not None:
+                found = find(sni)
+                if found is not None:
+                    return found
+        return None
+
+
+@runtime_checkable
+class Overlaying(Protocol):
+    """A table that carries the operator's overlay (drains, port-policy overrides) and can
+    lay it over another table (``gateway.control.overlay.OverlayRoutes``)."""
+
+    def overlay_on(self, table: RouteTable) -> RouteTable: ...
+
+
+def combine(static: RouteTable, registry: RouteTable | None) -> RouteTable:
+    """What a worker routes with: static routes first, then the registry's. The operator's
+    overlay, which arrives with the static table on reload, applies to the registry's
+    instances too, so a drain through the admin API reaches registered CVMs."""
+    if registry is None:
+        return static
+    if isinstance(static, Overlaying):
+        registry = static.overlay_on(registry)
+    return CombinedRoutes(static, registry)
 
 
 def _age(c: Candidate) -> float:

@@ -14,6 +14,7 @@ Listen grammar (one string per entry)::
 
 from __future__ import annotations
 
+import enum
 import ipaddress
 import os
 import re
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "Balance",
     "ListenSpec",
     "PortRule",
     "ProxySettings",
@@ -79,6 +81,21 @@ def parse_listen(text: str) -> ListenSpec:
     if last < first:
         raise ValueError(f"listen {text!r}: range {ports!r} is reversed")
     return ListenSpec(host, first, last)
+
+
+class Balance(enum.StrEnum):
+    """How new connections to an app id are spread over its fresh instances.
+
+    ``round_robin`` (default): each worker rotates the first choice per app and gives it a
+    short head start before the next candidate joins the race, so two healthy instances get
+    the same share of new connections and a dead first choice still does not fail the
+    connection. ``freshest``: upstream's order (most recent WireGuard handshake first) and its
+    all-at-once race, which sends nearly everything to the nearest instance. Details in
+    docs/proxy.md, "Balancing and drains".
+    """
+
+    ROUND_ROBIN = "round_robin"
+    FRESHEST = "freshest"
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +195,7 @@ class ProxySettings:
     max_connections_per_app: int = 2000
     hello_limit: int = 16384
     connect_top_n: int = 3
+    balance: Balance = Balance.ROUND_ROBIN
     backlog: int = 4096
     buffer_size: int = 65536
     splice_after: int = 65536

@@ -25,6 +25,7 @@ import ipaddress
 import json
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -131,10 +132,7 @@ class SqliteStore:
             self._db = sqlite3.connect(
                 str(path), isolation_level=None, check_same_thread=False, timeout=10.0
             )
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
+            self._setup()
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot open registry database {path}: {exc}") from None
 
@@ -150,18 +148,47 @@ class SqliteStore:
 
     # --- plumbing --------------------------------------------------------------------------
 
+    def _setup(self, patience: float = 10.0) -> None:
+        """WAL mode, pragmas, schema. Switching a new file to WAL takes an exclusive lock that
+        SQLite's busy handler does not wait for, so "database is locked" while several
+        processes open a new file at once is retried here (bounded) rather than fatal."""
+        deadline = time.monotonic() + patience
+        delay = 0.005
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.execute("PRAGMA foreign_keys=ON")
+                self._migrate()
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(delay)
+                delay = min(delay * 2, 0.1)
+
     def _migrate(self) -> None:
-        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"registry database {self.path} has schema {version}, this gateway knows up to "
-                f"{SCHEMA_VERSION}: run a newer gateway or restore a backup"
-            )
-        for number in range(version, SCHEMA_VERSION):
+        """Bring the file to :data:`SCHEMA_VERSION`, one migration per transaction.
+
+        The version is read again inside each write transaction: several processes (the
+        control plane and every proxy worker) may open a new file at the same moment, and
+        only the first may create the tables; the others then find the work done.
+        """
+        if int(self._db.execute("PRAGMA user_version").fetchone()[0]) == SCHEMA_VERSION:
+            return  # the usual case: no write lock needed to open
+        while True:
             with self._tx() as db:
-                for statement in MIGRATIONS[number]:
+                version = int(db.execute("PRAGMA user_version").fetchone()[0])
+                if version > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"registry database {self.path} has schema {version}, this gateway "
+                        f"knows up to {SCHEMA_VERSION}: run a newer gateway or restore a backup"
+                    )
+                if version == SCHEMA_VERSION:
+                    return
+                for statement in MIGRATIONS[version]:
                     db.execute(statement)
-                db.execute(f"PRAGMA user_version = {number + 1}")
+                db.execute(f"PRAGMA user_version = {version + 1}")
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:

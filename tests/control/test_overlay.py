@@ -92,7 +92,9 @@ def test_registry_routes_take_admin_overrides_and_drains_from_the_store(tmp_path
     with SqliteStore(db) as store:
         drained = drained_instances(store)
     overlay = Overlay(drained=drained)
-    assert OverlayRoutes(table, overlay).lookup("i-b", 3) == ()
+    # drained: returned flagged (decide refuses it as "drained"), never as a live candidate
+    (held,) = OverlayRoutes(table, overlay).lookup("i-b", 3)
+    assert held.drained and held.instance_id == "i-b"
     assert OverlayRoutes(table, overlay).lookup("i-a", 3) == (a,)
     feed.close()
 

@@ -797,3 +797,32 @@ def test_advertised_base_domain_comes_from_the_configuration() -> None:
     assert advertised_from_config(proxy, key).base_domain == "apps.test"
     acme = parse_config("[[acme.domains]]\nbase_domain = 'acme.test'\ndns = 'x'\n")
     assert advertised_from_config(acme, key).base_domain == "acme.test"
+
+
+def test_exhausted_address_pool_is_a_retryable_503_and_changes_nothing(
+    pki: SimPki, kms_ca: Any, tmp_path: Path
+) -> None:
+    """Two assignable addresses: the third CVM gets 503 ``pool_exhausted`` (the CVM retries
+    later, maybe at another gateway), and the two registered instances are untouched."""
+    plan = AddressPlan(
+        ipaddress.IPv4Interface("10.0.0.1/29"),
+        ipaddress.IPv4Network("10.0.0.4/30"),  # .4-.7; minus network/broadcast -> .5, .6
+        (),
+    )
+    store = SqliteStore(tmp_path / "registry.sqlite3")
+    registry = Registry(store, plan, clock=time.time)
+    adv = Advertised(public_key(generate_private_key()), "10.0.0.1/29", "192.0.2.1:51820")
+    with serve(tmp_path, pki, kms_ca, registry, adv) as rpc:
+        got = []
+        for n in range(2):
+            cvm = make_cvm(pki, tmp_path / f"cvm{n}", bytes([0x61 + n]) * 20, kms_ca)
+            status, ok = rpc.post(cvm, {"client_public_key": public_key(generate_private_key())})
+            assert status == 200, ok
+            got.append(ok["wg"]["client_ip"])
+        before = sorted((r.instance_id, str(r.ip)) for r in store.list_instances())
+        third = make_cvm(pki, tmp_path / "cvm3", b"\x69" * 20, kms_ca)
+        status, err = rpc.post(third, {"client_public_key": public_key(generate_private_key())})
+        assert (status, err["reason"]) == (503, "pool_exhausted"), err
+        assert sorted((r.instance_id, str(r.ip)) for r in store.list_instances()) == before
+        assert len(set(got)) == 2
+    store.close()

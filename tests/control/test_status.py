@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway.certs.settings import AcmeSettings
 from gateway.control.auth import Credentials
+from gateway.control.auth_webhook import WebhookOutcome, WebhookStats
 from gateway.control.certmanager import CertManager
 from gateway.control.plane import build_admin_app
 from gateway.control.state import OperatorState
@@ -43,6 +44,8 @@ def test_connections_per_app_in_status_prpc_and_metrics(tmp_path: Path) -> None:
     certs = CertManager(
         AcmeSettings(), state=state, certs_dir=tmp_path / "c", acme=None, on_change=lambda: None
     )
+    webhook = WebhookStats()
+    webhook.outcomes[WebhookOutcome.DENIED] += 3  # as AuthWebhook counts its answers
     app = build_admin_app(
         creds=Credentials(token_digest=hashlib.sha256(TOKEN.encode()).digest()),
         state=state,
@@ -50,6 +53,7 @@ def test_connections_per_app_in_status_prpc_and_metrics(tmp_path: Path) -> None:
         certs=certs,
         node={"id": "n"},
         counters=lambda: COUNTERS,
+        webhook=webhook,
     )
 
     async def main() -> None:
@@ -76,6 +80,12 @@ def test_connections_per_app_in_status_prpc_and_metrics(tmp_path: Path) -> None:
             assert samples(text, "gateway_tls_handshake_failures_total") == {
                 (("reason", "timeout"),): 2
             }
+            assert (
+                samples(text, "gateway_registration_webhook_total")[
+                    (("outcome", WebhookOutcome.DENIED.value),)
+                ]
+                == 3
+            )
 
     try:
         asyncio.run(main())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
@@ -9,7 +10,9 @@ from typing import Any
 
 import pytest
 
+from gateway.proxy.balance import HEAD_START, Turns
 from gateway.proxy.conn import TRANSITIONS, Conn, Phase
+from gateway.proxy.decide import Target, Upstream
 from gateway.proxy.settings import ProxySettings, Timeouts
 from gateway.proxy.stats import WorkerState
 
@@ -93,6 +96,7 @@ def make(sock: socket.socket, **timeouts: float) -> tuple[Conn, ClockLoop, Worke
         conns=set(),
         access_enabled=False,
         app_limit=0,
+        turns=Turns(),
     )
     conn = Conn(w, sock, ("192.0.2.1", 1), 443)  # type: ignore[arg-type]
     w.conns.add(conn)
@@ -164,3 +168,99 @@ def test_drain_closes_connections_that_are_not_relaying(pair: Any) -> None:
     conn.start()
     conn.shutdown()
     assert conn.phase is Phase.CLOSED and state.errors["drain"] == 1
+
+
+A, B = Target("a", "127.0.0.1", False), Target("b", "127.0.0.2", False)
+DEAD = Target("dead", "127.0.0.3", False)  # nothing listens there: refused at once
+
+
+@pytest.fixture
+def listener() -> Iterator[int]:
+    """A port on 127.0.0.1 and 127.0.0.2 that accepts (127.0.0.3 refuses it)."""
+    socks = []
+    port = 0
+    for host in ("127.0.0.1", "127.0.0.2"):
+        lsock = socket.socket()
+        lsock.bind((host, port))
+        lsock.listen(64)
+        port = lsock.getsockname()[1]
+        socks.append(lsock)
+    yield port
+    for lsock in socks:
+        lsock.close()
+
+
+def connecting(
+    turns: Turns, ups: Upstream
+) -> Iterator[tuple[Conn, ClockLoop, list[Target], tuple[Target, ...] | None]]:
+    """A connection in CONNECTING that has just started its race for ``ups``."""
+    c1, c2 = socket.socketpair()
+    c1.setblocking(False)
+    conn, loop, _state = make(c1)
+    conn.w.turns = turns
+    conn.start()
+    conn.upstream = ups
+    conn.phase = Phase.CONNECTING
+    conn._start_connect()
+    try:
+        yield conn, loop, [t for _, t in conn.connecting], conn.later
+    finally:
+        conn.close("done")
+        c2.close()
+
+
+def test_round_robin_turns_rotate_per_app_and_start_per_worker(listener: int) -> None:
+    """Successive connections of one worker start with the app's rotations in turn (A, B,
+    A, ...); another app keeps its own turn; another worker starts one further on."""
+
+    def first_choices(turns: Turns, app: str, n: int) -> list[str]:
+        out = []
+        for _ in range(n):
+            ups = Upstream(app, listener, (A, B), ((A, B), (B, A)))
+            for _conn, _loop, flying, later in connecting(turns, ups):
+                assert len(flying) == 1 and later is not None and len(later) == 1  # staggered
+                out.append(flying[0].instance_id)
+        return out
+
+    turns = Turns(start=0)
+    assert first_choices(turns, "app", 5) == ["a", "b", "a", "b", "a"]
+    assert first_choices(turns, "other", 2) == ["a", "b"]  # its own turn
+    assert first_choices(turns, "app", 1) == ["b"]  # kept across other apps
+    assert first_choices(Turns(start=1), "app", 2) == ["b", "a"]  # worker 1
+
+
+def test_staggered_race_next_candidate_joins_after_the_head_start(listener: int) -> None:
+    turns = Turns()
+    ups = Upstream("app", listener, (A, B), ((A, B), (B, A)))
+    for conn, loop, flying, later in connecting(turns, ups):
+        assert flying == [A] and later == (B,)
+        assert loop.advance_to_next() == pytest.approx(100.0 + HEAD_START)
+        assert [t for _, t in conn.connecting] == [A, B]  # raced from now on
+        assert conn.later == () and turns.is_slow(A.host)  # A is passed over a while
+        assert conn.phase is Phase.CONNECTING
+        assert loop.advance_to_next() == pytest.approx(100.0 + 5.0)  # then: connect timeout
+        phase: Phase = conn.phase  # re-read (mypy keeps the narrowing across the timer)
+        assert phase is Phase.CLOSED
+    # the next connection's first choice is B (A's turn skipped while it is held back)
+    for conn, _loop, flying, _later in connecting(turns, ups):
+        assert flying == [B]
+        assert conn.upstream_text() == f"127.0.0.2,127.0.0.1:{listener}"  # as tried
+
+
+def test_staggered_race_moves_on_at_once_when_the_first_choice_refuses(listener: int) -> None:
+    turns = Turns()
+    ups = Upstream("app", listener, (DEAD, A), ((DEAD, A), (A, DEAD)))
+    for conn, loop, flying, _later in connecting(turns, ups):
+        assert flying == [DEAD]
+        bsock, target = conn.connecting[0]
+        assert select.select([], [bsock], [], 2.0)[1]  # the RST (SO_ERROR is read once)
+        conn._on_connect(bsock, target)  # what the loop calls when the socket is writable
+        assert [t for _, t in conn.connecting] == [A] and loop.now == 100.0  # no waiting
+        assert turns.is_slow(DEAD.host) and conn.phase is Phase.CONNECTING
+
+
+def test_freshest_races_every_candidate_at_once(listener: int) -> None:
+    ups = Upstream("app", listener, (B, A))  # no rotations: upstream's race
+    for conn, _loop, flying, later in connecting(Turns(), ups):
+        assert flying == [B, A] and later is None
+        assert conn.phase is Phase.CONNECTING

@@ -28,7 +28,7 @@ from gateway.proxy.decide import (
     decide_custom,
 )
 from gateway.proxy.routes import Candidate, PortPolicy, StaticRoutes
-from gateway.proxy.settings import PortRule, StaticRoute
+from gateway.proxy.settings import Balance, PortRule, StaticRoute
 
 OPEN = PortPolicy()
 LOCKED = PortPolicy(True, {443: False, 8080: True})
@@ -76,6 +76,7 @@ def snap(certs: CertSnapshot, **kw: object) -> Snapshot:
         "base_domains": ("gw.test", "nocert.test"),
         "certs": certs,
         "routes": Table(),
+        "balance": Balance.FRESHEST,  # upstream's order; round robin: tests/proxy/test_balance.py
     }
     base.update(kw)
     return Snapshot(**base)  # type: ignore[arg-type]
@@ -378,3 +379,123 @@ def test_operator_routes_come_before_dns(
         assert d.reason == reason
     if isinstance(d, Passthrough | Terminate):
         assert d.upstream.app_id == "app" and d.upstream.targets == (T2, T3)
+
+
+# -- balancing: the orders the edge takes turns with (proxy.balance) ----------------------
+
+
+class Pool:
+    """A RouteTable of one app whose candidates the test writes out in full."""
+
+    def __init__(self, *cands: Candidate) -> None:
+        self.cands = cands
+
+    def lookup(self, ident: str, top_n: int) -> tuple[Candidate, ...]:
+        if ident != "app":
+            return tuple(c for c in self.cands if c.instance_id == ident)[:1]
+        return self.cands[:top_n]
+
+
+def cand(
+    iid: str,
+    age: float = 1.0,
+    policy: PortPolicy = OPEN,
+    fallback: bool = False,
+    drained: bool = False,
+) -> Candidate:
+    host = f"10.0.0.{int(iid[1:])}"
+    return Candidate(iid, "app", host, policy, age, fallback=fallback, drained=drained)
+
+
+def tgt(iid: str) -> Target:
+    return Target(iid, f"10.0.0.{int(iid[1:])}", False)
+
+
+def rr(certs: CertSnapshot, table: Pool, top_n: int = 3, sni: str = "app.gw.test") -> Decision:
+    return decide(
+        hello(sni), CONN, snap(certs, routes=table, top_n=top_n, balance=Balance.ROUND_ROBIN)
+    )
+
+
+def firsts(d: Decision) -> list[str]:
+    assert isinstance(d, Terminate | Passthrough)
+    return [order[0].instance_id for order in d.upstream.rotations]
+
+
+def test_round_robin_rotates_over_every_fresh_instance_in_a_stable_order(
+    certs: CertSnapshot,
+) -> None:
+    # freshest first in the table; round robin sorts by instance id so that a rebuilt table
+    # (handshake ages re-ranked) keeps the same rotations and the turn counter stays fair
+    d = rr(certs, Pool(cand("i3", 1.0), cand("i1", 9.0), cand("i2", 5.0)))
+    assert isinstance(d, Terminate)
+    assert d.upstream.rotations == (
+        (tgt("i1"), tgt("i2"), tgt("i3")),
+        (tgt("i2"), tgt("i3"), tgt("i1")),
+        (tgt("i3"), tgt("i1"), tgt("i2")),
+    )
+    assert d.upstream.targets == d.upstream.rotations[0]
+    reranked = rr(certs, Pool(cand("i1", 0.5), cand("i2", 7.0), cand("i3", 8.0)))
+    assert isinstance(reranked, Terminate) and reranked.upstream == d.upstream
+
+
+def test_round_robin_covers_instances_beyond_top_n(certs: CertSnapshot) -> None:
+    """Five fresh instances, two raced per connection: each is first exactly once per
+    cycle (freshest would never send a new connection to the three oldest)."""
+    d = rr(certs, Pool(*(cand(f"i{i}", float(i)) for i in range(1, 6))), top_n=2)
+    assert isinstance(d, Terminate)
+    assert firsts(d) == ["i1", "i2", "i3", "i4", "i5"]
+    assert all(len(order) == 2 for order in d.upstream.rotations)
+    assert d.upstream.rotations[4] == (tgt("i5"), tgt("i1"))  # wraps around
+    pool = Pool(*(cand(f"i{i}", float(i)) for i in range(1, 6)))
+    freshest = decide(hello("app.gw.test"), CONN, snap(certs, routes=pool, top_n=2))
+    assert isinstance(freshest, Terminate)
+    assert freshest.upstream.rotations == () and freshest.upstream.targets == (tgt("i1"), tgt("i2"))
+
+
+@pytest.mark.parametrize(
+    ("cands", "expected"),
+    [
+        # one fresh instance: nothing to rotate, the connection goes to it
+        ((cand("i1"),), ((tgt("i1"),), ())),
+        # stale instances are fallbacks: not raced while a fresh one is eligible
+        ((cand("i1"), cand("i2", 4000.0, fallback=True)), ((tgt("i1"),), ())),
+        # ... and used (rotated) when no fresh one is
+        (
+            (cand("i1", 4000.0, fallback=True), cand("i2", 5000.0, fallback=True)),
+            ((tgt("i1"), tgt("i2")), ((tgt("i1"), tgt("i2")), (tgt("i2"), tgt("i1")))),
+        ),
+        # a fresh instance whose policy denies the port does not hide the fallback
+        (
+            (cand("i1", policy=PortPolicy(True)), cand("i2", 4000.0, fallback=True)),
+            ((tgt("i2"),), ()),
+        ),
+        # drained instances get no new connections
+        (
+            (cand("i1", drained=True), cand("i2"), cand("i3")),
+            ((tgt("i2"), tgt("i3")), ((tgt("i2"), tgt("i3")), (tgt("i3"), tgt("i2")))),
+        ),
+    ],
+)
+def test_round_robin_orders(
+    certs: CertSnapshot,
+    cands: tuple[Candidate, ...],
+    expected: tuple[tuple[Target, ...], tuple[tuple[Target, ...], ...]],
+) -> None:
+    d = rr(certs, Pool(*cands))
+    assert isinstance(d, Terminate)
+    assert (d.upstream.targets, d.upstream.rotations) == expected
+
+
+def test_every_instance_drained_is_refused_like_an_unknown_app(certs: CertSnapshot) -> None:
+    for balance in Balance:
+        table = Pool(cand("i1", drained=True), cand("i2", drained=True))
+        d = decide(hello("app.gw.test"), CONN, snap(certs, routes=table, balance=balance))
+        unknown = decide(hello("nope.gw.test"), CONN, snap(certs, routes=table, balance=balance))
+        assert isinstance(d, Reject) and isinstance(unknown, Reject)
+        assert d.alert is unknown.alert is TlsAlert.UNRECOGNIZED_NAME
+        assert (d.reason, unknown.reason) == ("drained", "unknown_app")
+        assert "drained" in d.detail and "'app'" in d.detail
+    # by instance id too
+    d = rr(certs, Pool(cand("i1", drained=True)), sni="i1.gw.test")
+    assert isinstance(d, Reject) and d.reason == "drained"

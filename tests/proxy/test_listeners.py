@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway.certs.store import CertStore
@@ -62,6 +63,14 @@ def test_worker_picks_up_registry_changes_and_keeps_static_first(tmp_path: Path)
     def hosts(ident: str) -> list[str]:
         return [c.host for c in worker.snapshot.routes.lookup(ident, 3)]
 
+    async def until(check: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+        """Poll (the worker polls the registry every 50 ms) instead of a fixed sleep, so a
+        loaded machine is slow, not wrong."""
+        deadline = loop.time() + timeout
+        while not check():
+            assert loop.time() < deadline, f"timed out waiting for {what}"
+            await asyncio.sleep(0.02)
+
     async def main() -> None:
         worker.start_registry_polling()  # no database yet: static routes only, no error
         await asyncio.sleep(0.1)
@@ -71,19 +80,18 @@ def test_worker_picks_up_registry_changes_and_keeps_static_first(tmp_path: Path)
         try:
             store.put_instance(record("i1", "cvm", 2, time.time()), expect_revision=0)
             store.put_instance(record("pinned", "other", 3, time.time()), expect_revision=0)
-            await asyncio.sleep(0.15)
-            assert hosts("cvm") == ["10.9.0.2"] and hosts("i1") == ["10.9.0.2"]
+            await until(lambda: hosts("cvm") == ["10.9.0.2"], "the first instances")
+            assert hosts("i1") == ["10.9.0.2"]
             assert hosts("pinned") == ["127.0.0.1"]  # static wins over an instance id
             # never handshaken -> app traffic only once the handshake shows up (refresh)
             store.put_instance(record("i2", "cvm", 4, None), expect_revision=0)
-            await asyncio.sleep(0.15)
-            assert hosts("cvm") == ["10.9.0.2"] and hosts("i2") == ["10.9.0.4"]
+            await until(lambda: hosts("i2") == ["10.9.0.4"], "the instance without handshake")
+            assert hosts("cvm") == ["10.9.0.2"]
             # SIGHUP: static routes re-read, registry routes kept
             worker.reload()
             assert hosts("reloaded") == ["127.0.0.2"] and hosts("cvm") == ["10.9.0.2"]
             store.delete_instance("i1")
-            await asyncio.sleep(0.15)
-            assert hosts("cvm") == [] and hosts("i1") == []
+            await until(lambda: hosts("cvm") == [] and hosts("i1") == [], "the removal")
         finally:
             store.close()
         await worker.drain()

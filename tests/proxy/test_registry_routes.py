@@ -48,7 +48,7 @@ def test_policy_from_json_is_strict(value: Any, expected: Any) -> None:
         assert got is not None and (got.restrict_mode, dict(got.pp_ports)) == expected
 
 
-def test_app_lookup_is_fresh_first_and_skips_stale_and_never_seen() -> None:
+def test_app_lookup_is_fresh_first_then_stale_fallbacks_and_skips_never_seen() -> None:
     table = RegistryRoutes(
         [
             rec("i-old", "app1", 2, NOW - 600),
@@ -59,8 +59,11 @@ def test_app_lookup_is_fresh_first_and_skips_stale_and_never_seen() -> None:
         ],
         now=NOW,
     )
-    assert [c.instance_id for c in table.lookup("app1", 3)] == ["i-new", "i-old"]
+    found = table.lookup("app1", 3)
+    assert [c.instance_id for c in found] == ["i-new", "i-old", "i-stale"]
+    assert [c.fallback for c in found] == [False, False, True]  # past the stale window
     assert [c.host for c in table.lookup("app1", 1)] == ["10.4.0.3"]
+    assert not table.lookup("i-never", 3)[0].fallback  # never seen: by instance id only
     # by instance id: always, however stale or new
     assert table.lookup("i-stale", 3)[0].freshness == 4000
     assert table.lookup("i-never", 3)[0].host == "10.4.0.5"

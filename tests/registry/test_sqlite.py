@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from ipaddress import IPv4Address
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -95,3 +97,30 @@ def test_a_refresh_keeping_its_address_leaves_the_allocation_alone(tmp_path: Pat
         )
         assert allocation() == [("10.0.0.9", "inst1", 300.0)]
         assert s.ip_holder(IPv4Address("10.0.0.2")) is None
+
+
+def test_processes_creating_one_new_file_at_once_all_succeed(tmp_path: Path) -> None:
+    """The control plane and every proxy worker may open a new registry file at the same
+    moment: only one creates the tables; none fails with "table already exists"."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(5):
+        path = tmp_path / f"race{attempt}.sqlite3"
+        go = ctx.Event()
+        procs = [ctx.Process(target=_open_when_told, args=(path, go)) for _ in range(8)]
+        for proc in procs:
+            proc.start()
+        time.sleep(0.2)  # all waiting on the event
+        go.set()
+        for proc in procs:
+            proc.join(30)
+        assert [proc.exitcode for proc in procs] == [0] * 8, attempt
+        with SqliteStore(path) as store:
+            assert store.list_instances() == []
+
+
+def _open_when_told(path: Path, go: Any) -> None:
+    go.wait(10)
+    with SqliteStore(path) as store:
+        store.list_instances()
