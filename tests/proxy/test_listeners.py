@@ -156,9 +156,9 @@ def test_base_domains_added_by_the_operator_are_routed_after_a_reload(tmp_path: 
 
 def test_the_operators_overlay_applies_to_registry_instances_too(tmp_path: Path) -> None:
     """Drains and custom-domain routes reach CVMs found in the registry, not only static
-    routes: the overlay is laid over the combined table (it once wrapped the static table
-    alone, so a drained CVM kept getting connections and `ctl custom-domains` routes were
-    ignored whenever registry routes were on)."""
+    routes (the overlay once wrapped the static table alone, so a drained CVM kept getting
+    connections and `ctl custom-domains` routes were ignored whenever registry routes were
+    on); here through a real worker's reload and registry polling."""
     from gateway.control.overlay import Overlay, OverlayRoutes, RouteTarget
     from gateway.proxy.decide import CustomRouteTable
 
@@ -185,8 +185,10 @@ def test_the_operators_overlay_applies_to_registry_instances_too(tmp_path: Path)
             worker.reload()
             worker.start_registry_polling()
             await asyncio.sleep(0.15)
-            assert hosts("cvm") == ["10.9.0.3"] and hosts("i1") == [] and hosts("i2")
+            assert hosts("cvm") == ["10.9.0.3"] and hosts("i2") == ["10.9.0.3"]
             routes = worker.snapshot.routes
+            # asked for by its own id, a drained instance comes back flagged, for decide()
+            assert [c.drained for c in routes.lookup("i1", 3)] == [True]
             assert isinstance(routes, CustomRouteTable)
             assert routes.custom_route("shop.test") == RouteTarget("cvm", 443)
             assert hosts("pinned") == ["127.0.0.1"]
