@@ -661,6 +661,7 @@ class Conn:
         """A backend accepted: relay now if the client side is ready, else park it."""
         self.bsock = bsock
         self.target = target
+        self.w.state.upstream_open[target.host] += 1  # undone in close()
         self.w.turns.answered(target.host)
         if self.phase is Phase.CONNECTING:
             self._start_relay(writer_registered=registered)
@@ -778,6 +779,8 @@ class Conn:
             state.errors[reason] += 1
         if self.app:
             state.app_open[self.app] -= 1
+        if self.target is not None:
+            state.upstream_open[self.target.host] -= 1
         w.conns.discard(self)
         self.relay = None  # break the conn <-> relay <-> side cycles: freed by refcount,
         self.tls = None  # not left for the cyclic GC

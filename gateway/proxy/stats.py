@@ -12,8 +12,10 @@ counted where ``conn.py`` finishes or abandons one: ``tls_done`` and ``tls_faile
 failure reason is OpenSSL's (``no_shared_cipher``, ``tlsv1_alert_unknown_ca``, ...), ``eof``,
 ``reset``, ``io_error`` or ``timeout``; OpenSSL's reasons are a fixed set, and the table is
 capped anyway (``other`` beyond ``MAX_TLS_REASONS``) so a worker's snapshot stays small.
-Per-app open connections (``app_open``) already back the per-app limit, so they cost nothing
-extra; per-instance counts would need a counter per chosen target and are not kept.
+Per-app open connections (``app_open``) also back the per-app limit. ``upstream_open`` counts
+open connections per backend address (a registered instance's tunnel IP, or a static
+backend): one Counter increment when a backend accepts and one decrement at close, so the
+admin API can show each instance's own connections.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class WorkerState:
         "gateway",
         "errors",
         "app_open",
+        "upstream_open",
         "draining",
         "tls_handshakes",
         "tls_resumed",
@@ -81,6 +84,7 @@ class WorkerState:
         self.gateway = 0
         self.errors: Counter[str] = Counter()  # close reason (not "done") -> count
         self.app_open: Counter[str] = Counter()
+        self.upstream_open: Counter[str] = Counter()  # backend host -> open connections
         self.draining = False
         self.tls_handshakes = 0  # completed, resumed ones included
         self.tls_resumed = 0
@@ -116,6 +120,7 @@ class WorkerState:
             "gateway": self.gateway,
             "errors": dict(self.errors),
             "app_open": {k: v for k, v in self.app_open.items() if v},
+            "upstream_open": {k: v for k, v in self.upstream_open.items() if v},
             "draining": self.draining,
             "tls_handshakes": self.tls_handshakes,
             "tls_resumed": self.tls_resumed,
@@ -154,7 +159,7 @@ def read_stats(stats_dir: Path) -> dict[str, Any]:
         "tls_resumed",
     ):
         total[key] = sum(int(w.get(key, 0)) for w in workers)
-    for key in ("errors", "app_open", "tls_failures"):
+    for key in ("errors", "app_open", "upstream_open", "tls_failures"):
         summed: Counter[str] = Counter()
         for w in workers:
             summed.update(w.get(key, {}))

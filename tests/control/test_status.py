@@ -32,14 +32,19 @@ COUNTERS: dict[str, Any] = {
     "tls_handshakes": 9,
     "tls_failures": {"timeout": 2},
     "app_open": {SOLO: 2, PAIR: 3},
+    "upstream_open": {},  # filled in below with the instances' addresses
 }
 
 
 def test_connections_per_app_in_status_prpc_and_metrics(tmp_path: Path) -> None:
     store = SqliteStore(tmp_path / "r.sqlite3")
     registry = Registry(store, WgSettings().plan(), clock=time.time)
+    ips = {}
     for iid, app_id in (("solo-1", SOLO), ("pair-1", PAIR), ("pair-2", PAIR)):
-        registry.register(Registration(iid, app_id, public_key(generate_private_key())))
+        rec = registry.register(Registration(iid, app_id, public_key(generate_private_key())))
+        ips[iid] = str(rec.ip)
+    # as the workers count them: per backend address (pair-1 has none open)
+    COUNTERS["upstream_open"] = {ips["solo-1"]: 2, ips["pair-2"]: 3, "192.0.2.9": 1}
     state = OperatorState(store)
     certs = CertManager(
         AcmeSettings(), state=state, certs_dir=tmp_path / "c", acme=None, on_change=lambda: None
@@ -63,6 +68,8 @@ def test_connections_per_app_in_status_prpc_and_metrics(tmp_path: Path) -> None:
             rows = {i["instance_id"]: i for i in s["instances"]}
             assert rows["solo-1"]["app_connections"] == 2
             assert rows["pair-2"]["app_connections"] == 3
+            # each instance's own connections (a static backend's count belongs to no row)
+            assert [rows[i]["connections"] for i in ("solo-1", "pair-1", "pair-2")] == [2, 0, 3]
             assert s["apps"] == [
                 {"app_id": PAIR, "instances": 2, "online": 0, "connections": 3},
                 {"app_id": SOLO, "instances": 1, "online": 0, "connections": 2},
@@ -71,9 +78,10 @@ def test_connections_per_app_in_status_prpc_and_metrics(tmp_path: Path) -> None:
             assert s["counters"]["tls_handshake_failures"] == 2
             hosts = (await client.post("/prpc/Status", headers=h)).json()["hosts"]
             by_id = {x["instance_id"]: x for x in hosts}
-            # one instance: all of its app's connections are its own; several: not known
+            # upstream's per-host figure is the instance's own; the app's total beside it
             assert by_id["solo-1"]["num_connections"] == 2
             assert by_id["pair-1"]["num_connections"] == 0
+            assert by_id["pair-2"]["num_connections"] == 3
             assert by_id["pair-1"]["app_num_connections"] == 3
             text = (await client.get("/metrics", headers=h)).text
             assert samples(text, "gateway_app_connections_open")[(("app_id", SOLO),)] == 2

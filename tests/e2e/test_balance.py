@@ -297,6 +297,19 @@ def test_admin_drain_moves_new_connections_to_the_other_instance(root: Path) -> 
             assert servers["inst-b"].connections == before  # not even raced
             assert get(held, "/")[1] == b"inst-b"  # the open connection continues
 
+            def own_connections() -> dict[str, int]:
+                rows = admin.get("/api/v1/status").json()["instances"]
+                return {r["instance_id"]: r["connections"] for r in rows}
+
+            # each instance's own open connections, from the workers' counters: the held one
+            wait_until(
+                lambda: own_connections() == {"inst-a": 0, "inst-b": 1},
+                proc,
+                15,
+                "per-instance connection counts",
+                log,
+            )
+
             assert admin.delete("/api/v1/instances/inst-b/drain").status_code == 200
             wait_until(  # both workers: about half of the connections again
                 lambda: spread(gw.port, ca, sni, 10)["inst-b"] >= 3, proc, 15, "undrain", log

@@ -5,12 +5,11 @@ Status composes: ``node`` (id, version, uptime), ``connections`` (open client co
 ``counters`` (flat numbers the dashboard shows as tiles), ``proxy`` (the data plane's full
 counters), ``instances``, ``apps`` and ``domains`` (tables for the dashboard).
 
-Connections are counted per app by the proxy workers (``app_open``, which also backs the
-per-app limit); which instance of an app a connection went to is not counted (that would
-take a counter per chosen target on the hot path). So an instance row shows its app's
-``app_connections``, and upstream's per-host ``num_connections`` in ``/prpc/Status`` is
-exact for an app with one instance (all its connections go there) and 0 for an app with
-several, whose total is in the extra ``app_num_connections`` field.
+Connections are counted by the proxy workers per app (``app_open``, which also backs the
+per-app limit) and per backend address (``upstream_open``). An instance row shows its own
+``connections`` (those relayed to its tunnel address) and its app's ``app_connections``;
+upstream's per-host ``num_connections`` in ``/prpc/Status`` is the instance's own, and the
+app's total is in the extra ``app_num_connections`` field.
 
 Our admin API is REST-style JSON under ``/api/v1``, not pRPC. For scripts written against
 upstream, the most used admin RPCs answer at ``/prpc/<Method>`` (GET or POST) with upstream's
@@ -56,7 +55,8 @@ def status_document(
         proxy = dict(counters())
         drained = set(state.drained())
         records = registry.store.list_instances()
-        app_open = _app_open(proxy)
+        app_open = _counts(proxy, "app_open")
+        upstream_open = _counts(proxy, "upstream_open")
         instances = [
             {
                 "instance_id": r.instance_id,
@@ -65,6 +65,7 @@ def status_document(
                 "online": r.last_handshake is not None and now - r.last_handshake < ONLINE_WINDOW,
                 "draining": r.instance_id in drained,
                 "last_handshake": r.last_handshake,
+                "connections": upstream_open.get(str(r.ip), 0),
                 "app_connections": app_open.get(r.app_id, 0),
             }
             for r in records
@@ -127,8 +128,8 @@ def status_document(
     return status
 
 
-def _app_open(proxy: Mapping[str, Any]) -> dict[str, int]:
-    raw = proxy.get("app_open")
+def _counts(proxy: Mapping[str, Any], key: str) -> dict[str, int]:
+    raw = proxy.get(key)
     if not isinstance(raw, Mapping):
         return {}
     return {str(k): int(v) for k, v in raw.items() if isinstance(v, int) and v > 0}
@@ -140,7 +141,6 @@ def prpc_endpoints(status: StatusFn, state: OperatorState, certs: CertManager) -
     async def prpc_status(_: web.Request) -> web.Response:
         s = status()
         node = s["node"]
-        apps = {a["app_id"]: a for a in s["apps"]}
         return json_response(
             {
                 "id": node.get("id"),
@@ -154,9 +154,7 @@ def prpc_endpoints(status: StatusFn, state: OperatorState, certs: CertManager) -
                         "app_id": i["app_id"],
                         "base_domain": s["domains"][0]["domain"] if s["domains"] else "",
                         "latest_handshake": int(i["last_handshake"] or 0),
-                        "num_connections": i["app_connections"]
-                        if apps[i["app_id"]]["instances"] == 1
-                        else 0,
+                        "num_connections": i["connections"],
                         "app_num_connections": i["app_connections"],
                     }
                     for i in s["instances"]
