@@ -694,17 +694,20 @@ def test_hostile_tls_is_refused_and_registration_still_works(
     store.close()
 
 
-def test_a_certificate_only_openssl_accepts_is_malformed_evidence(rpc: Rpc, tmp_path: Path) -> None:
-    """OpenSSL takes a negative serial; cryptography refuses it: 403 malformed, no crash.
+#: ``[0] INTEGER 2`` (version v3), then the serial ``INTEGER 7``, in the DER of _patched_cvm
+_V3_SERIAL_7 = bytes.fromhex("a003020102020107")
 
-    The serial is patched in the DER after signing (the signature no longer matches, which
-    the accept-any TLS layer does not check: the evidence would)."""
+
+def _patched_cvm(tmp_path: Path, name: str, replacement: bytes) -> Cvm:
+    """A self-signed leaf whose version + serial bytes are patched after signing (the
+    signature no longer matches, which the accept-any TLS layer does not check: the evidence
+    would), as a client certificate OpenSSL takes but cryptography may refuse."""
     key = ec.generate_private_key(ec.SECP256R1())
     start = dt.datetime.fromtimestamp(NOW - 3600, dt.UTC)
     der = (
         x509.CertificateBuilder()
-        .subject_name(_name("negative-serial"))
-        .issuer_name(_name("negative-serial"))
+        .subject_name(_name(name))
+        .issuer_name(_name(name))
         .public_key(key.public_key())
         .serial_number(7)
         .not_valid_before(start)
@@ -712,15 +715,19 @@ def test_a_certificate_only_openssl_accepts_is_malformed_evidence(rpc: Rpc, tmp_
         .sign(key, hashes.SHA256())
         .public_bytes(serialization.Encoding.DER)
     )
-    marker = bytes.fromhex("a003020102020107")  # version v3, then serial INTEGER 7
-    assert der.count(marker) == 1
-    der = der.replace(marker, marker[:-1] + b"\xf9")  # serial -7
+    assert der.count(_V3_SERIAL_7) == 1
+    der = der.replace(_V3_SERIAL_7, replacement)
     pem = (
         b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der) + b"-----END CERTIFICATE-----\n"
     )
-    (tmp_path / "neg.pem").write_bytes(pem)
-    (tmp_path / "neg.key").write_bytes(pem_key(key))
-    cvm = Cvm(tmp_path / "neg.pem", tmp_path / "neg.key", "")
+    (tmp_path / f"{name}.pem").write_bytes(pem)
+    (tmp_path / f"{name}.key").write_bytes(pem_key(key))
+    return Cvm(tmp_path / f"{name}.pem", tmp_path / f"{name}.key", "")
+
+
+def test_a_certificate_only_openssl_accepts_is_malformed_evidence(rpc: Rpc, tmp_path: Path) -> None:
+    """OpenSSL takes a negative serial; cryptography refuses it: 403 malformed, no crash."""
+    cvm = _patched_cvm(tmp_path, "negative-serial", _V3_SERIAL_7[:-1] + b"\xf9")  # serial -7
     status, err = rpc.post(cvm, {"client_public_key": public_key(generate_private_key())})
     assert (status, err["reason"]) == (403, "malformed"), err
     assert "client certificate 0" in err["error"]
@@ -758,28 +765,7 @@ def test_a_certificate_with_a_version_cryptography_rejects_is_malformed(
 ) -> None:
     """Version field 1 (X.509 v2): OpenSSL takes it, cryptography raises ``InvalidVersion``
     (not a ValueError): still 403 malformed, not a server error."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    start = dt.datetime.fromtimestamp(NOW - 3600, dt.UTC)
-    der = (
-        x509.CertificateBuilder()
-        .subject_name(_name("v2"))
-        .issuer_name(_name("v2"))
-        .public_key(key.public_key())
-        .serial_number(7)
-        .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-        .public_bytes(serialization.Encoding.DER)
-    )
-    marker = bytes.fromhex("a003020102020107")  # version v3, then serial INTEGER 7
-    assert der.count(marker) == 1
-    der = der.replace(marker, bytes.fromhex("a003020101020107"))  # version v2
-    pem = (
-        b"-----BEGIN CERTIFICATE-----\n" + base64.encodebytes(der) + b"-----END CERTIFICATE-----\n"
-    )
-    (tmp_path / "v2.pem").write_bytes(pem)
-    (tmp_path / "v2.key").write_bytes(pem_key(key))
-    cvm = Cvm(tmp_path / "v2.pem", tmp_path / "v2.key", "")
+    cvm = _patched_cvm(tmp_path, "v2", bytes.fromhex("a003020101020107"))  # version v2
     status, err = rpc.post(cvm, {"client_public_key": public_key(generate_private_key())})
     assert (status, err["reason"]) == (403, "malformed"), err
     assert "client certificate 0" in err["error"]
