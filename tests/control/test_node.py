@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives import serialization
 from gateway.lab.harness import Lab, cleanup_leftovers
 from gateway.tee.sim_pki import SimPki
 from gateway.tunnel.commands import in_netns
-from tests.control.test_registration import APP, NOW, make_ca, make_cvm, server_cert
+from tests.control.test_registration import APP, NOW, make_cvm, server_cert
+from tests.helpers.gateway_rpc import make_ca
 from tests.helpers.lab import require_lab
 from tests.helpers.processes import start, stop_by_pid, wait_until
 

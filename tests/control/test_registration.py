@@ -52,6 +52,7 @@ from gateway.tee.sim import SimTee
 from gateway.tee.sim_pki import SimPki
 from gateway.tunnel.ipalloc import AddressPlan
 from gateway.tunnel.keys import generate_private_key, public_key
+from tests.helpers.gateway_rpc import make_ca, pem_key
 from tests.helpers.lab import lab_env, make_lab, pytest_runtest_makereport
 
 __all__ = ["lab_env", "make_lab", "pytest_runtest_makereport"]
@@ -68,27 +69,6 @@ PLAN = AddressPlan(
 
 def _name(cn: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-
-def make_ca(cn: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    start = dt.datetime.fromtimestamp(NOW - 86400, dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(cn))
-        .issuer_name(_name(cn))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start)
-        .not_valid_after(start + dt.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
-        .sign(key, hashes.SHA256())
-    )
-    return cert, key
 
 
 def server_cert(
@@ -111,14 +91,6 @@ def server_cert(
         .sign(ca[1], hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM), pem_key(key)
-
-
-def pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
 
 
 @dataclass

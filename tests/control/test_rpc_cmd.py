@@ -25,12 +25,12 @@ from gateway.tunnel.keys import generate_private_key, public_key
 from tests.control.test_registration import (
     APP,
     NOW,
-    make_ca,
     make_cvm,
     make_intermediate,
     make_kms_cvm,
     server_cert,
 )
+from tests.helpers.gateway_rpc import make_ca
 from tests.helpers.lab import lab_env, make_lab, pytest_runtest_makereport
 from tests.helpers.processes import start, stop_by_pid, wait_until
 

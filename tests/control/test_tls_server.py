@@ -33,7 +33,8 @@ from gateway.control.tls_server import (
     TlsSite,
     server_context,
 )
-from tests.control.test_registration import make_ca, make_intermediate, pem_key, server_cert
+from tests.control.test_registration import make_intermediate, server_cert
+from tests.helpers.gateway_rpc import make_ca, pem_key
 
 BIG = 8 * 1024 * 1024
 
