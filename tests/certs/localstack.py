@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import datetime
 import json
 import os
@@ -22,6 +23,7 @@ import subprocess
 import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import dns.exception
 import dns.message
@@ -32,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from gateway.certs.settings import AcmeSettings
 from tests.helpers.processes import start, stop_by_pid, wait_until
 
 TSIG_NAME = "gwg-acme-key"
@@ -149,6 +152,25 @@ class LocalStack:
         return f"https://127.0.0.1:{self.acme_port}/dir"
 
     # --- knot ------------------------------------------------------------------------------
+
+    def acme_settings(self, **changes: Any) -> AcmeSettings:
+        """``[acme]`` enabled against this pebble, with schedules short enough for tests
+        (no jitter, 1-4 s back-off, 30 s per issuance); ``changes`` override any field."""
+        return dataclasses.replace(
+            AcmeSettings(
+                enabled=True,
+                directory_url=self.directory_url,
+                ca_bundle=str(self.listener_ca),
+                renew_before=600,
+                check_interval=600,
+                jitter=0,
+                backoff_initial=1,
+                backoff_max=4,
+                issue_timeout=30,
+                poll_interval=0.2,
+            ),
+            **changes,
+        )
 
     def _write_knot(self) -> Path:
         kdir = self.workdir / "knot"

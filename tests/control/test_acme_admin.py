@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.certs.settings import AcmeDomain, AcmeSettings, DnsCredential, DnsSettings
+from gateway.certs.settings import AcmeDomain, DnsCredential, DnsSettings
 from gateway.config import Config
 from gateway.control.plane import ControlPlane
 from gateway.control.settings import AdminSettings
@@ -53,19 +53,7 @@ def test_caa_rotation_and_runtime_config(
     cfg = Config(
         core=CoreSettings(data_dir=tmp_path / "data"),
         admin=AdminSettings(listen=f"127.0.0.1:{port}"),
-        acme=AcmeSettings(
-            enabled=True,
-            directory_url=stack.directory_url,
-            ca_bundle=str(stack.listener_ca),
-            renew_before=600,
-            check_interval=600,
-            jitter=0,
-            backoff_initial=1,
-            backoff_max=4,
-            issue_timeout=30,
-            poll_interval=0.2,
-            domains=(AcmeDomain(ZONE, "knot"),),
-        ),
+        acme=stack.acme_settings(domains=(AcmeDomain(ZONE, "knot"),)),
         dns=DnsSettings(
             credentials={
                 "knot": DnsCredential(

@@ -25,7 +25,6 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.certs.settings import AcmeSettings
 from gateway.config import Config
 from gateway.control.auth import Credentials
 from gateway.control.overlay import read_overlay
@@ -96,18 +95,7 @@ def test_ctl_drives_every_resource_with_real_acme(
     cfg = Config(
         core=CoreSettings(data_dir=tmp_path / "data"),
         admin=AdminSettings(listen=f"127.0.0.1:{port}"),
-        acme=AcmeSettings(
-            enabled=True,
-            directory_url=stack.directory_url,
-            ca_bundle=str(stack.listener_ca),
-            renew_before=600,
-            check_interval=600,
-            jitter=0,
-            backoff_initial=1,
-            backoff_max=4,
-            issue_timeout=30,
-            poll_interval=0.2,
-        ),
+        acme=stack.acme_settings(),
     )
     changes: list[float] = []
     plane = ControlPlane(cfg, creds=CREDS, on_cert_change=lambda: changes.append(time.time()))
