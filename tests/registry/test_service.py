@@ -163,19 +163,16 @@ def test_observe_records_handshakes_per_node(registry: Registry, clock: Clock) -
     assert obs.node_id == "local" and obs.handshake_at == clock.now - 5 and obs.tx_bytes == 20
 
 
-def test_concurrent_registrations_never_share_an_address(store: SqliteStore) -> None:
-    """Two registries (as two workers/nodes) on one database, racing: CAS keeps IPs unique."""
-    regs = [
-        Registry(store, PLAN, clock=Clock(), rng=random.Random(seed), attempts=50)
-        for seed in (1, 1)  # same seed: they pick the same addresses and must collide
-    ]
+def _race(regs: list[Registry], prefix: str, each: int) -> list[BaseException]:
+    """Each registry registers ``each`` new instances in its own thread, all at once; the
+    errors raised (none expected)."""
     errors: list[BaseException] = []
 
     def worker(reg: Registry, base: int) -> None:
         try:
-            for n in range(30):
-                reg.register(Registration(f"w{base}-{n}", "app", key()))
-        except BaseException as exc:  # pragma: no cover - reported below
+            for n in range(each):
+                reg.register(Registration(f"{prefix}{base}-{n}", "app", key()))
+        except BaseException as exc:  # pragma: no cover - reported by the caller
             errors.append(exc)
 
     threads = [threading.Thread(target=worker, args=(r, i)) for i, r in enumerate(regs)]
@@ -183,7 +180,16 @@ def test_concurrent_registrations_never_share_an_address(store: SqliteStore) -> 
         t.start()
     for t in threads:
         t.join()
-    assert errors == []
+    return errors
+
+
+def test_concurrent_registrations_never_share_an_address(store: SqliteStore) -> None:
+    """Two registries (as two workers/nodes) on one database, racing: CAS keeps IPs unique."""
+    regs = [
+        Registry(store, PLAN, clock=Clock(), rng=random.Random(seed), attempts=50)
+        for seed in (1, 1)  # same seed: they pick the same addresses and must collide
+    ]
+    assert _race(regs, "w", 30) == []
     ips = [r.ip for r in store.list_instances()]
     assert len(ips) == 60 == len(set(ips))
 
@@ -215,21 +221,7 @@ def test_two_connections_racing_never_share_an_address(tmp_path: Path) -> None:
     path = tmp_path / "shared.sqlite3"
     stores = [SqliteStore(path) for _ in range(2)]
     regs = [Registry(s, PLAN, clock=Clock(), rng=random.Random(5), attempts=50) for s in stores]
-    errors: list[BaseException] = []
-
-    def worker(reg: Registry, base: int) -> None:
-        try:
-            for n in range(25):
-                reg.register(Registration(f"c{base}-{n}", "app", key()))
-        except BaseException as exc:  # pragma: no cover - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=worker, args=(r, i)) for i, r in enumerate(regs)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert errors == []
+    assert _race(regs, "c", 25) == []
     ips = [r.ip for r in stores[0].list_instances()]
     assert len(ips) == 50 == len(set(ips))
     for s in stores:
