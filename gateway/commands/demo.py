@@ -105,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_loopback(args: argparse.Namespace) -> int:
     from gateway.certs.devca import ensure_dev_wildcard
+    from gateway.proxy.stats import stats_dir_of
     from gateway.proxy.workers import Supervisor
 
     setup_logging("info", "text")
@@ -144,7 +145,7 @@ def _run_loopback(args: argparse.Namespace) -> int:
                 f"https://{name}:{port}{path}"
             )
         print("\n".join(lines) + "\n", flush=True)
-        return Supervisor(settings, stats_dir=data / "run" / "proxy").run()
+        return Supervisor(settings, stats_dir=stats_dir_of(data)).run()
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -33,6 +33,7 @@ from gateway.commands.control_process import ControlProcess, control_child
 from gateway.config import Config, ConfigError, load_config
 from gateway.proxy.listeners import RouteFeed
 from gateway.proxy.routes import RouteTable, StaticRoutes
+from gateway.proxy.stats import stats_dir_of
 from gateway.util.logs import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     from gateway.control.overlay import OverlayRoutes, overlay_path, read_overlay
 
     overlay_file = overlay_path(cfg.core.data_dir)
-    stats_dir = cfg.core.data_dir / "run" / "proxy"
+    stats_dir = stats_dir_of(cfg.core.data_dir)
 
     def reload_routes() -> RouteTable:
         routes = load_config(path).proxy.routes if path is not None else cfg.proxy.routes

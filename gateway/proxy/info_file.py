@@ -29,6 +29,7 @@ from types import MappingProxyType
 from typing import Any
 
 from gateway.proxy.endpoints import GatewayInfo
+from gateway.proxy.stats import stats_dir_of
 
 __all__ = ["DOCUMENTS", "INFO_FILE", "info_path", "load_info", "read_info", "write_info"]
 
@@ -41,9 +42,9 @@ _MAX_SIZE = 16 << 20  # a bound for a worker's read; real documents are a few Ki
 
 
 def info_path(data_dir: Path) -> Path:
-    """Where the control plane publishes the documents (``gateway serve`` gives the workers
-    ``<data_dir>/run/proxy`` as their stats directory, and they look there)."""
-    return data_dir / "run" / "proxy" / INFO_FILE
+    """Where the control plane publishes the documents: in the workers' stats directory
+    (:func:`gateway.proxy.stats.stats_dir_of`), where they look."""
+    return stats_dir_of(data_dir) / INFO_FILE
 
 
 def encode(documents: Mapping[str, Any], unavailable: Mapping[str, str]) -> bytes:

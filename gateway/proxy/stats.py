@@ -27,9 +27,22 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-__all__ = ["MAX_TLS_REASONS", "WorkerState", "read_stats", "tls_failure_reason", "write_stats"]
+__all__ = [
+    "MAX_TLS_REASONS",
+    "WorkerState",
+    "read_stats",
+    "stats_dir_of",
+    "tls_failure_reason",
+    "write_stats",
+]
 
 MAX_TLS_REASONS = 32
+
+
+def stats_dir_of(data_dir: Path) -> Path:
+    """The proxy's run directory under ``core.data_dir``: the workers write their counters
+    there and read what the control plane publishes for them (``gateway.proxy.info_file``)."""
+    return data_dir / "run" / "proxy"
 
 
 def tls_failure_reason(exc: BaseException | str) -> str:
