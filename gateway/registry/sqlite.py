@@ -283,7 +283,13 @@ class SqliteStore:
                 "ON CONFLICT (instance_id) DO UPDATE SET app_id = excluded.app_id, "
                 "public_key = excluded.public_key, ip = excluded.ip, "
                 "registered_at = excluded.registered_at, last_seen = excluded.last_seen, "
-                "last_handshake = excluded.last_handshake, port_policy = excluded.port_policy, "
+                # health data merges by max: a writer that read the record before a
+                # handshake was recorded (a refresh, a port-policy fetch) must not erase it
+                "last_handshake = CASE WHEN instances.last_handshake IS NULL "
+                "THEN excluded.last_handshake WHEN excluded.last_handshake IS NULL "
+                "THEN instances.last_handshake "
+                "ELSE MAX(instances.last_handshake, excluded.last_handshake) END, "
+                "port_policy = excluded.port_policy, "
                 "evidence = excluded.evidence, revision = excluded.revision",
                 values,
             )

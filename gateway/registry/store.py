@@ -51,7 +51,9 @@ class Store(Protocol):
         """Write ``record`` (and claim its IP) if the stored revision equals ``expect_revision``.
 
         Returns the record with its new revision. Raises :class:`Conflict` if the revision
-        differs, or the IP or public key is held by another instance.
+        differs, or the IP or public key is held by another instance. ``last_handshake`` is
+        health data and merges by max (handshakes are recorded without bumping revisions, so a
+        CAS write from an earlier read must not erase a newer one).
         """
         ...
 

@@ -82,6 +82,23 @@ class StoreContract:
         assert got is not None and got.last_handshake == 1500.0
         assert store.revision() == rev
 
+    def test_a_write_from_an_earlier_read_keeps_a_newer_handshake(self, store: Store) -> None:
+        """A refresh (or a port-policy fetch) read the record before the first handshake was
+        recorded, then writes it back: the handshake stays; otherwise the instance would look
+        never-handshaken and drop out of its app's routes until the next rekey (~2 min)."""
+        first = store.put_instance(rec(1), expect_revision=0)
+        assert first.last_handshake is None
+        store.record_handshakes([HandshakeObservation("inst1", "n1", 1500.0, 1501.0)])
+        store.put_instance(
+            dataclasses.replace(first, last_seen=1600.0), expect_revision=first.revision
+        )
+        got = store.get_instance("inst1")
+        assert got is not None and (got.last_seen, got.last_handshake) == (1600.0, 1500.0)
+        newer = dataclasses.replace(got, last_handshake=1700.0)
+        store.put_instance(newer, expect_revision=got.revision)
+        again = store.get_instance("inst1")
+        assert again is not None and again.last_handshake == 1700.0
+
     def test_kv_tables(self, store: Store) -> None:
         e = store.kv_put("routes", "a.example", {"app_id": "app1", "port": 443})
         assert store.kv_get("routes", "a.example") == e
